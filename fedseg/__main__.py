@@ -1,0 +1,4 @@
+"""``python -m fedseg`` is the ``fedseg`` command."""
+from fedseg.cli import main
+
+main()

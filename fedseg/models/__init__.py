@@ -1,0 +1,1 @@
+"""Segmentation models, losses, metrics and the local training loop (torch/numpy only)."""

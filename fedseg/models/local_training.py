@@ -1,0 +1,380 @@
+"""One round of local training, evaluation, prediction and state <-> arrays.
+
+The step reads top to bottom in :meth:`LocalTrainer.train_round`. Methods from
+papers subclass :class:`LocalTrainer` and override only the hooks they change
+(``compute_loss``, ``before_round``, ``after_step``, ``parameters_to_train``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedseg.models.augment import augment_batch
+from fedseg.models.errors import ModelError
+from fedseg.models.losses import DiceBCELoss, Losses
+from fedseg.models.metrics import dice_per_image, iou_per_image
+
+__all__ = [
+    "LocalTrainer",
+    "RoundResult",
+    "TrainConfig",
+    "arrays_to_state",
+    "evaluate",
+    "predict",
+    "state_to_arrays",
+]
+
+
+def _check_num(name: str, value: Any, *, lo: float, lo_open: bool, integer: bool = False) -> None:
+    # bool is an int subclass; a JSON config saying ``true`` is a bug, not 1.
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        kind = "an int" if integer else "a number"
+        raise ModelError(f"TrainConfig.{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value) or value < lo or (lo_open and value == lo):
+        raise ModelError(f"TrainConfig.{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one local round.
+
+    Attributes:
+        lr: Adam learning rate.
+        weight_decay: Adam (L2) weight decay.
+        batch_size: Samples per step.
+        local_epochs: Passes over the local data; fractions allowed, giving
+            ``ceil(local_epochs * n / batch_size)`` steps.
+        augment: Apply :func:`augment_batch` to every batch.
+        grad_clip: Max global grad norm; 0 disables clipping.
+        lambda_dice: Weight of the Dice term of the default loss.
+        lambda_bce: Weight of the BCE term of the default loss.
+        threads: torch intra-op threads used during the round.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    local_epochs: float = 1.0
+    augment: bool = True
+    grad_clip: float = 1.0
+    lambda_dice: float = 1.0
+    lambda_bce: float = 1.0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        _check_num("lr", self.lr, lo=0, lo_open=True)
+        _check_num("weight_decay", self.weight_decay, lo=0, lo_open=False)
+        _check_num("batch_size", self.batch_size, lo=1, lo_open=False, integer=True)
+        _check_num("local_epochs", self.local_epochs, lo=0, lo_open=True)
+        if not isinstance(self.augment, bool):
+            raise ModelError(f"TrainConfig.augment must be a bool, got {self.augment!r}")
+        _check_num("grad_clip", self.grad_clip, lo=0, lo_open=False)
+        _check_num("lambda_dice", self.lambda_dice, lo=0, lo_open=False)
+        _check_num("lambda_bce", self.lambda_bce, lo=0, lo_open=False)
+        if self.lambda_dice + self.lambda_bce == 0:
+            raise ModelError("TrainConfig.lambda_dice and lambda_bce must not both be 0")
+        _check_num("threads", self.threads, lo=1, lo_open=False, integer=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Builds a config from a plain dict, e.g. a decoded JSON message.
+
+        Args:
+            d: Field names to values; missing fields keep their defaults.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ModelError: On unknown keys or invalid values.
+        """
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ModelError(f"unknown TrainConfig keys: {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the fields as a plain dict (inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+
+@dataclass
+class RoundResult:
+    """Summary of one local round.
+
+    Attributes:
+        n_samples: Local dataset size N (the FedAvg weight).
+        mean_loss: Sample-weighted mean of the total loss over all steps.
+        steps: Optimizer steps taken.
+        seconds: Wall-clock duration of the round.
+        parts: Sample-weighted means of the named loss parts.
+    """
+
+    n_samples: int
+    mean_loss: float
+    steps: int
+    seconds: float
+    parts: dict[str, float]
+
+
+def _check_pair(images: torch.Tensor, masks: torch.Tensor, name: str) -> None:
+    if images.ndim != 4 or masks.ndim != 4 or masks.shape[1] != 1 or (
+        images.shape[0] != masks.shape[0] or images.shape[-2:] != masks.shape[-2:]
+    ):
+        raise ModelError(
+            f"{name} expects images (N, C, H, W) and masks (N, 1, H, W), "
+            f"got images {tuple(images.shape)} and masks {tuple(masks.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise ModelError(f"{name} needs at least one sample, got images {tuple(images.shape)}")
+
+
+def _as_float_images(images: torch.Tensor) -> torch.Tensor:
+    # Datasets store uint8 to save memory; the model contract is float in [0, 1].
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class LocalTrainer:
+    """Trains a model for one round on local data with overridable hooks.
+
+    Args:
+        model: The model to train in place, mapping ``(B, C, H, W)`` to
+            logits ``(B, 1, H, W)``.
+        config: Round hyper-parameters.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        self.model = model
+        self.config = config
+        self.loss_fn = DiceBCELoss(config.lambda_dice, config.lambda_bce)
+
+    def compute_loss(self, logits: torch.Tensor, target: torch.Tensor) -> Losses:
+        """Loss of one batch; used by :meth:`train_round` at every step.
+
+        Override to add penalties (e.g. a proximal term) to ``total`` and
+        ``parts``.
+
+        Args:
+            logits: ``(B, 1, H, W)``.
+            target: ``(B, 1, H, W)`` float in {0, 1}.
+
+        Returns:
+            The total loss and its named parts.
+        """
+        return self.loss_fn(logits, target)
+
+    def before_round(self) -> None:
+        """Called by :meth:`train_round` before the optimizer is built; no-op."""
+
+    def after_step(self, step: int) -> None:
+        """Called by :meth:`train_round` after each optimizer step; no-op.
+
+        Args:
+            step: Zero-based index of the step just taken.
+        """
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        """Parameters the optimizer of :meth:`train_round` updates; default all."""
+        return list(self.model.parameters())
+
+    def train_round(self, images: torch.Tensor, masks: torch.Tensor, seed: int) -> RoundResult:
+        """Runs one round; deterministic given the model state, data and seed.
+
+        Args:
+            images: ``(N, C, H, W)`` uint8 (scaled by 1/255) or float in [0, 1].
+            masks: ``(N, 1, H, W)`` with values in {0, 1}.
+            seed: Seeds shuffling and augmentation.
+
+        Returns:
+            The round summary.
+
+        Raises:
+            ModelError: On mismatched shapes or empty data.
+        """
+        _check_pair(images, masks, "train_round")
+        cfg, model = self.config, self.model
+        start = time.perf_counter()
+        device = _device(model)
+        x, y = _as_float_images(images), masks.float()
+        n = x.shape[0]
+        gen = torch.Generator().manual_seed(seed)
+        # The epsilon stops float noise (0.1 * 30 = 3.0000000000000004) adding a step.
+        total = math.ceil(cfg.local_epochs * n - 1e-9)
+        steps = math.ceil(total / cfg.batch_size)
+        # Concatenated permutations: fractional epochs and batch_size > n both just work.
+        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(total / n))])
+
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            self.before_round()
+            params = self.parameters_to_train()
+            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            model.train()
+            model.zero_grad(set_to_none=True)
+            loss_sum, part_sums = 0.0, {}
+            for step in range(steps):
+                idx = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, total)]
+                xb, yb = x[idx], y[idx]  # (b, C, H, W), (b, 1, H, W)
+                if cfg.augment:
+                    xb, yb = augment_batch(xb, yb, gen)
+                losses = self.compute_loss(model(xb.to(device)), yb.to(device))
+                losses.total.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                # On the model, not the optimizer: frozen-but-grad-enabled params
+                # would otherwise accumulate gradients across steps.
+                model.zero_grad(set_to_none=True)
+                self.after_step(step)
+                b = len(idx)
+                loss_sum += losses.total.item() * b
+                for k, v in losses.parts.items():
+                    part_sums[k] = part_sums.get(k, 0.0) + v * b
+        finally:
+            torch.set_num_threads(prev_threads)
+        return RoundResult(
+            n_samples=n,
+            mean_loss=loss_sum / total,
+            steps=steps,
+            seconds=time.perf_counter() - start,
+            parts={k: v / total for k, v in part_sums.items()},
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    batch_size: int = 16,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], Losses] | None = None,
+) -> dict[str, float]:
+    """Mean per-image foreground Dice/IoU and mean loss, in eval mode.
+
+    Args:
+        model: Maps ``(B, C, H, W)`` to logits ``(B, 1, H, W)``; its train/eval
+            mode is restored afterwards.
+        images: ``(N, C, H, W)`` uint8 or float in [0, 1].
+        masks: ``(N, 1, H, W)`` with values in {0, 1}.
+        batch_size: Samples per forward pass.
+        loss_fn: Returns :class:`Losses`; default ``DiceBCELoss()``.
+
+    Returns:
+        ``{"dice", "iou", "loss", "n"}``; "n" is N.
+
+    Raises:
+        ModelError: On mismatched shapes or empty data.
+    """
+    _check_pair(images, masks, "evaluate")
+    loss_fn = loss_fn or DiceBCELoss()
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        dice, iou, loss_sum = [], [], 0.0
+        for i in range(0, images.shape[0], batch_size):
+            xb = _as_float_images(images[i : i + batch_size]).to(device)
+            yb = masks[i : i + batch_size].float().to(device)
+            logits = model(xb)  # (b, 1, H, W)
+            pred = torch.sigmoid(logits) > 0.5
+            dice.append(dice_per_image(pred, yb))
+            iou.append(iou_per_image(pred, yb))
+            loss_sum += loss_fn(logits, yb).total.item() * xb.shape[0]
+    finally:
+        model.train(was_training)
+    n = images.shape[0]
+    return {
+        "dice": torch.cat(dice).mean().item(),
+        "iou": torch.cat(iou).mean().item(),
+        "loss": loss_sum / n,
+        "n": n,
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Binary masks: sigmoid of the logits thresholded at 0.5, in eval mode.
+
+    Args:
+        model: Maps ``(B, C, H, W)`` to logits ``(B, 1, H, W)``; its mode is restored.
+        images: ``(N, C, H, W)`` uint8 or float in [0, 1].
+        batch_size: Samples per forward pass.
+
+    Returns:
+        ``(N, 1, H, W)`` bool on the CPU.
+
+    Raises:
+        ModelError: If ``images`` is not 4D.
+    """
+    if images.ndim != 4:
+        raise ModelError(f"predict expects images (N, C, H, W), got {tuple(images.shape)}")
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        out = [
+            torch.sigmoid(model(_as_float_images(images[i : i + batch_size]).to(device))).cpu() > 0.5
+            for i in range(0, images.shape[0], batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(out)  # (N, 1, H, W)
+
+
+def state_to_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """Copies the full state dict to float32 numpy arrays.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        State-dict key to a C-contiguous float32 array that shares no memory
+        with the model, so later training cannot alter what was sent.
+    """
+    return {
+        k: np.array(v.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
+        for k, v in model.state_dict().items()
+    }
+
+
+def arrays_to_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Loads arrays into the model after checking keys and shapes exactly.
+
+    Nothing is loaded unless every check passes. Values are cast to each
+    tensor's own dtype (e.g. back to int64 for integer buffers).
+
+    Args:
+        model: Module to update in place.
+        arrays: State-dict key to array, as from :func:`state_to_arrays`.
+
+    Raises:
+        ModelError: Naming the first missing or unexpected key, or the first key
+            whose shape differs (expected vs got).
+    """
+    state = model.state_dict()
+    missing = [k for k in state if k not in arrays]
+    if missing:
+        raise ModelError(f"missing key {missing[0]!r} ({len(missing)} missing in total)")
+    unexpected = [k for k in arrays if k not in state]
+    if unexpected:
+        raise ModelError(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in total)")
+    for k, t in state.items():
+        got = tuple(np.shape(arrays[k]))
+        if got != tuple(t.shape):
+            raise ModelError(f"shape mismatch for {k!r}: expected {tuple(t.shape)}, got {got}")
+    model.load_state_dict(
+        {k: torch.tensor(np.asarray(arrays[k]), dtype=t.dtype) for k, t in state.items()}
+    )

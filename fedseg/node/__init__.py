@@ -1,0 +1,1 @@
+"""Node side of fedseg: local data, validation and training actions."""

@@ -1,0 +1,252 @@
+"""The node's whitelist: the only actions a coordinator can make a node perform.
+
+Every request arrives as a fedseg frame through the one approved Syft function. It is
+parsed, checked against :data:`ACTIONS`, validated, and only then run. Anything else
+(an unknown or reply kind, a malformed frame, bad weights) gets an :class:`ErrorReply`
+naming the problem, is logged, and changes nothing. Only aggregate numbers and model
+weights ever leave: no images, masks or predictions.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import traceback
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedseg.models.errors import ModelError
+from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays
+from fedseg.models.overlay import overlay_png
+from fedseg.models.unet import UNet, build_model
+from fedseg.protocol.errors import MessageError, PlanError
+from fedseg.protocol.identity import fingerprint, load_or_create_identity
+from fedseg.protocol.messages import (
+    DescribeReply,
+    DescribeRequest,
+    ErrorCode,
+    ErrorReply,
+    EvaluateReply,
+    EvaluateRequest,
+    Message,
+    MessageKind,
+    TrainReply,
+    TrainRequest,
+    check_arrays,
+    decode,
+    encode,
+)
+from fedseg.protocol.plan import Plan
+from fedseg.protocol.wire import decode_frame
+
+from .config import WORKDIR_ENV, NodeConfig
+from .datasets import LabelKind, Splits, index_site, load_arrays, make_splits
+
+__all__ = ["Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "log_to_workdir", "round_seed"]
+
+log = logging.getLogger("fedseg.node")
+
+
+class NodeRuntime:
+    """A node's data and identity, loaded once per server process.
+
+    Args:
+        config: The node's settings.
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.workdir = Path(config.workdir)
+        self.labels = LabelKind(config.labels)
+        self.index = index_site(Path(config.data), self.labels, config.limit, config.group_by, config.where or None)
+        self.splits: Splits = make_splits(self.index, config.split_seed)
+        self.fingerprint = fingerprint(load_or_create_identity(self.workdir / "identity.key").public_key())
+        self._arrays: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def split(self, split: str, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(N, C, S, S)`` uint8 and masks ``(N, 1, S, S)`` of one split at the plan's size."""
+        if self.labels is not LabelKind.PIXEL:
+            raise PlanError(f"node {self.name} has no pixel labels (labels={self.labels.value}); it cannot train or score")
+        key = (plan.image_size, plan.model.in_channels)
+        if key not in self._arrays:
+            self._arrays[key] = load_arrays(self.index, plan.image_size, plan.model.in_channels)
+        images, masks = self._arrays[key]
+        idx = getattr(self.splits, split)
+        return torch.from_numpy(images[idx]), torch.from_numpy(masks[idx])
+
+    def model(self, plan: Plan, weights: dict[str, np.ndarray], what: str) -> UNet:
+        """The plan's model loaded with received weights, after checking names, shapes and dtypes."""
+        model = build_model(plan.model)
+        check_arrays(weights, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
+        arrays_to_state(model, weights)
+        return model
+
+
+def round_seed(seed: int, round_: int, node: str) -> int:
+    """A per-node, per-round seed, so sites shuffle differently yet reproducibly."""
+    return (seed * 1_000_003 + round_ * 7_919 + zlib.crc32(node.encode())) % 2**31
+
+
+def _describe(rt: NodeRuntime, msg: DescribeRequest) -> DescribeReply:
+    size = rt.index.native_size[0] if rt.index.native_size else 0
+    return DescribeReply(
+        node=rt.name,
+        label_kind=rt.labels.value,
+        channels=rt.index.channels,
+        image_size=size,
+        n_train=len(rt.splits.train),
+        n_val=len(rt.splits.val),
+        n_test=len(rt.splits.test),
+        fingerprint=rt.fingerprint,
+    )
+
+
+def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
+    plan = Plan.from_dict(msg.plan)
+    model = rt.model(plan, msg.weights, f"weights of train request round {msg.round}")
+    images, masks = rt.split("train", plan)
+    result = LocalTrainer(model, plan.train).train_round(images, masks, seed=round_seed(plan.seed, msg.round, rt.name))
+    log.info("round %d node %s: trained %d samples, loss %.4f, %.1f s", msg.round, rt.name, result.n_samples, result.mean_loss, result.seconds)
+    return TrainReply(
+        run_id=msg.run_id,
+        round=msg.round,
+        n_samples=result.n_samples,
+        mean_loss=float(result.mean_loss),
+        seconds=float(result.seconds),
+        weights=state_to_arrays(model),
+    )
+
+
+def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
+    plan = Plan.from_dict(msg.plan)
+    model = rt.model(plan, msg.weights, f"weights of evaluate request round {msg.round}")
+    torch.set_num_threads(plan.train.threads)
+    metrics: dict[str, Any] = {}
+    for split in msg.splits:
+        images, masks = rt.split(split, plan)
+        m = evaluate(model, images, masks, batch_size=plan.eval_batch_size)
+        metrics[split] = {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
+        if msg.overlays:
+            _write_overlays(rt, model, images[: msg.overlays], masks[: msg.overlays], msg, split)
+    log.info("round %d node %s: evaluated %s", msg.round, rt.name, metrics)
+    return EvaluateReply(run_id=msg.run_id, round=msg.round, metrics=metrics)
+
+
+def _write_overlays(rt: NodeRuntime, model: UNet, images: torch.Tensor, masks: torch.Tensor, msg: EvaluateRequest, split: str) -> None:
+    # Overlays show patients' images, so they are written only inside the node's own workdir.
+    out = rt.workdir / "overlays" / _safe(msg.run_id) / f"round_{msg.round:04d}"
+    out.mkdir(parents=True, exist_ok=True)
+    preds = predict(model, images)
+    for i in range(images.shape[0]):
+        overlay_png(images[i].numpy(), preds[i].numpy(), masks[i].numpy().astype(bool), out / f"{split}_{i:02d}.png")
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:64] or "run"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One exposed action: the request type it accepts and the function that serves it."""
+
+    request: type[Message]
+    run: Callable[[NodeRuntime, Any], Message]
+
+
+#: The whitelist. Adding an action means one entry here plus one test.
+ACTIONS: dict[str, Action] = {
+    MessageKind.DESCRIBE.value: Action(DescribeRequest, _describe),
+    MessageKind.TRAIN.value: Action(TrainRequest, _train),
+    MessageKind.EVALUATE.value: Action(EvaluateRequest, _evaluate),
+}
+
+
+def handle(rt: NodeRuntime, frame: bytes) -> bytes:
+    """Serves one request frame and returns the reply frame; never raises.
+
+    Args:
+        rt: The node's runtime.
+        frame: The request as received.
+
+    Returns:
+        The encoded reply: the action's reply, or an ErrorReply naming what was refused.
+    """
+    max_bytes = rt.config.max_message_mb * 2**20
+    try:
+        kind = decode_frame(frame, max_bytes).kind
+        action = ACTIONS.get(kind)
+        if action is None:
+            exposed = ", ".join(sorted(ACTIONS))
+            return _refuse(rt, ErrorCode.NOT_EXPOSED, f"action {kind!r} is not exposed by node {rt.name} (exposed: {exposed})")
+        return encode(action.run(rt, decode(frame, max_bytes)))
+    except MessageError as exc:
+        code = ErrorCode.BAD_WEIGHTS if "weights" in str(exc) else ErrorCode.BAD_MESSAGE
+        return _refuse(rt, code, str(exc))
+    except ModelError as exc:
+        return _refuse(rt, ErrorCode.BAD_WEIGHTS, str(exc))
+    except PlanError as exc:
+        return _refuse(rt, ErrorCode.BAD_PLAN, str(exc))
+    except Exception as exc:  # the node must keep serving whatever one request does
+        log.error("node %s: internal error\n%s", rt.name, traceback.format_exc())
+        return encode(ErrorReply(code=ErrorCode.INTERNAL.value, message=f"node {rt.name}: internal error: {type(exc).__name__}: {exc}"))
+
+
+def _refuse(rt: NodeRuntime, code: ErrorCode, message: str) -> bytes:
+    log.warning("node %s refused a request (%s): %s", rt.name, code.value, message)
+    return encode(ErrorReply(code=code.value, message=message))
+
+
+_runtime: NodeRuntime | None = None
+# The server may serve requests on several threads; one node trains one thing at a time.
+_lock = threading.Lock()
+
+
+def log_to_workdir(workdir: Path) -> None:
+    """Sends the node's log to ``workdir/node.log``, once per process."""
+    path = str((workdir / "node.log").resolve())
+    if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _get_runtime() -> NodeRuntime:
+    global _runtime
+    if _runtime is None:
+        config = NodeConfig.load(Path(os.environ[WORKDIR_ENV]))
+        log_to_workdir(Path(config.workdir))
+        _runtime = NodeRuntime(config)
+    return _runtime
+
+
+def handle_syft_call(site: Any, message: Any) -> dict[str, bytes]:
+    """Entry point of the approved Syft function, run inside the node's server process.
+
+    Args:
+        site: The node's site summary asset (Syft requires one private input).
+        message: ``{"frame": bytes}`` as sent by the coordinator.
+
+    Returns:
+        ``{"frame": reply bytes}``.
+    """
+    if not isinstance(site, np.ndarray):
+        # Syft runs approved code a second time against the assets' mock side (here an
+        # empty pointer) and discards that result; doing no work there halves a round.
+        return {"frame": b""}
+    with _lock:
+        rt = _get_runtime()
+        if not isinstance(message, dict) or not isinstance(message.get("frame"), bytes):
+            return {"frame": _refuse(rt, ErrorCode.BAD_MESSAGE, "payload must be {'frame': bytes}")}
+        return {"frame": handle(rt, message["frame"])}

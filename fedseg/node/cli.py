@@ -1,0 +1,79 @@
+"""``fedseg node``: what a data owner runs. Only click is imported at module level."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+__all__ = ["node"]
+
+
+@click.group()
+def node() -> None:
+    """Run a hospital's node: a datasite that keeps its images and serves training only."""
+
+
+def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
+    where = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not COLUMN=PREFIX", param_hint="--where")
+        where[key] = value
+    return where
+
+
+@node.command()
+@click.option("--name", required=True, help="Site name shown to the coordinator.")
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="Site folder with images/, masks/ and optional meta.csv.")
+@click.option("--labels", type=click.Choice(["pixel", "none"]), default="pixel", show_default=True, help="Labels this site has.")
+@click.option("--workdir", required=True, type=click.Path(path_type=Path), help="Private folder for keys, invite, logs and overlays.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--limit", type=click.IntRange(3), default=None, help="Use only the first N images (subsets).")
+@click.option("--group-by", default="auto", show_default=True, help="meta.csv column that keeps related images in one split; 'none' for random.")
+@click.option("--where", multiple=True, help="Keep images whose meta.csv COLUMN starts with PREFIX (COLUMN=PREFIX).")
+@click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the local train/val/test split.")
+@click.option("--max-message-mb", default=256, show_default=True, type=click.IntRange(1, 4096))
+def start(name: str, data: Path, labels: str, workdir: Path, host: str, port: int, limit: int | None,
+          group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int) -> None:
+    """Validate the data, start the datasite and write the coordinator's invite."""
+    from .config import NodeConfig
+    from .datasets import LabelKind, index_site
+    from .errors import NodeError
+
+    try:
+        index = index_site(data, LabelKind(labels), limit, None if group_by == "none" else group_by, _parse_where(where) or None)
+    except NodeError as exc:
+        raise click.ClickException(f"node {name} will not start on bad data: {exc}") from None
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = NodeConfig(
+        name=name, data=str(data.resolve()), labels=labels, workdir=str(workdir.resolve()), limit=limit,
+        group_by=None if group_by == "none" else group_by, where=_parse_where(where), split_seed=split_seed,
+        max_message_mb=max_message_mb,
+    )
+    config.save()
+    _serve(config, index, host, port)
+
+
+def _serve(config, index, host: str, port: int) -> None:  # noqa: ANN001 - types live behind lazy imports
+    from .actions import log_to_workdir
+    from .datasite import serve
+    from .errors import NodeError
+
+    # Syft and uvicorn print a great deal; it goes to server.log, and the owner's terminal
+    # shows fedseg's own lines only.
+    terminal = os.fdopen(os.dup(1), "w", buffering=1)
+    log_fd = os.open(Path(config.workdir) / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    log_to_workdir(Path(config.workdir))
+    try:
+        serve(config, index, host, port, say=lambda line: print(line, file=terminal, flush=True))
+    except NodeError as exc:
+        print(f"Error: {exc}", file=terminal, flush=True)
+        sys.exit(1)

@@ -1,0 +1,54 @@
+"""A node's settings, kept in its workdir so its Syft server process can read them."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["NodeConfig", "WORKDIR_ENV"]
+
+#: How the node's Syft server process, started by Syft's own launcher, finds its workdir.
+WORKDIR_ENV = "FEDSEG_NODE_WORKDIR"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a data owner chose when starting the node.
+
+    Attributes:
+        name: Node (site) name, shown to the coordinator.
+        data: Absolute path of the site folder.
+        labels: Label kind: "pixel" or "none".
+        workdir: Absolute path of the node's private working directory.
+        limit: Keep only the first N images (subsets for tests and benchmarks).
+        group_by: meta.csv column for group-aware splits; "auto" or None.
+        where: meta.csv prefix filters, e.g. {"device": "GE Logiq 5"}.
+        split_seed: Seed of the train/val/test split, which never leaves the node.
+        max_message_mb: Largest request the node accepts.
+    """
+
+    name: str
+    data: str
+    labels: str
+    workdir: str
+    limit: int | None = None
+    group_by: str | None = "auto"
+    where: dict[str, str] = field(default_factory=dict)
+    split_seed: int = 0
+    max_message_mb: int = 256
+
+    @property
+    def path(self) -> Path:
+        return Path(self.workdir) / "node.json"
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, workdir: Path) -> NodeConfig:
+        data: dict[str, Any] = json.loads((Path(workdir) / "node.json").read_text())
+        return cls(**data)

@@ -1,0 +1,1 @@
+"""Messages, rounds and aggregation between a coordinator and hospital nodes."""

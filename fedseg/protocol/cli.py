@@ -1,0 +1,103 @@
+"""``fedseg run``: the coordinator role. Only click is imported at module level."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["run", "plan_from_options"]
+
+# CLI options that map onto plan keys; the rest of the plan comes from --plan or defaults.
+_TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays")
+_MODEL = ("width", "depth", "in_channels")
+_TRAIN = ("lr", "batch_size", "local_epochs", "threads")
+
+
+def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Overlays the options the user gave on a plan dict (unset options keep the plan's values)."""
+    plan = json.loads(json.dumps(base))
+    for key in _TOP:
+        if options.get(key) is not None:
+            plan[key] = options[key]
+    for section, keys in (("model", _MODEL), ("train", _TRAIN)):
+        for key in keys:
+            if options.get(key) is not None:
+                plan.setdefault(section, {})[key] = options[key]
+    if options.get("algorithm"):
+        plan["algorithm"] = options["algorithm"]
+    width = plan.get("model", {}).get("width")
+    if width is not None and "groups" not in plan["model"]:
+        plan["model"]["groups"] = min(8, width)
+    return plan
+
+
+@click.command()
+@click.option("--invite", "invites", multiple=True, type=click.Path(path_type=Path), help="A node's invite.json (repeat per node).")
+@click.option("--algorithm", type=click.Choice(["fedavg"]), default=None, help="Federated algorithm [default: fedavg].")
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory for checkpoints, metrics, report and plot.")
+@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue the run in this directory from its last completed round.")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Plan JSON; options below override it.")
+@click.option("--rounds", type=click.IntRange(1), default=None)
+@click.option("--image-size", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--width", type=int, default=None, help="U-Net channels at the first level.")
+@click.option("--depth", type=int, default=None, help="U-Net down-samplings.")
+@click.option("--in-channels", type=click.Choice(["1", "3"]), default=None, help="1 = grey, 3 = RGB.")
+@click.option("--lr", type=float, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--local-epochs", type=float, default=None)
+@click.option("--threads", type=int, default=None, help="torch threads per node.")
+@click.option("--timeout-s", type=float, default=None, help="How long to wait for one node per step.")
+@click.option("--min-nodes", type=int, default=None, help="Nodes that must answer for a round to count (0 = all).")
+@click.option("--overlays", type=int, default=None, help="Prediction overlays each node writes into its own workdir per evaluation.")
+def run(invites: tuple[Path, ...], out: Path | None, resume: Path | None, plan_file: Path | None, **options: Any) -> None:
+    """Run federated rounds across the nodes in the invites."""
+    from fedseg.protocol.errors import ProtocolError
+
+    if options.get("in_channels") is not None:
+        options["in_channels"] = int(options["in_channels"])
+    try:
+        rows, out_dir, plan = _run(invites, out, resume, plan_file, options)
+    except ProtocolError as exc:
+        raise click.ClickException(str(exc)) from None
+    from fedseg.protocol.progress import print_site_table
+    from fedseg.protocol.report import best_round
+
+    best = best_round(rows)
+    print_site_table(rows, best, f"Per-site test figures at round {best} (best validation Dice)")
+    click.echo(f"report: {out_dir / 'report.md'}   curves: {out_dir / 'dice.png'}")
+
+
+def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - thin glue over typed calls
+    from fedseg.protocol.errors import PlanError, ProtocolError
+    from fedseg.protocol.plan import Plan
+    from fedseg.protocol.progress import ConsoleReporter
+    from fedseg.protocol.rounds import run_federation
+    from fedseg.protocol.run_store import RunStore
+    from fedseg.protocol.syft_transport import SyftTransport, load_invite
+
+    if resume is not None:
+        if invites or plan_file:
+            raise ProtocolError("--resume takes the invites and plan from the run directory; do not pass --invite or --plan")
+        state, _ = RunStore(resume).load()
+        base, invite_paths, out = state.plan, [Path(p) for p in state.invites], resume
+    else:
+        if not invites:
+            raise ProtocolError("give at least one --invite (or --resume RUN_DIR)")
+        if out is None:
+            raise ProtocolError("give --out RUN_DIR for checkpoints and metrics")
+        if (out / "checkpoint.npz").exists():
+            raise ProtocolError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+        base, invite_paths = {}, [p.resolve() for p in invites]
+        if plan_file is not None:
+            try:
+                base = json.loads(plan_file.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise PlanError(f"plan {plan_file} cannot be read: {exc}") from None
+    plan = Plan.from_dict(plan_from_options(base, options))
+    transports = [SyftTransport(load_invite(p), approval_timeout_s=min(plan.timeout_s, 120)) for p in invite_paths]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run_federation(plan, transports, out, ConsoleReporter(plan.rounds), [str(p) for p in invite_paths], resume is not None)
+    return rows, out, plan

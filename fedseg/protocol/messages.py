@@ -1,0 +1,274 @@
+"""Declared, versioned message types exchanged between a coordinator and a node.
+
+Decoding parses the frame, types it into the declared dataclass, then runs
+``validate()``. An unknown kind or version, a missing or extra field, a value of the
+wrong type, or a non-finite tensor is rejected with a :class:`MessageError` naming it;
+nothing is coerced. A reply is either its kind's reply type or an :class:`ErrorReply`,
+so it carries a payload or an error, never both.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, ClassVar, get_type_hints
+
+import numpy as np
+
+from .errors import MessageError
+from .wire import DEFAULT_MAX_BYTES, decode_frame, encode_frame
+
+__all__ = [
+    "Arrays",
+    "MessageKind",
+    "ErrorCode",
+    "Message",
+    "DescribeRequest",
+    "DescribeReply",
+    "TrainRequest",
+    "TrainReply",
+    "EvaluateRequest",
+    "EvaluateReply",
+    "ErrorReply",
+    "METRIC_KEYS",
+    "SPLITS",
+    "encode",
+    "decode",
+    "check_arrays",
+]
+
+Arrays = dict[str, np.ndarray]
+#: Aggregate metrics a node may report per split; nothing per image ever leaves.
+METRIC_KEYS = frozenset({"dice", "iou", "loss", "n"})
+SPLITS = ("train", "val", "test")
+
+
+class MessageKind(StrEnum):
+    DESCRIBE = "describe"
+    DESCRIBE_REPLY = "describe_reply"
+    TRAIN = "train"
+    TRAIN_REPLY = "train_reply"
+    EVALUATE = "evaluate"
+    EVALUATE_REPLY = "evaluate_reply"
+    ERROR = "error"
+
+
+class ErrorCode(StrEnum):
+    BAD_MESSAGE = "bad_message"
+    NOT_EXPOSED = "not_exposed"
+    BAD_PLAN = "bad_plan"
+    BAD_WEIGHTS = "bad_weights"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message type; subclasses declare KIND and their fields."""
+
+    KIND: ClassVar[MessageKind]
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    def validate(self) -> None:
+        """Checks constraints beyond field types; raises MessageError naming the field."""
+        for field_name in _schema(type(self))[1]:
+            for name, arr in getattr(self, field_name).items():
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    raise MessageError(f"{self.KIND}: tensor {field_name}/{name} has NaN or Inf values")
+
+
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
+    """Field name to annotated type, and the names of the tensor fields."""
+    hints = {f.name: get_type_hints(cls, globals())[f.name] for f in fields(cls)}
+    return hints, frozenset(n for n, t in hints.items() if t == Arrays)
+
+
+def _check_finite(kind: str, name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise MessageError(f"{kind}: field {name} must be finite, got {value}")
+
+
+@dataclass(frozen=True)
+class DescribeRequest(Message):
+    KIND: ClassVar[MessageKind] = MessageKind.DESCRIBE
+    run_id: str
+
+
+@dataclass(frozen=True)
+class DescribeReply(Message):
+    """Counts and kinds only: a node never describes itself with pixels."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.DESCRIBE_REPLY
+    node: str
+    label_kind: str
+    channels: int
+    image_size: int
+    n_train: int
+    n_val: int
+    n_test: int
+    fingerprint: str
+
+    def validate(self) -> None:
+        for name in ("n_train", "n_val", "n_test", "channels", "image_size"):
+            if getattr(self, name) < 0:
+                raise MessageError(f"{self.KIND}: field {name} must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainRequest(Message):
+    KIND: ClassVar[MessageKind] = MessageKind.TRAIN
+    run_id: str
+    round: int
+    plan: dict
+    weights: Arrays
+
+    def validate(self) -> None:
+        super().validate()
+        if self.round < 1:
+            raise MessageError(f"{self.KIND}: field round must be >= 1, got {self.round}")
+
+
+@dataclass(frozen=True)
+class TrainReply(Message):
+    KIND: ClassVar[MessageKind] = MessageKind.TRAIN_REPLY
+    run_id: str
+    round: int
+    n_samples: int
+    mean_loss: float
+    seconds: float
+    weights: Arrays
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_samples < 0:
+            raise MessageError(f"{self.KIND}: field n_samples must be >= 0, got {self.n_samples}")
+        _check_finite(self.KIND, "mean_loss", self.mean_loss)
+        _check_finite(self.KIND, "seconds", self.seconds)
+
+
+@dataclass(frozen=True)
+class EvaluateRequest(Message):
+    KIND: ClassVar[MessageKind] = MessageKind.EVALUATE
+    run_id: str
+    round: int
+    plan: dict
+    splits: list
+    overlays: int
+    weights: Arrays
+
+    def validate(self) -> None:
+        super().validate()
+        if self.round < 0:
+            raise MessageError(f"{self.KIND}: field round must be >= 0, got {self.round}")
+        if not self.splits or any(s not in SPLITS for s in self.splits) or len(set(self.splits)) != len(self.splits):
+            raise MessageError(f"{self.KIND}: field splits must be distinct names from {SPLITS}, got {self.splits}")
+        if not 0 <= self.overlays <= 64:
+            raise MessageError(f"{self.KIND}: field overlays must be in [0, 64], got {self.overlays}")
+
+
+@dataclass(frozen=True)
+class EvaluateReply(Message):
+    KIND: ClassVar[MessageKind] = MessageKind.EVALUATE_REPLY
+    run_id: str
+    round: int
+    metrics: dict
+
+    def validate(self) -> None:
+        for split, values in self.metrics.items():
+            if split not in SPLITS or not isinstance(values, dict) or set(values) != METRIC_KEYS:
+                raise MessageError(f"{self.KIND}: metrics[{split!r}] must hold exactly {sorted(METRIC_KEYS)}")
+            for key, v in values.items():
+                if type(v) not in (int, float):
+                    raise MessageError(f"{self.KIND}: metrics[{split!r}][{key!r}] must be a number")
+                _check_finite(self.KIND, f"metrics[{split!r}][{key!r}]", v)
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    KIND: ClassVar[MessageKind] = MessageKind.ERROR
+    code: str
+    message: str
+
+    def validate(self) -> None:
+        if self.code not in set(ErrorCode):
+            raise MessageError(f"{self.KIND}: unknown error code {self.code!r}")
+
+
+_TYPES: dict[str, type[Message]] = {
+    cls.KIND.value: cls
+    for cls in (DescribeRequest, DescribeReply, TrainRequest, TrainReply, EvaluateRequest, EvaluateReply, ErrorReply)
+}
+_SCALARS = {str: (str,), int: (int,), float: (int, float), dict: (dict,), list: (list,)}
+
+
+def encode(message: Message) -> bytes:
+    """Validates and encodes a message into its canonical frame."""
+    message.validate()
+    scalars: dict[str, Any] = {}
+    tensors: dict[str, np.ndarray] = {}
+    tensor_fields = _schema(type(message))[1]
+    for f in fields(message):
+        value = getattr(message, f.name)
+        if f.name in tensor_fields:
+            tensors.update({f"{f.name}/{k}": v for k, v in value.items()})
+        else:
+            scalars[f.name] = value
+    return encode_frame(message.KIND.value, message.SCHEMA_VERSION, scalars, tensors)
+
+
+def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    """Decodes and validates a frame into its declared message type.
+
+    Raises:
+        MessageError: Naming the unknown kind or version, or the bad field or tensor.
+    """
+    frame = decode_frame(data, max_bytes)
+    cls = _TYPES.get(frame.kind)
+    if cls is None:
+        raise MessageError(f"unknown message kind {frame.kind!r}")
+    if frame.schema_version != cls.SCHEMA_VERSION:
+        raise MessageError(f"{frame.kind}: schema version {frame.schema_version} is not supported (expected {cls.SCHEMA_VERSION})")
+    hints, tensor_fields = _schema(cls)
+    scalar_fields = set(hints) - tensor_fields
+    if set(frame.fields) != scalar_fields:
+        missing, extra = scalar_fields - set(frame.fields), set(frame.fields) - scalar_fields
+        raise MessageError(f"{frame.kind}: missing fields {sorted(missing)}, unexpected fields {sorted(extra)}")
+    values: dict[str, Any] = {}
+    for name in scalar_fields:
+        value, expected = frame.fields[name], _SCALARS[hints[name]]
+        if type(value) not in expected:
+            raise MessageError(f"{frame.kind}: field {name} must be {hints[name].__name__}, got {type(value).__name__}")
+        values[name] = value
+    for name in tensor_fields:
+        values[name] = {}
+    for key, arr in frame.tensors.items():
+        field_name, _, tensor = key.partition("/")
+        if field_name not in tensor_fields or not tensor:
+            raise MessageError(f"{frame.kind}: tensor {key!r} does not belong to a declared tensor field")
+        values[field_name][tensor] = arr
+    message = cls(**values)
+    message.validate()
+    return message
+
+
+def check_arrays(arrays: Arrays, expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Checks that arrays have exactly the expected names and shapes, as float32.
+
+    Args:
+        arrays: Received tensors.
+        expected: Name to shape, e.g. from the global model.
+        what: Who sent them, for the message (e.g. "update from node kvasir").
+
+    Raises:
+        MessageError: Naming the first missing, unexpected or misshaped tensor.
+    """
+    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise MessageError(f"{what}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+    for name, shape in expected.items():
+        arr = arrays[name]
+        if tuple(arr.shape) != tuple(shape):
+            raise MessageError(f"{what}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        if arr.dtype != np.float32:
+            raise MessageError(f"{what}: tensor {name} has dtype {arr.dtype}, expected float32")

@@ -1,0 +1,105 @@
+"""The training plan a coordinator sends: model, hyper-parameters and round settings."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from fedseg.models.errors import ModelError
+from fedseg.models.local_training import TrainConfig
+from fedseg.models.unet import UNetConfig
+
+from .errors import PlanError
+
+__all__ = ["ALGORITHMS", "Plan"]
+
+ALGORITHMS = ("fedavg",)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a node needs to train and evaluate one federated run.
+
+    Attributes:
+        algorithm: Federated algorithm; one of :data:`ALGORITHMS`.
+        rounds: Number of federated rounds.
+        image_size: Side in pixels that every node resizes its images to.
+        seed: Seeds the initial weights and every node's local shuffling.
+        model: U-Net shape; ``model.in_channels`` decides grey or RGB on every node.
+        train: Local training hyper-parameters.
+        eval_batch_size: Batch size for evaluation on nodes.
+        timeout_s: How long the coordinator waits for one node's answer.
+        min_nodes: Nodes that must answer for a round to count; 0 means all.
+        overlays: Prediction overlays each node writes into its own workdir per evaluation.
+        max_message_mb: Largest message either side accepts.
+    """
+
+    algorithm: str = "fedavg"
+    rounds: int = 20
+    image_size: int = 128
+    seed: int = 0
+    model: UNetConfig = field(default_factory=UNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_batch_size: int = 16
+    timeout_s: float = 900.0
+    min_nodes: int = 0
+    overlays: int = 0
+    max_message_mb: int = 256
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise PlanError(f"plan.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        checks = {
+            "rounds": (1, 100_000),
+            "image_size": (8, 1024),
+            "seed": (0, 2**31 - 1),
+            "eval_batch_size": (1, 1024),
+            "min_nodes": (0, 10_000),
+            "overlays": (0, 64),
+            "max_message_mb": (1, 4096),
+        }
+        for name, (lo, hi) in checks.items():
+            value = getattr(self, name)
+            if type(value) is not int or not lo <= value <= hi:
+                raise PlanError(f"plan.{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if not isinstance(self.timeout_s, (int, float)) or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+            raise PlanError(f"plan.timeout_s must be a positive number, got {self.timeout_s!r}")
+        if self.image_size % 2**self.model.depth:
+            raise PlanError(
+                f"plan.image_size {self.image_size} must be a multiple of 2**model.depth = {2**self.model.depth}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """Builds a plan from JSON, rejecting unknown keys at every level.
+
+        Raises:
+            PlanError: Naming the unknown key or the out-of-range value.
+        """
+        if not isinstance(d, dict):
+            raise PlanError(f"plan must be a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise PlanError(f"unknown plan keys: {unknown}")
+        values = dict(d)
+        try:
+            if "model" in values:
+                values["model"] = UNetConfig.from_dict(_obj(values["model"], "model"))
+            if "train" in values:
+                values["train"] = TrainConfig.from_dict(_obj(values["train"], "train"))
+            return cls(**values)
+        except ModelError as exc:
+            raise PlanError(f"plan: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 2**20
+
+
+def _obj(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PlanError(f"plan.{name} must be an object, got {type(value).__name__}")
+    return value

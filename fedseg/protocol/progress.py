@@ -1,0 +1,40 @@
+"""Terminal progress of a federated run: one line per round and the per-site table."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .report import site_table
+
+__all__ = ["ConsoleReporter", "print_site_table"]
+
+
+class ConsoleReporter:
+    """Prints each round as it completes: time, training loss and Dice per site."""
+
+    def __init__(self, rounds: int, console: Console | None = None) -> None:
+        self.rounds = rounds
+        self.console = console or Console(highlight=False)
+
+    def info(self, text: str) -> None:
+        self.console.print(f"[dim]{text}[/dim]")
+
+    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        per_site = "  ".join(f"{r['site']} {r['val_dice']:.3f}" for r in rows)
+        loss = f"train loss {summary['train_loss']:.3f}  " if "train_loss" in summary else ""
+        self.console.print(
+            f"round {round_:>3}/{self.rounds}  {summary['seconds']:6.1f} s  {loss}val Dice: {per_site}"
+        )
+
+
+def print_site_table(rows: list[dict[str, Any]], round_: int, title: str, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    table_rows = site_table(rows, round_)
+    table = Table(title=title)
+    for i, header in enumerate(table_rows[0]):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in table_rows[1:]:
+        table.add_row(*row)
+    console.print(table)

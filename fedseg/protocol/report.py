@@ -1,0 +1,103 @@
+"""Per-site tables and Dice curves from a run's metrics rows."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["best_round", "site_table", "write_report", "plot_dice"]
+
+
+def _mean_over_sites(rows: list[dict[str, Any]], key: str, weighted: bool) -> float:
+    vals = [(r[key], r[key.split("_")[0] + "_n"] if weighted else 1) for r in rows]
+    total = sum(w for _, w in vals)
+    return sum(v * w for v, w in vals) / total if total else float("nan")
+
+
+def _by_round(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    grouped: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        grouped[row["round"]].append(row)
+    return dict(sorted(grouped.items()))
+
+
+def best_round(rows: list[dict[str, Any]]) -> int:
+    """The round with the highest image-weighted mean validation Dice (never chosen on test)."""
+    rounds = _by_round(rows)
+    return max(rounds, key=lambda r: (_mean_over_sites(rounds[r], "val_dice", weighted=True), -r))
+
+
+def site_table(rows: list[dict[str, Any]], round_: int) -> list[list[str]]:
+    """Header plus one row per site, then the mean over sites and the image-weighted mean."""
+    at = sorted(_by_round(rows)[round_], key=lambda r: r["site"])
+    table = [["site", "test n", "test Dice", "test IoU", "val Dice"]]
+    for r in at:
+        table.append([r["site"], str(r["test_n"]), f"{r['test_dice']:.4f}", f"{r['test_iou']:.4f}", f"{r['val_dice']:.4f}"])
+    for label, weighted in (("mean over sites", False), ("mean, image-weighted", True)):
+        table.append([
+            label,
+            str(sum(r["test_n"] for r in at)),
+            f"{_mean_over_sites(at, 'test_dice', weighted):.4f}",
+            f"{_mean_over_sites(at, 'test_iou', weighted):.4f}",
+            f"{_mean_over_sites(at, 'val_dice', weighted):.4f}",
+        ])
+    return table
+
+
+def _markdown(table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Writes the Markdown report: the best round by validation Dice and the last round."""
+    from .run_store import atomic_write
+
+    best, last = best_round(rows), max(r["round"] for r in rows)
+    text = [
+        f"# {title}",
+        "",
+        f"## Best round by validation Dice: round {best}",
+        "",
+        _markdown(site_table(rows, best)),
+        "",
+        f"## Last round: round {last}",
+        "",
+        _markdown(site_table(rows, last)),
+        "",
+        "Dice and IoU count the foreground only, per image, then per site. Curves: `dice.png`.",
+        "",
+    ]
+    atomic_write(path, "\n".join(text).encode())
+
+
+def plot_dice(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Writes a PNG of validation and test Dice per site over rounds."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .run_store import atomic_write
+
+    sites = sorted({r["site"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, split in zip(axes, ("val", "test")):
+        for site in sites:
+            pts = sorted((r["round"], r[f"{split}_dice"]) for r in rows if r["site"] == site)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=site)
+        ax.set_title(f"{split} Dice")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Dice (foreground, per image)")
+    axes[0].set_ylim(0, 1)
+    axes[1].legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

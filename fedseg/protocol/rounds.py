@@ -1,0 +1,234 @@
+"""The round engine: the one loop that talks to nodes, with timeouts, checkpoints and resume.
+
+Each round: every node trains from the global weights in parallel, the strategy
+aggregates the valid replies, every node evaluates the new global model on its own
+validation and test splits, and the round is recorded (metrics rows, then the
+checkpoint, atomically). Round 0 records the initial model, so curves start there.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from .errors import MessageError, ProtocolError, RemoteError, RoundError, TransportError
+from .messages import (
+    Arrays,
+    DescribeReply,
+    DescribeRequest,
+    ErrorReply,
+    EvaluateReply,
+    EvaluateRequest,
+    Message,
+    TrainReply,
+    check_arrays,
+    decode,
+    encode,
+)
+from .plan import Plan
+from .report import plot_dice, write_report
+from .run_store import RunState, RunStore
+from .strategies import Strategy, make_strategy
+
+__all__ = ["Transport", "Peer", "Reporter", "initial_arrays", "run_federation"]
+
+M = TypeVar("M", bound=Message)
+
+
+class Transport(Protocol):
+    """Moves frames to one node and back (Syft in production, in-memory in unit tests)."""
+
+    name: str
+    bytes_sent: int
+    bytes_received: int
+
+    def connect(self) -> None: ...
+
+    def exchange(self, frame: bytes) -> bytes: ...
+
+
+class Peer:
+    """Typed requests to one node: encode, exchange, decode, and turn error replies into exceptions."""
+
+    def __init__(self, transport: Transport, max_bytes: int) -> None:
+        self.transport = transport
+        self.name = transport.name
+        self.max_bytes = max_bytes
+
+    def request(self, message: Message, expect: type[M]) -> M:
+        reply = decode(self.transport.exchange(encode(message)), self.max_bytes)
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(self.name, reply.code, reply.message)
+        if not isinstance(reply, expect):
+            raise MessageError(f"node {self.name} answered {reply.KIND} to a {message.KIND} request")
+        return reply
+
+
+class Reporter(Protocol):
+    """What the engine tells the person running it."""
+
+    def info(self, text: str) -> None: ...
+
+    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None: ...
+
+
+def initial_arrays(plan: Plan) -> Arrays:
+    """The plan's model, initialised from ``plan.seed``."""
+    import torch
+
+    from fedseg.models.local_training import state_to_arrays
+    from fedseg.models.unet import build_model
+
+    torch.manual_seed(plan.seed)
+    return state_to_arrays(build_model(plan.model))
+
+
+@dataclass
+class _Outcome:
+    replies: dict[str, Any]
+    failures: dict[str, str]
+
+
+def _fan_out(pool: ThreadPoolExecutor, peers: Sequence[Peer], call: Callable[[Peer], Any], timeout_s: float) -> _Outcome:
+    futures = {p.name: pool.submit(call, p) for p in peers}
+    deadline = time.monotonic() + timeout_s
+    out = _Outcome({}, {})
+    for name, future in futures.items():
+        try:
+            out.replies[name] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            out.failures[name] = f"no answer within {timeout_s:.0f} s"
+        except (ProtocolError, OSError) as exc:
+            out.failures[name] = str(exc)
+    return out
+
+
+def _require(outcome: _Outcome, needed: int, phase: str, round_: int) -> None:
+    if len(outcome.replies) < needed:
+        lost = "; ".join(f"{n}: {why}" for n, why in outcome.failures.items())
+        raise RoundError(f"round {round_} {phase}: only {len(outcome.replies)} of the {needed} required nodes answered ({lost})")
+
+
+def run_federation(
+    plan: Plan,
+    transports: Sequence[Transport],
+    out: Path,
+    reporter: Reporter,
+    invites: Sequence[str] = (),
+    resume: bool = False,
+    strategy: Strategy | None = None,
+) -> list[dict[str, Any]]:
+    """Runs (or resumes) a federation and records it in ``out``.
+
+    Args:
+        plan: The training plan.
+        transports: One per node.
+        out: Run directory.
+        reporter: Receives progress.
+        invites: Invite paths, kept in the checkpoint so ``--resume`` needs nothing else.
+        resume: Continue from ``out``'s last completed round.
+        strategy: Defaults to the plan's algorithm.
+
+    Returns:
+        All metrics rows of the run.
+
+    Raises:
+        RoundError: If fewer nodes answer than the plan requires.
+        TransportError: If a node cannot be reached or logged into.
+    """
+    store = RunStore(out)
+    strategy = strategy or make_strategy(plan)
+    peers = [Peer(t, plan.max_message_bytes) for t in transports]
+    names = [p.name for p in peers]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"node names must be distinct, got {names}")
+    needed = plan.min_nodes or len(peers)
+    if needed > len(peers):
+        raise ProtocolError(f"plan.min_nodes is {needed} but only {len(peers)} nodes were given")
+
+    for t in transports:
+        reporter.info(f"connecting to node {t.name} ...")
+        t.connect()
+    if resume:
+        state, arrays = store.load()
+        run_id, start = state.run_id, state.round + 1
+        rows = [r for r in store.read_metrics() if r["round"] <= state.round]
+        store.write_metrics(rows)
+        reporter.info(f"resuming run {run_id} after round {state.round}")
+    else:
+        run_id, start, rows, arrays = uuid.uuid4().hex[:12], 0, [], initial_arrays(plan)
+    layout = {k: tuple(v.shape) for k, v in arrays.items()}
+
+    with ThreadPoolExecutor(max_workers=len(peers)) as pool:
+        described = _fan_out(pool, peers, lambda p: p.request(DescribeRequest(run_id=run_id), DescribeReply), plan.timeout_s)
+        _require(described, len(peers), "describe", start)
+        for name, d in described.replies.items():
+            if d.label_kind != "pixel":
+                raise ProtocolError(f"node {name} has labels={d.label_kind}; fedavg needs pixel labels on every node")
+            reporter.info(f"node {name}: {d.n_train} train / {d.n_val} val / {d.n_test} test images, labels={d.label_kind}, key {d.fingerprint[:19]}...")
+
+        def evaluate(round_: int, weights: Arrays) -> _Outcome:
+            request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=plan.overlays, weights=weights)
+            outcome = _fan_out(pool, peers, lambda p: p.request(request, EvaluateReply), plan.timeout_s)
+            _require(outcome, needed, "evaluation", round_)
+            return outcome
+
+        if start == 0:
+            t0 = time.monotonic()
+            rows += _rows(0, evaluate(0, arrays), None)
+            _record(store, RunState(run_id, 0, plan.to_dict(), list(invites)), arrays, rows)
+            reporter.round_done(0, [r for r in rows if r["round"] == 0], {"seconds": time.monotonic() - t0})
+            start = 1
+        for round_ in range(start, plan.rounds + 1):
+            t0 = time.monotonic()
+            requests = strategy.configure(round_, arrays, plan, run_id, names)
+            taking_part = [p for p in peers if p.name in requests]
+
+            def train(p: Peer) -> TrainReply:
+                reply = p.request(requests[p.name], TrainReply)
+                check_arrays(reply.weights, layout, f"update from node {p.name} in round {round_}")
+                return reply
+
+            trained = _fan_out(pool, taking_part, train, plan.timeout_s)
+            _require(trained, min(needed, len(taking_part)), "training", round_)
+            for name, why in trained.failures.items():
+                reporter.info(f"round {round_}: node {name} left out: {why}")
+            arrays, summary = strategy.aggregate(round_, trained.replies)
+            t_train = time.monotonic() - t0
+            evaluated = evaluate(round_, arrays)
+            new_rows = _rows(round_, evaluated, trained)
+            rows += new_rows
+            _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
+            summary.update(seconds=time.monotonic() - t0, train_seconds=t_train)
+            reporter.round_done(round_, new_rows, summary)
+    return rows
+
+
+def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None) -> list[dict[str, Any]]:
+    rows = []
+    for name, reply in sorted(evaluated.replies.items()):
+        row: dict[str, Any] = {"round": round_, "site": name}
+        for split, values in reply.metrics.items():
+            row.update({f"{split}_{k}": v for k, v in values.items()})
+        if trained is not None and name in trained.replies:
+            t = trained.replies[name]
+            row.update(train_loss=t.mean_loss, train_n=t.n_samples, train_seconds=t.seconds)
+        rows.append(row)
+    return rows
+
+
+def _record(store: RunStore, state: RunState, arrays: Arrays, rows: list[dict[str, Any]]) -> None:
+    # Metrics first, checkpoint last: a crash in between leaves rows past the checkpoint,
+    # which a resume drops, never a checkpoint without its rows.
+    store.write_metrics(rows)
+    store.save(state, arrays)
+    title = f"fedseg run {state.run_id} ({state.plan['algorithm']})"
+    write_report(rows, store.report, title)
+    plot_dice(rows, store.plot, title)

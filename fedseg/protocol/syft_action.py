@@ -1,0 +1,38 @@
+"""The single piece of code a node lets a coordinator run through Syft.
+
+A coordinator submits :func:`fedseg_action` as a Syft code request; a node approves a
+request only when its source hashes to :data:`ACTION_CODE_SHA256` (and its policies
+match), and denies everything else. Syft re-parses the function on the server with no
+module globals, so it only imports the node's dispatcher, which runs nothing but the
+node's registered actions. The import of ``fedseg.node`` happens on the node's server
+at call time; the coordinator never executes this body.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from textwrap import dedent
+
+__all__ = ["ACTION_NAME", "fedseg_action", "action_source", "ACTION_CODE_SHA256", "code_sha256"]
+
+ACTION_NAME = "fedseg_action"
+
+
+def fedseg_action(site, message):  # noqa: ANN001, ANN201 - Syft passes asset and payload untyped
+    from fedseg.node.actions import handle_syft_call
+
+    return handle_syft_call(site, message)
+
+
+def action_source() -> str:
+    """The source Syft records as the request's ``raw_code``."""
+    return dedent(inspect.getsource(fedseg_action))
+
+
+def code_sha256(raw_code: str) -> str:
+    """Hash of code with trailing whitespace normalised, as compared against the allow-list."""
+    normalised = "\n".join(line.rstrip() for line in raw_code.strip().splitlines())
+    return hashlib.sha256(normalised.encode()).hexdigest()
+
+
+ACTION_CODE_SHA256 = code_sha256(action_source())

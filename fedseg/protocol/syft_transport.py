@@ -1,0 +1,161 @@
+"""The coordinator's side of the wire to a node's Syft datasite.
+
+One session per node: log in with the invite's credentials, submit the single fedseg
+action as a code request (or reuse an approved one), wait for the node to approve it,
+then exchange one frame per call. Syft is imported here lazily, and only here on the
+coordinator's side.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TransportError
+from .syft_action import ACTION_NAME, fedseg_action
+
+__all__ = ["Invite", "load_invite", "SyftTransport"]
+
+INVITE_KEYS = {"url", "port", "node", "email", "password", "fingerprint", "version"}
+
+
+@dataclass(frozen=True)
+class Invite:
+    url: str
+    port: int
+    node: str
+    email: str
+    password: str
+    fingerprint: str
+    version: int = 1
+
+
+def load_invite(path: Path) -> Invite:
+    """Reads a node's invite.
+
+    Raises:
+        TransportError: Naming the file if it is missing, unreadable or malformed.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TransportError(f"invite {path} cannot be read: {exc}") from None
+    if not isinstance(data, dict) or set(data) != INVITE_KEYS:
+        raise TransportError(f"invite {path} is not a fedseg invite (expected keys {sorted(INVITE_KEYS)})")
+    return Invite(**data)
+
+
+@contextlib.contextmanager
+def _quiet():
+    # Syft prints banners and progress bars on every login and upload.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+class SyftTransport:
+    """Frame exchange with one node over its Syft datasite.
+
+    Args:
+        invite: The node's invite.
+        approval_timeout_s: How long to wait for the node to approve the action.
+    """
+
+    def __init__(self, invite: Invite, approval_timeout_s: float = 60.0) -> None:
+        self.invite = invite
+        self.name = invite.node
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._client: Any = None
+        self._site: Any = None
+        self._approval_timeout_s = approval_timeout_s
+
+    @property
+    def address(self) -> str:
+        return f"{self.invite.url}:{self.invite.port}"
+
+    def connect(self) -> None:
+        """Logs in and makes sure the fedseg action is approved on the node.
+
+        Raises:
+            TransportError: If the node is unreachable, refuses the credentials, or denies the action.
+        """
+        import syft as sy
+        from syft.service.policy.policy import OutputPolicyExecuteCount
+
+        try:
+            with _quiet():
+                client = sy.login(url=self.invite.url, port=self.invite.port, email=self.invite.email, password=self.invite.password)
+        except Exception as exc:
+            text = str(exc)
+            if "Connection refused" in text or "Max retries" in text:
+                raise TransportError(f"node {self.name} at {self.address} is not reachable") from None
+            raise TransportError(f"node {self.name} at {self.address} refused the login: {_first_line(text)}") from None
+        try:
+            self._site = client.datasets["site"].assets["summary"]
+        except Exception:
+            raise TransportError(f"node {self.name} at {self.address} has no fedseg site dataset") from None
+        self._client = client
+        if self._approved_function() is None:
+            with _quiet():
+                function = sy.syft_function(
+                    input_policy=sy.MixedInputPolicy(site=self._site, message=dict, client=client),
+                    output_policy=OutputPolicyExecuteCount(limit=10**9),
+                )(fedseg_action)
+                client.code.request_code_execution(function)
+            self._wait_for_approval()
+
+    def _approved_function(self) -> Any:
+        with _quiet():
+            requests = list(self._client.requests)
+        for request in reversed(requests):
+            code = request.code
+            if getattr(code, "service_func_name", None) != ACTION_NAME:
+                continue
+            status = str(request.status)
+            if "APPROVED" in status:
+                return code
+            if "REJECTED" in status:
+                raise TransportError(f"node {self.name} denied the fedseg action: {request.deny_reason}")
+        return None
+
+    def _wait_for_approval(self) -> None:
+        deadline = time.monotonic() + self._approval_timeout_s
+        while time.monotonic() < deadline:
+            if self._approved_function() is not None:
+                self._client.refresh()
+                return
+            time.sleep(0.3)
+        raise TransportError(f"node {self.name} did not approve the fedseg action within {self._approval_timeout_s:.0f} s")
+
+    def exchange(self, frame: bytes) -> bytes:
+        """Sends one request frame and returns the node's reply frame.
+
+        Raises:
+            TransportError: If the call fails at the Syft level.
+        """
+        import syft as sy
+
+        if self._client is None:
+            self.connect()
+        try:
+            # No output capture here: calls run on several threads, and redirecting
+            # sys.stdout is process-wide.
+            pointer = sy.ActionObject.from_obj({"frame": frame}).send(self._client)
+            result = getattr(self._client.code, ACTION_NAME)(site=self._site, message=pointer).get()
+        except Exception as exc:
+            raise TransportError(f"node {self.name} at {self.address}: call failed: {_first_line(str(exc))}") from None
+        reply = result.get("frame") if isinstance(result, dict) else None
+        if not isinstance(reply, bytes):
+            raise TransportError(f"node {self.name} at {self.address} answered with {type(result).__name__}, not a fedseg frame")
+        self.bytes_sent += len(frame)
+        self.bytes_received += len(reply)
+        return reply
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else "unknown error"

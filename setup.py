@@ -1,0 +1,29 @@
+"""fedseg: federated medical image segmentation where every hospital keeps its images."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fedseg",
+    version="0.1.0",
+    description="Federated medical image segmentation over PySyft datasites",
+    packages=find_packages(include=["fedseg", "fedseg.*"]),
+    python_requires=">=3.10,<3.12",
+    install_requires=[
+        "syft==0.9.5",
+        # syft 0.9.5 imports sniffio without declaring it.
+        "sniffio",
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "numpy<=1.24.4",
+        "pillow",
+        "click>=8.1",
+        "cryptography>=42",
+        # rich draws the per-round progress and the per-site tables on the terminal.
+        "rich",
+        # matplotlib draws the Dice curves (syft pins it below 3.9.1 already).
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "psutil"],
+    },
+    entry_points={"console_scripts": ["fedseg=fedseg.cli:main"]},
+)

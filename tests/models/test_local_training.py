@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from fedseg.models.augment import augment_batch, make_augment
+from fedseg.models.errors import ModelError
+from fedseg.models.local_training import (
+    LocalTrainer,
+    TrainConfig,
+    arrays_to_state,
+    evaluate,
+    predict,
+    state_to_arrays,
+)
+from fedseg.models.overlay import overlay_png
+from fedseg.models.unet import UNet, UNetConfig, build_model
+
+torch.set_num_threads(1)
+
+TINY = UNetConfig(width=4, depth=2, groups=2)
+
+
+def _squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bright squares of random size/position on dark noise: uint8 (n,3,32,32), float (n,1,32,32)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 40, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    masks = torch.zeros(n, 1, 32, 32)
+    for i in range(n):
+        s = int(torch.randint(8, 14, (1,), generator=g))
+        r, c = torch.randint(0, 32 - s, (2,), generator=g).tolist()
+        images[i, :, r : r + s, c : c + s] += 180
+        masks[i, 0, r : r + s, c : c + s] = 1
+    return images, masks
+
+
+def _model(seed: int) -> UNet:
+    torch.manual_seed(seed)
+    return build_model(TINY)
+
+
+def test_same_seed_same_weights() -> None:
+    images, masks = _squares(6, 0)
+    init = _model(0).state_dict()
+    runs = []
+    for _ in range(2):
+        model = build_model(TINY)
+        model.load_state_dict(init)
+        # Global RNG is scrambled in between to show the round does not read it.
+        torch.manual_seed(len(runs) + 100)
+        result = LocalTrainer(model, TrainConfig(batch_size=4, local_epochs=1.5)).train_round(
+            images, masks, seed=7
+        )
+        runs.append(model.state_dict())
+    assert result.steps == 3 and result.n_samples == 6  # ceil(1.5 * 6 / 4)
+    assert set(result.parts) == {"dice", "bce"} and result.mean_loss > 0
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in init)
+    assert not all(torch.equal(init[k], runs[0][k]) for k in init)
+
+
+def test_rounds_improve_dice_on_squares() -> None:
+    images, masks = _squares(16, 0)
+    val_images, val_masks = _squares(8, 1)
+    # Init seed fixed: with only 4 head channels some inits start with every head
+    # weight negative, a dead-ReLU mode that takes far longer than 3 rounds to leave.
+    model = _model(3)
+    before = evaluate(model, val_images, val_masks)
+    trainer = LocalTrainer(model, TrainConfig(lr=5e-3, batch_size=4, local_epochs=2))
+    for r in range(3):
+        trainer.train_round(images, masks, seed=r)
+    after = evaluate(model, val_images, val_masks)
+    assert after["n"] == 8 and model.training
+    assert after["loss"] < before["loss"]
+    assert after["dice"] > before["dice"] + 0.4 and after["dice"] > 0.8
+    assert 0 < after["iou"] <= after["dice"]
+
+
+def test_hooks_restrict_training() -> None:
+    class HeadOnly(LocalTrainer):
+        def before_round(self) -> None:
+            self.steps: list[int] = []
+
+        def parameters_to_train(self) -> list[torch.nn.Parameter]:
+            return list(self.model.head.parameters())
+
+        def after_step(self, step: int) -> None:
+            self.steps.append(step)
+
+    images, masks = _squares(4, 0)
+    model = _model(0)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = HeadOnly(model, TrainConfig(batch_size=2, augment=False))
+    trainer.train_round(images, masks, seed=0)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, init[k])}
+    assert changed == {"head.weight", "head.bias"} and trainer.steps == [0, 1]
+
+
+def test_train_config_validation() -> None:
+    cfg = TrainConfig(local_epochs=0.5, augment=False)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ModelError, match=r"\['lrr'\]"):
+        TrainConfig.from_dict({"lrr": 0.1})
+    for bad, field in [({"lr": 0}, "lr"), ({"batch_size": 0}, "batch_size"), ({"batch_size": 2.0}, "batch_size"),
+                       ({"local_epochs": -1}, "local_epochs"), ({"augment": 1}, "augment"),
+                       ({"grad_clip": float("nan")}, "grad_clip"), ({"threads": 0}, "threads")]:
+        with pytest.raises(ModelError, match=field):
+            TrainConfig(**bad)
+
+
+def test_train_round_shape_check() -> None:
+    trainer = LocalTrainer(_model(0), TrainConfig())
+    with pytest.raises(ModelError, match=r"\(4, 3, 32, 32\).*\(3, 1, 32, 32\)"):
+        trainer.train_round(torch.zeros(4, 3, 32, 32), torch.zeros(3, 1, 32, 32), seed=0)
+
+
+def test_arrays_round_trip_and_rejections() -> None:
+    source, target = _model(0), _model(1)
+    arrays = state_to_arrays(source)
+    assert all(a.dtype == np.float32 and a.flags["C_CONTIGUOUS"] for a in arrays.values())
+    arrays_to_state(target, arrays)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+    # The arrays are copies: training the source later cannot change what was sent.
+    with torch.no_grad():
+        source.head.bias.add_(1.0)
+    assert arrays["head.bias"][0] != source.head.bias[0].item()
+
+    missing = dict(arrays)
+    del missing["head.weight"]
+    with pytest.raises(ModelError, match="missing key 'head.weight'"):
+        arrays_to_state(target, missing)
+    with pytest.raises(ModelError, match="unexpected key 'extra'"):
+        arrays_to_state(target, {**arrays, "extra": np.zeros(1, np.float32)})
+    wrong = {**arrays, "head.weight": np.zeros((2, 4, 1, 1), np.float32)}
+    before = target.head.bias.clone()
+    with pytest.raises(ModelError, match=r"'head.weight'.*expected \(1, 4, 1, 1\), got \(2, 4, 1, 1\)"):
+        arrays_to_state(target, {**wrong, "head.bias": np.full(1, 5.0, np.float32)})
+    assert torch.equal(target.head.bias, before)  # nothing loaded on failure
+
+
+def test_augment_binary_and_deterministic() -> None:
+    images, masks = _squares(4, 0)
+    images = images.float() / 255
+    out = [augment_batch(images, masks, torch.Generator().manual_seed(s)) for s in (5, 5, 6)]
+    (i1, m1), (i2, m2), (i3, m3) = out
+    assert torch.equal(i1, i2) and torch.equal(m1, m2)
+    assert not torch.equal(m1, m3)
+    assert i1.shape == images.shape and m1.shape == masks.shape and m1.dtype == masks.dtype
+    assert set(m1.unique().tolist()) <= {0.0, 1.0} and m1.sum() > 0
+    assert i1.min() >= 0 and i1.max() <= 1
+    # The global stream is untouched by augmentation.
+    torch.manual_seed(0)
+    augment_batch(images, masks, torch.Generator().manual_seed(5))
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_augment_moves_boxes_with_mask() -> None:
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 4:12, 20:30] = 1
+    boxes = tv_tensors.BoundingBoxes([[20, 4, 30, 12]], format="XYXY", canvas_size=(32, 32))
+    torch.manual_seed(0)
+    _, m, b = make_augment()(tv_tensors.Image(torch.rand(3, 32, 32)), tv_tensors.Mask(mask), boxes)
+    assert isinstance(b, tv_tensors.BoundingBoxes)
+    ys, xs = torch.nonzero(m[0], as_tuple=True)
+    x0, y0, x1, y1 = b[0].tolist()
+    # The box is the transformed rectangle's bounding box, so it contains the mask.
+    assert x0 - 1 <= xs.min() and xs.max() <= x1 + 1 and y0 - 1 <= ys.min() and ys.max() <= y1 + 1
+
+
+def test_predict_and_overlay(tmp_path) -> None:
+    images, masks = _squares(3, 0)
+    model = _model(0).train()
+    pred = predict(model, images, batch_size=2)
+    assert pred.shape == (3, 1, 32, 32) and pred.dtype == torch.bool and model.training
+    path = tmp_path / "overlay.png"
+    overlay_png(images[0], pred[0], masks[0].bool(), path)
+    png = np.asarray(Image.open(path))
+    assert png.shape == (32, 32, 3)
+    assert (png[masks[0, 0].bool().numpy()] == [0, 255, 64]).all(axis=1).any()  # truth outline drawn
+    with pytest.raises(ModelError, match=r"\(1, 16, 16\)"):
+        overlay_png(images[0], pred[0, :, :16, :16], None, path)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedseg.models.errors import ModelError
+from fedseg.models.losses import DiceBCELoss
+from fedseg.models.metrics import dice_per_image, iou_per_image
+
+torch.set_num_threads(1)
+
+
+def _mask(*boxes: tuple[int, int, int, int], size: int = 8) -> torch.Tensor:
+    m = torch.zeros(1, size, size, dtype=torch.bool)
+    for r0, r1, c0, c1 in boxes:
+        m[0, r0:r1, c0:c1] = True
+    return m
+
+
+def test_dice_iou_hand_made_cases() -> None:
+    square = _mask((0, 4, 0, 4))  # 16 px
+    cases = [
+        (square, square, 1.0, 1.0),  # perfect
+        (square, _mask((4, 8, 4, 8)), 0.0, 0.0),  # disjoint
+        (_mask(), _mask(), 1.0, 1.0),  # both empty
+        (_mask(), square, 0.0, 0.0),  # empty prediction
+        (square, _mask(), 0.0, 0.0),  # empty target
+        (square, _mask((0, 4, 2, 6)), 0.5, 1 / 3),  # half overlap: 8 shared of 16 + 16
+    ]
+    pred = torch.stack([c[0] for c in cases])  # (6, 1, 8, 8)
+    target = torch.stack([c[1] for c in cases]).float()  # 0/1 floats are accepted too
+    dice, iou = dice_per_image(pred, target), iou_per_image(pred, target)
+    assert dice.shape == iou.shape == (len(cases),)
+    assert dice.tolist() == pytest.approx([c[2] for c in cases])
+    assert iou.tolist() == pytest.approx([c[3] for c in cases])
+
+
+def test_metrics_shape_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match=r"\(2, 1, 8, 8\).*\(2, 1, 8, 4\)"):
+        dice_per_image(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 4))
+    with pytest.raises(ModelError, match=r"\(2, 8, 8\)"):
+        iou_per_image(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8))
+
+
+def test_loss_goes_to_zero_for_confident_correct_logits() -> None:
+    target = torch.stack([_mask((0, 4, 0, 4)), _mask()]).float()  # (2, 1, 8, 8)
+    loss = DiceBCELoss()
+    values = [loss(scale * (2 * target - 1), target) for scale in (0.5, 2.0, 20.0)]
+    totals = [v.total.item() for v in values]
+    assert totals[0] > totals[1] > totals[2]
+    assert totals[2] < 1e-3
+    assert set(values[2].parts) == {"dice", "bce"}
+    assert all(isinstance(x, float) for x in values[2].parts.values())
+
+
+def test_loss_weights_and_gradient() -> None:
+    target = torch.stack([_mask((0, 4, 0, 4))]).float()
+    logits = torch.zeros_like(target, requires_grad=True)
+    out = DiceBCELoss(lambda_dice=2.0, lambda_bce=0.5)(logits, target)
+    assert out.total.item() == pytest.approx(2.0 * out.parts["dice"] + 0.5 * out.parts["bce"], rel=1e-6)
+    out.total.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_loss_shape_mismatch_and_bad_options_raise() -> None:
+    with pytest.raises(ModelError, match=r"logits \(2, 1, 8, 8\) and target \(2, 1, 4, 8\)"):
+        DiceBCELoss()(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 8))
+    with pytest.raises(ModelError, match=r"\(2, 2, 8, 8\)"):
+        DiceBCELoss()(torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8))
+    with pytest.raises(ModelError, match="lambda"):
+        DiceBCELoss(lambda_dice=0, lambda_bce=0)
+    with pytest.raises(ModelError, match="smooth"):
+        DiceBCELoss(smooth=0)
