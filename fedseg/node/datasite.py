@@ -119,6 +119,8 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
     workdir = Path(config.workdir)
     if not _port_free(host, port):
         raise NodeError(f"port {port} on {host} is already in use; choose another with --port")
+    # A stale invite would point a coordinator (or a launcher waiting for this node) at old credentials.
+    (workdir / "invite.json").unlink(missing_ok=True)
     identity = load_or_create_identity(workdir / "identity.key")
     owner_password = secrets.token_urlsafe(24)
     write_private(workdir / "owner.json", json.dumps({"email": OWNER_EMAIL, "password": owner_password}).encode())

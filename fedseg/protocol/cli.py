@@ -98,6 +98,5 @@ def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - th
                 raise PlanError(f"plan {plan_file} cannot be read: {exc}") from None
     plan = Plan.from_dict(plan_from_options(base, options))
     transports = [SyftTransport(load_invite(p), approval_timeout_s=min(plan.timeout_s, 120)) for p in invite_paths]
-    out.mkdir(parents=True, exist_ok=True)
     rows = run_federation(plan, transports, out, ConsoleReporter(plan.rounds), [str(p) for p in invite_paths], resume is not None)
     return rows, out, plan

@@ -144,6 +144,7 @@ def run_federation(
         TransportError: If a node cannot be reached or logged into.
     """
     store = RunStore(out)
+    store.root.mkdir(parents=True, exist_ok=True)
     strategy = strategy or make_strategy(plan)
     peers = [Peer(t, plan.max_message_bytes) for t in transports]
     names = [p.name for p in peers]

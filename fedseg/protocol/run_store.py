@@ -57,7 +57,6 @@ class RunStore:
     def save(self, state: RunState, arrays: Arrays) -> None:
         import io
 
-        self.root.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         state_bytes = np.frombuffer(json.dumps(state.__dict__, sort_keys=True).encode(), dtype=np.uint8)
         np.savez(buf, **{_STATE_KEY: state_bytes}, **arrays)

@@ -1,0 +1,46 @@
+"""Shared fixtures: one synthetic federation of real node processes for the whole session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NODE_MAX_MB = 4
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The learnable task of the end-to-end tests: tiny, but the Dice must clearly rise.
+TINY_PLAN_ARGS = ["--image-size", "32", "--width", "8", "--depth", "2", "--batch-size", "8", "--local-epochs", "2", "--lr", "0.003", "--seed", "0"]
+
+
+def fedseg(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Runs the ``fedseg`` command as a user would, in a separate process."""
+    return subprocess.run([sys.executable, "-m", "fedseg", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "120"})
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared/data is not beside this checkout): real-data test skipped")
+    return path
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    """Three synthetic sites, each served by a real ``fedseg node start`` process."""
+    from fedseg.node.launcher import NodeProcess
+    from fedseg.node.synthetic import write_federation
+
+    root = tmp_path_factory.mktemp("federation")
+    sites = write_federation(root / "data", n_per_site=30, size=32, seed=0)
+    # A small message limit lets the oversized-message test stay cheap.
+    nodes = {site.name: NodeProcess(site.name, site, root / "nodes" / site.name, extra=["--max-message-mb", str(NODE_MAX_MB)]) for site in sites}
+    try:
+        for node in nodes.values():
+            node.wait_ready()
+        yield nodes
+    finally:
+        for node in nodes.values():
+            node.stop()

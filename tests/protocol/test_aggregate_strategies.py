@@ -1,0 +1,133 @@
+"""Tests for fedseg.protocol.aggregate and fedseg.protocol.strategies (pure, no I/O)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedseg.protocol.aggregate import weighted_average
+from fedseg.protocol.errors import RoundError
+from fedseg.protocol.messages import TrainReply, TrainRequest, encode
+from fedseg.protocol.plan import Plan
+from fedseg.protocol.strategies import FedAvg, Strategy, make_strategy
+
+PLAN = Plan.from_dict(
+    {
+        "rounds": 2,
+        "image_size": 32,
+        "model": {"width": 4, "depth": 2, "groups": 2},
+        "train": {"batch_size": 4, "local_epochs": 1.0, "augment": False},
+    }
+)
+
+
+def _update(value: float, bias: tuple[float, float]) -> dict[str, np.ndarray]:
+    return {
+        "conv.weight": np.full((2, 3), value, dtype=np.float32),
+        "conv.bias": np.array(bias, dtype=np.float32),
+    }
+
+
+def test_weighted_average_matches_hand_computation() -> None:
+    updates = [(_update(1.0, (0.0, 6.0)), 1.0), (_update(4.0, (3.0, 0.0)), 2.0), (_update(-2.0, (1.0, 1.0)), 3.0)]
+    out = weighted_average(updates)
+    # (1*1 + 2*4 + 3*(-2)) / 6 = 0.5 ; bias: (0 + 6 + 3) / 6 = 1.5, (6 + 0 + 3) / 6 = 1.5
+    assert set(out) == {"conv.weight", "conv.bias"}
+    assert all(a.dtype == np.float32 for a in out.values())
+    np.testing.assert_allclose(out["conv.weight"], np.full((2, 3), 0.5), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(out["conv.bias"], [1.5, 1.5], rtol=0, atol=1e-7)
+
+
+def test_weighted_average_random_matches_numpy() -> None:
+    rng = np.random.default_rng(1)
+    updates = [({"w": rng.standard_normal((3, 4)).astype(np.float32)}, float(w)) for w in (1, 2, 3)]
+    expected = sum(w * u["w"].astype(np.float64) for u, w in updates) / 6.0
+    np.testing.assert_allclose(weighted_average(updates)["w"], expected.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_weighted_average_zero_weight_drops_that_update() -> None:
+    out = weighted_average([(_update(1.0, (1.0, 1.0)), 0.0), (_update(3.0, (2.0, 2.0)), 5.0)])
+    np.testing.assert_array_equal(out["conv.weight"], np.full((2, 3), 3.0, np.float32))
+
+
+def test_weighted_average_does_not_modify_inputs() -> None:
+    a, b = _update(1.0, (1.0, 1.0)), _update(3.0, (2.0, 2.0))
+    weighted_average([(a, 1.0), (b, 1.0)])
+    np.testing.assert_array_equal(a["conv.weight"], np.full((2, 3), 1.0, np.float32))
+    np.testing.assert_array_equal(b["conv.weight"], np.full((2, 3), 3.0, np.float32))
+
+
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, -1.0), (-1.0, -2.0), (math.nan, 1.0)])
+def test_weighted_average_rejects_bad_weights(weights: tuple[float, float]) -> None:
+    updates = [(_update(1.0, (0.0, 0.0)), weights[0]), (_update(2.0, (0.0, 0.0)), weights[1])]
+    with pytest.raises(RoundError, match="aggregation weights must be >= 0 with a positive sum"):
+        weighted_average(updates)
+
+
+def test_weighted_average_rejects_no_updates() -> None:
+    with pytest.raises(RoundError, match="no updates to aggregate"):
+        weighted_average([])
+
+
+def test_weighted_average_rejects_mismatched_shapes() -> None:
+    bad = {**_update(1.0, (0.0, 0.0)), "conv.bias": np.zeros(3, np.float32)}
+    with pytest.raises(RoundError, match="updates disagree on tensor conv.bias"):
+        weighted_average([(_update(1.0, (0.0, 0.0)), 1.0), (bad, 1.0)])
+
+
+def test_weighted_average_rejects_missing_tensor() -> None:
+    bad = {"conv.weight": np.zeros((2, 3), np.float32)}
+    with pytest.raises(RoundError, match="updates disagree on tensor conv.bias"):
+        weighted_average([(_update(1.0, (0.0, 0.0)), 1.0), (bad, 1.0)])
+
+
+def test_make_strategy_and_linearity() -> None:
+    strategy = make_strategy(PLAN)
+    assert isinstance(strategy, FedAvg) and isinstance(strategy, Strategy)
+    assert FedAvg.linear is True  # secure aggregation may wrap it
+
+
+def test_fedavg_configure_sends_every_node_the_same_request() -> None:
+    arrays = _update(0.25, (1.0, 2.0))
+    requests = FedAvg().configure(3, arrays, PLAN, "run-x", ["site-a", "site-b", "site-c"])
+    assert list(requests) == ["site-a", "site-b", "site-c"]
+    first = requests["site-a"]
+    assert isinstance(first, TrainRequest)
+    assert first.run_id == "run-x" and first.round == 3
+    assert first.plan == PLAN.to_dict() and Plan.from_dict(first.plan) == PLAN
+    assert set(first.weights) == set(arrays)
+    for name in arrays:
+        np.testing.assert_array_equal(first.weights[name], arrays[name])
+    # Same request for everyone: identical bytes on the wire.
+    assert len({encode(r) for r in requests.values()}) == 1
+
+
+def test_fedavg_configure_with_no_nodes() -> None:
+    assert FedAvg().configure(1, _update(0.0, (0.0, 0.0)), PLAN, "r", []) == {}
+
+
+def _reply(value: float, n: int, loss: float) -> TrainReply:
+    return TrainReply(run_id="r", round=1, n_samples=n, mean_loss=loss, seconds=0.5, weights=_update(value, (value, -value)))
+
+
+def test_fedavg_aggregate_weights_by_sample_count() -> None:
+    replies = {"a": _reply(1.0, 10, 0.5), "b": _reply(4.0, 30, 1.0), "c": _reply(-8.0, 0, 99.0)}
+    arrays, metrics = FedAvg().aggregate(1, replies)
+    # (10*1 + 30*4 + 0*(-8)) / 40 = 3.25 ; a node with no samples does not count.
+    np.testing.assert_allclose(arrays["conv.weight"], np.full((2, 3), 3.25), atol=1e-7)
+    np.testing.assert_allclose(arrays["conv.bias"], [3.25, -3.25], atol=1e-7)
+    assert metrics["n_train"] == 40
+    assert metrics["train_loss"] == pytest.approx((10 * 0.5 + 30 * 1.0) / 40)
+
+
+def test_fedavg_aggregate_equal_counts_is_plain_mean() -> None:
+    replies = {"a": _reply(1.0, 5, 0.2), "b": _reply(2.0, 5, 0.4)}
+    arrays, metrics = FedAvg().aggregate(2, replies)
+    np.testing.assert_allclose(arrays["conv.weight"], np.full((2, 3), 1.5), atol=1e-7)
+    assert metrics == {"train_loss": pytest.approx(0.3), "n_train": 10}
+
+
+def test_fedavg_aggregate_with_no_samples_raises() -> None:
+    with pytest.raises(RoundError, match="positive sum"):
+        FedAvg().aggregate(1, {"a": _reply(1.0, 0, 0.1), "b": _reply(2.0, 0, 0.2)})

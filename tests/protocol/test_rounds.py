@@ -1,0 +1,632 @@
+"""Unit tests of the round engine (fedseg.protocol.rounds) over an in-memory transport.
+
+Each node is a real :class:`NodeRuntime` over a tiny synthetic site, served through the
+node's own whitelist (:func:`fedseg.node.actions.handle`), so the engine, the wire format
+and the node agree exactly as they do over Syft, minus the network. End-to-end runs with
+real Syft nodes live in ``tests/test_end_to_end.py``.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedseg.node.actions import NodeRuntime, handle
+from fedseg.node.config import NodeConfig
+from fedseg.node.synthetic import write_federation
+from fedseg.protocol.aggregate import weighted_average
+from fedseg.protocol.errors import MessageError, ProtocolError, RemoteError, RoundError, TransportError
+from fedseg.protocol.messages import (
+    DescribeReply,
+    DescribeRequest,
+    ErrorCode,
+    ErrorReply,
+    EvaluateReply,
+    EvaluateRequest,
+    Message,
+    TrainReply,
+    TrainRequest,
+    decode,
+    encode,
+)
+from fedseg.protocol.plan import Plan
+from fedseg.protocol.rounds import Peer, initial_arrays, run_federation
+from fedseg.protocol.run_store import RunStore
+from fedseg.protocol.wire import encode_frame
+
+TINY = {
+    "rounds": 2,
+    "image_size": 32,
+    "model": {"width": 4, "depth": 2, "groups": 2},
+    "train": {"batch_size": 4, "local_epochs": 1.0, "augment": False},
+}
+METRIC_COLUMNS = {f"{split}_{k}" for split in ("val", "test") for k in ("dice", "iou", "loss", "n")}
+SITES = ("site-a", "site-b", "site-c")
+
+
+def _plan(**overrides: Any) -> Plan:
+    return Plan.from_dict({**TINY, **overrides})
+
+
+# --- fixtures and test doubles ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runtimes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, NodeRuntime]:
+    """Three nodes over 12-image synthetic sites; loaded once, shared (they are read-only)."""
+    # Real nodes are separate processes; here three train in one, and torch's intra-op
+    # thread count is process-wide, so pin it for bit-identical results across runs.
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("protocol-rounds")
+    sites = write_federation(root / "data", n_per_site=12, size=32, seed=0)
+    out = {}
+    for site in sites:
+        config = NodeConfig(name=site.name, data=str(site), labels="pixel", workdir=str(root / "nodes" / site.name))
+        out[site.name] = NodeRuntime(config)
+    assert tuple(out) == SITES
+    return out
+
+
+@pytest.fixture
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skips the Dice PNG (about 0.3 s a round) where a test is about the engine's logic.
+
+    ``test_run_records_every_round_and_site`` keeps the real plot and checks it.
+    """
+    import fedseg.protocol.rounds as rounds
+
+    monkeypatch.setattr(rounds, "plot_dice", lambda rows, path, title: None)
+
+
+class InMemoryTransport:
+    """Hands frames straight to a node's whitelist and records what crossed the 'wire'."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        self.name = runtime.name
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.connected = False
+        self.requests: list[Message] = []
+        self.replies: list[Message] = []
+
+    def connect(self) -> None:
+        self.connected = True
+
+    def exchange(self, frame: bytes) -> bytes:
+        if not self.connected:
+            raise TransportError(f"node {self.name}: exchange before connect")
+        request = decode(frame)
+        self.bytes_sent += len(frame)
+        reply = self.serve(request, frame)
+        self.bytes_received += len(reply)
+        self.requests.append(request)
+        try:
+            self.replies.append(decode(reply))
+        except MessageError:
+            pass  # a tampered reply; the engine must refuse it
+        return reply
+
+    def serve(self, request: Message, frame: bytes) -> bytes:
+        return handle(self.runtime, frame)
+
+    def train_replies(self) -> dict[int, TrainReply]:
+        return {r.round: r for r in self.replies if isinstance(r, TrainReply)}
+
+    def kinds(self) -> list[tuple[str, int | None]]:
+        return [(m.KIND.value, getattr(m, "round", None)) for m in self.requests]
+
+
+class FailingTransport(InMemoryTransport):
+    """Raises TransportError for every request ``fails(request)`` selects."""
+
+    def __init__(self, runtime: NodeRuntime, fails: Callable[[Message], bool]) -> None:
+        super().__init__(runtime)
+        self.fails = fails
+
+    def serve(self, request: Message, frame: bytes) -> bytes:
+        if self.fails(request):
+            raise TransportError(f"node {self.name} did not answer (connection reset)")
+        return super().serve(request, frame)
+
+
+class TamperingTransport(InMemoryTransport):
+    """Lets the real node answer, then rewrites its reply to requests ``applies`` selects."""
+
+    def __init__(self, runtime: NodeRuntime, applies: Callable[[Message], bool], tamper: Callable[[Message], bytes]) -> None:
+        super().__init__(runtime)
+        self.applies, self.tamper = applies, tamper
+
+    def serve(self, request: Message, frame: bytes) -> bytes:
+        reply = super().serve(request, frame)
+        return self.tamper(decode(reply)) if self.applies(request) else reply
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self.infos: list[str] = []
+        self.rounds: list[tuple[int, list[dict[str, Any]], dict[str, Any]]] = []
+
+    def info(self, text: str) -> None:
+        self.infos.append(text)
+
+    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        self.rounds.append((round_, rows, summary))
+
+
+def _is_train(m: Message) -> bool:
+    return isinstance(m, TrainRequest)
+
+
+def _frame_with_weights(reply: TrainReply, weights: dict[str, np.ndarray]) -> bytes:
+    """Encodes a TrainReply without validation (encode would refuse NaN)."""
+    scalars = {"run_id": reply.run_id, "round": reply.round, "n_samples": reply.n_samples,
+               "mean_loss": reply.mean_loss, "seconds": reply.seconds}
+    return encode_frame(reply.KIND.value, reply.SCHEMA_VERSION, scalars, {f"weights/{k}": v for k, v in weights.items()})
+
+
+def _poison(value: float) -> Callable[[Message], bytes]:
+    def tamper(reply: Message) -> bytes:
+        assert isinstance(reply, TrainReply)
+        weights = dict(reply.weights)
+        name = sorted(weights)[0]
+        bad = weights[name].copy()
+        bad.flat[0] = value
+        weights[name] = bad
+        return _frame_with_weights(reply, weights)
+
+    return tamper
+
+
+def _reshape(reply: Message) -> bytes:
+    assert isinstance(reply, TrainReply)
+    name = next(k for k, v in sorted(reply.weights.items()) if v.ndim == 4)
+    weights = {**reply.weights, name: np.zeros((1,) + reply.weights[name].shape, np.float32)}
+    return encode(replace(reply, weights=weights))
+
+
+def _drop_tensor(reply: Message) -> bytes:
+    assert isinstance(reply, TrainReply)
+    weights = dict(reply.weights)
+    del weights[sorted(weights)[-1]]
+    return encode(replace(reply, weights=weights))
+
+
+def _extra_tensor(reply: Message) -> bytes:
+    assert isinstance(reply, TrainReply)
+    return encode(replace(reply, weights={**reply.weights, "backdoor.weight": np.ones(3, np.float32)}))
+
+
+TAMPERS: dict[str, tuple[Callable[[Message], bytes], str]] = {
+    "nan": (_poison(np.nan), "NaN or Inf"),
+    "inf": (_poison(np.inf), "NaN or Inf"),
+    "shape": (_reshape, "has shape"),
+    "missing": (_drop_tensor, "missing tensors"),
+    "extra": (_extra_tensor, r"unexpected tensors \['backdoor.weight'\]"),
+}
+
+
+def _assert_finite(arrays: dict[str, np.ndarray]) -> None:
+    for name, arr in arrays.items():
+        assert np.isfinite(arr).all(), name
+
+
+def _fedavg(replies: list[TrainReply]) -> dict[str, np.ndarray]:
+    return weighted_average([(r.weights, float(r.n_samples)) for r in replies])
+
+
+def _assert_arrays_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert np.array_equal(a[name], b[name]), name
+
+
+# --- a full run ------------------------------------------------------------------------
+
+
+def test_run_records_every_round_and_site(runtimes: dict[str, NodeRuntime], tmp_path: Path) -> None:
+    plan = _plan(rounds=2)
+    transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+    reporter = Reporter()
+    out = tmp_path / "run"
+    rows = run_federation(plan, transports, out, reporter, invites=["inv/a.json"])
+
+    store = RunStore(out)
+    assert store.read_metrics() == rows
+    assert sorted((r["round"], r["site"]) for r in rows) == [(r, s) for r in range(3) for s in SITES]
+    for row in rows:
+        rt = runtimes[row["site"]]
+        assert METRIC_COLUMNS <= set(row), row
+        for split in ("val", "test"):
+            assert 0.0 <= row[f"{split}_dice"] <= 1.0 and 0.0 <= row[f"{split}_iou"] <= row[f"{split}_dice"] + 1e-9
+            assert np.isfinite(row[f"{split}_loss"])
+            assert row[f"{split}_n"] == len(getattr(rt.splits, split))
+        if row["round"] == 0:
+            assert "train_loss" not in row
+        else:
+            assert row["train_n"] == len(rt.splits.train)
+            assert row["train_loss"] == transports[SITES.index(row["site"])].train_replies()[row["round"]].mean_loss
+
+    # The checkpoint holds the FedAvg of the last round's updates, and the run state.
+    state, arrays = store.load()
+    assert (state.round, state.plan, state.invites) == (2, plan.to_dict(), ["inv/a.json"])
+    last = [t.train_replies()[2] for t in transports]
+    _assert_arrays_equal(arrays, _fedavg(last))
+    initial = initial_arrays(plan)
+    assert set(arrays) == set(initial)
+    assert any(not np.array_equal(arrays[k], initial[k]) for k in initial)
+
+    # Each round starts from the previous aggregate, and evaluation scores that aggregate.
+    for t in transports:
+        train_requests = {m.round: m for m in t.requests if isinstance(m, TrainRequest)}
+        evaluations = {m.round: m for m in t.requests if isinstance(m, EvaluateRequest)}
+        _assert_arrays_equal(train_requests[1].weights, initial)
+        _assert_arrays_equal(evaluations[0].weights, initial)
+        round_1 = _fedavg([u.train_replies()[1] for u in transports])
+        _assert_arrays_equal(train_requests[2].weights, round_1)
+        _assert_arrays_equal(evaluations[1].weights, round_1)
+        _assert_arrays_equal(evaluations[2].weights, arrays)
+        assert all(m.run_id == state.run_id for m in t.requests)
+        assert t.connected and t.bytes_sent > 0 and t.bytes_received > 0
+        assert t.kinds() == [("describe", None), ("evaluate", 0), ("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2)]
+
+    report = store.report.read_text()
+    for site in SITES:
+        assert site in report
+    assert f"fedseg run {state.run_id} (fedavg)" in report
+    assert store.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert [r for r, _, _ in reporter.rounds] == [0, 1, 2]
+    for round_, round_rows, summary in reporter.rounds:
+        assert [r["site"] for r in round_rows] == list(SITES)
+        assert all(r["round"] == round_ for r in round_rows)
+        if round_:
+            replies = [t.train_replies()[round_] for t in transports]
+            n = sum(r.n_samples for r in replies)
+            assert summary["n_train"] == n
+            assert summary["train_loss"] == pytest.approx(sum(r.mean_loss * r.n_samples for r in replies) / n)
+    for site in SITES:
+        assert any(site in text for text in reporter.infos)
+
+
+def test_resume_continues_exactly_where_it_stopped(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    straight = tmp_path / "straight"
+    run_federation(_plan(rounds=3), [InMemoryTransport(rt) for rt in runtimes.values()], straight, Reporter())
+
+    broken = tmp_path / "broken"
+    run_federation(_plan(rounds=1), [InMemoryTransport(rt) for rt in runtimes.values()], broken, Reporter())
+    first_state, _ = RunStore(broken).load()
+    # A crash between writing metrics and the checkpoint leaves rows past the checkpoint.
+    store = RunStore(broken)
+    store.write_metrics(store.read_metrics() + [{"round": 2, "site": "site-a", "val_dice": -1.0}])
+
+    transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+    reporter = Reporter()
+    rows = run_federation(_plan(rounds=3), transports, broken, reporter, resume=True)
+
+    assert sorted((r["round"], r["site"]) for r in rows) == [(r, s) for r in range(4) for s in SITES]
+    assert store.read_metrics() == rows
+    assert all(r["val_dice"] >= 0 for r in rows)
+    state, arrays = store.load()
+    assert state.round == 3 and state.run_id == first_state.run_id
+    assert any(f"resuming run {first_state.run_id} after round 1" in text for text in reporter.infos)
+    # Round 0 is not evaluated again; rounds 2 and 3 run once.
+    assert transports[0].kinds() == [("describe", None), ("train", 2), ("evaluate", 2), ("train", 3), ("evaluate", 3)]
+    assert [r for r, _, _ in reporter.rounds] == [2, 3]
+
+    _, expected = RunStore(straight).load()
+    _assert_arrays_equal(arrays, expected)
+    straight_rows = {(r["round"], r["site"]): r for r in RunStore(straight).read_metrics()}
+    for r in rows:
+        other = straight_rows[(r["round"], r["site"])]
+        assert {k: v for k, v in r.items() if k != "train_seconds"} == {k: v for k, v in other.items() if k != "train_seconds"}
+
+
+def test_resume_without_checkpoint_names_the_file(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    with pytest.raises(ProtocolError, match="checkpoint.npz cannot be resumed from"):
+        run_federation(_plan(), [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path, Reporter(), resume=True)
+
+
+# --- nodes that fail -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fails, phase",
+    [(lambda m: True, "round 0 describe"), (_is_train, "round 1 training")],
+    ids=["unreachable", "fails-training"],
+)
+def test_failing_node_aborts_when_all_are_required(
+    runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None, fails: Callable[[Message], bool], phase: str
+) -> None:
+    a, b, c = runtimes.values()
+    transports = [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, fails)]
+    with pytest.raises(RoundError, match=f"{phase}: only 2 of the 3 required nodes answered \\(site-c: node site-c did not answer"):
+        run_federation(_plan(min_nodes=0), transports, tmp_path, Reporter())
+    if phase.startswith("round 1"):
+        # Round 0 stays the last completed round, so --resume can retry round 1.
+        state, arrays = RunStore(tmp_path).load()
+        assert state.round == 0
+        _assert_arrays_equal(arrays, initial_arrays(_plan()))
+        assert {r["round"] for r in RunStore(tmp_path).read_metrics()} == {0}
+
+
+def test_failing_node_is_left_out_when_enough_answer(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    a, b, c = runtimes.values()
+    transports = [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, _is_train)]
+    reporter = Reporter()
+    rows = run_federation(_plan(rounds=1, min_nodes=2), transports, tmp_path, reporter)
+
+    assert any("round 1: node site-c left out: node site-c did not answer" in text for text in reporter.infos)
+    _, arrays = RunStore(tmp_path).load()
+    _assert_arrays_equal(arrays, _fedavg([transports[0].train_replies()[1], transports[1].train_replies()[1]]))
+    round_1 = {r["site"]: r for r in rows if r["round"] == 1}
+    assert set(round_1) == set(SITES)  # site-c still scores the new model ...
+    assert "train_loss" not in round_1["site-c"] and "train_loss" in round_1["site-a"]  # ... but did not train
+    assert reporter.rounds[-1][2]["n_train"] == len(a.splits.train) + len(b.splits.train)
+
+
+def test_node_lost_after_start_is_left_out(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    a, b, c = runtimes.values()
+    lost = FailingTransport(c, lambda m: getattr(m, "round", 0) >= 1)
+    transports = [InMemoryTransport(a), InMemoryTransport(b), lost]
+    reporter = Reporter()
+    rows = run_federation(_plan(rounds=2, min_nodes=2), transports, tmp_path, reporter)
+    assert sorted((r["round"], r["site"]) for r in rows) == [(0, s) for s in SITES] + [
+        (r, s) for r in (1, 2) for s in ("site-a", "site-b")
+    ]
+    assert sum("node site-c left out" in text for text in reporter.infos) == 2
+    _, arrays = RunStore(tmp_path).load()
+    _assert_arrays_equal(arrays, _fedavg([transports[0].train_replies()[2], transports[1].train_replies()[2]]))
+
+
+@pytest.mark.xfail(
+    reason="rounds.run_federation reports nodes left out of training but not nodes left out of evaluation",
+    raises=AssertionError,
+    strict=True,
+)
+def test_node_left_out_of_evaluation_is_reported(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    a, b, c = runtimes.values()
+    fails_eval = FailingTransport(c, lambda m: isinstance(m, EvaluateRequest) and m.round >= 1)
+    reporter = Reporter()
+    rows = run_federation(_plan(rounds=1, min_nodes=2), [InMemoryTransport(a), InMemoryTransport(b), fails_eval], tmp_path, reporter)
+    assert {r["site"] for r in rows if r["round"] == 1} == {"site-a", "site-b"}
+    # Its row is silently missing from metrics and report; the person running it must be told.
+    assert any("site-c" in text and "round 1" in text for text in reporter.infos), reporter.infos
+
+
+class _Blocked(InMemoryTransport):
+    """Never answers a train request until released."""
+
+    def __init__(self, runtime: NodeRuntime, release: threading.Event) -> None:
+        super().__init__(runtime)
+        self.release = release
+
+    def serve(self, request: Message, frame: bytes) -> bytes:
+        if isinstance(request, TrainRequest):
+            self.release.wait(timeout=60)
+        return super().serve(request, frame)
+
+
+def test_node_that_times_out_is_left_out(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    a, b, c = runtimes.values()
+    release = threading.Event()
+
+    class Releasing(Reporter):
+        def info(self, text: str) -> None:
+            super().info(text)
+            if "left out" in text:
+                release.set()  # unblock the stuck node so the engine's pool can shut down
+
+    reporter = Releasing()
+    transports = [InMemoryTransport(a), InMemoryTransport(b), _Blocked(c, release)]
+    run_federation(_plan(rounds=1, min_nodes=2, timeout_s=2.0), transports, tmp_path, reporter)
+    assert any("round 1: node site-c left out: no answer within 2 s" in text for text in reporter.infos)
+    state, arrays = RunStore(tmp_path).load()
+    assert state.round == 1
+    _assert_arrays_equal(arrays, _fedavg([transports[0].train_replies()[1], transports[1].train_replies()[1]]))
+
+
+# --- tampered updates are never applied --------------------------------------------------
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERS))
+def test_bad_update_aborts_when_all_are_required(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None, tamper: str) -> None:
+    a, b, c = runtimes.values()
+    fn, reason = TAMPERS[tamper]
+    transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, _is_train, fn)]
+    with pytest.raises(RoundError, match=f"round 1 training: only 2 of the 3 required nodes answered \\(site-c: .*{reason}"):
+        run_federation(_plan(min_nodes=0), transports, tmp_path, Reporter())
+    state, arrays = RunStore(tmp_path).load()
+    assert state.round == 0
+    _assert_finite(arrays)
+    _assert_arrays_equal(arrays, initial_arrays(_plan()))
+
+
+@pytest.mark.parametrize("tamper", ["nan", "shape"])
+def test_bad_update_is_left_out_when_enough_answer(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None, tamper: str) -> None:
+    a, b, c = runtimes.values()
+    fn, reason = TAMPERS[tamper]
+    transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, _is_train, fn)]
+    reporter = Reporter()
+    run_federation(_plan(rounds=1, min_nodes=2), transports, tmp_path, reporter)
+    left_out = [text for text in reporter.infos if "round 1: node site-c left out" in text]
+    assert len(left_out) == 1 and re.search(reason, left_out[0]), reporter.infos
+    state, arrays = RunStore(tmp_path).load()
+    assert state.round == 1
+    _assert_finite(arrays)
+    _assert_arrays_equal(arrays, _fedavg([transports[0].train_replies()[1], transports[1].train_replies()[1]]))
+
+
+def _with_run_id(run_id: str) -> Callable[[Message], bytes]:
+    def tamper(reply: Message) -> bytes:
+        return encode(replace(reply, run_id=run_id))
+
+    return tamper
+
+
+def _with_round(delta: int) -> Callable[[Message], bytes]:
+    def tamper(reply: Message) -> bytes:
+        assert isinstance(reply, TrainReply)
+        return encode(replace(reply, round=reply.round + delta))
+
+    return tamper
+
+
+@pytest.mark.xfail(
+    reason="rounds.Peer.request / train() check only the reply kind, not that run_id and round match the request",
+    raises=AssertionError,
+    strict=True,
+)
+@pytest.mark.parametrize("tamper", [_with_run_id("another-run"), _with_round(-1)], ids=["run_id", "stale-round"])
+def test_update_for_another_run_or_round_is_not_applied(
+    runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None, tamper: Callable[[Message], bytes]
+) -> None:
+    a, b, c = runtimes.values()
+    transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, _is_train, tamper)]
+    try:
+        run_federation(_plan(rounds=1, min_nodes=0), transports, tmp_path, Reporter())
+    except RoundError as exc:
+        assert "site-c" in str(exc)
+    else:
+        raise AssertionError("a reply for another run or round was averaged into the global model")
+
+
+def _only_val(reply: Message) -> bytes:
+    assert isinstance(reply, EvaluateReply)
+    return encode(replace(reply, metrics={"val": reply.metrics["val"]}))
+
+
+@pytest.mark.xfail(
+    reason="rounds.run_federation accepts an EvaluateReply lacking a requested split; write_report then raises KeyError",
+    raises=KeyError,
+    strict=True,
+)
+def test_evaluation_missing_a_requested_split_is_refused(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    a, b, c = runtimes.values()
+    applies = lambda m: isinstance(m, EvaluateRequest) and m.round == 1  # noqa: E731
+    transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, applies, _only_val)]
+    with pytest.raises(RoundError, match="site-c"):
+        run_federation(_plan(rounds=1, min_nodes=0), transports, tmp_path, Reporter())
+
+
+# --- engine preconditions --------------------------------------------------------------------
+
+
+def test_node_names_must_be_distinct(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    a = runtimes["site-a"]
+    with pytest.raises(ProtocolError, match="node names must be distinct"):
+        run_federation(_plan(), [InMemoryTransport(a), InMemoryTransport(a)], tmp_path, Reporter())
+
+
+def test_min_nodes_above_node_count_is_refused(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+    with pytest.raises(ProtocolError, match="plan.min_nodes is 4 but only 3 nodes were given"):
+        run_federation(_plan(min_nodes=4), transports, tmp_path, Reporter())
+    assert not any(t.requests for t in transports)
+
+
+# --- Peer and the node whitelist ---------------------------------------------------------------
+
+
+class _Canned:
+    """Answers every request with the same frame."""
+
+    name = "site-x"
+    bytes_sent = 0
+    bytes_received = 0
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+    def connect(self) -> None:
+        pass
+
+    def exchange(self, frame: bytes) -> bytes:
+        return self.reply
+
+
+def test_peer_turns_error_reply_into_remote_error() -> None:
+    peer = Peer(_Canned(encode(ErrorReply(code="bad_plan", message="plan.rounds must be ..."))), 2**20)
+    with pytest.raises(RemoteError, match=r"node site-x refused \(bad_plan\): plan.rounds must be") as info:
+        peer.request(DescribeRequest(run_id="r"), DescribeReply)
+    assert (info.value.node, info.value.code) == ("site-x", "bad_plan")
+
+
+def test_peer_refuses_a_reply_of_the_wrong_kind() -> None:
+    peer = Peer(_Canned(encode(EvaluateReply(run_id="r", round=1, metrics={}))), 2**20)
+    with pytest.raises(MessageError, match="node site-x answered evaluate_reply to a describe request"):
+        peer.request(DescribeRequest(run_id="r"), DescribeReply)
+
+
+def test_peer_enforces_its_size_limit() -> None:
+    reply = encode(DescribeReply(node="x", label_kind="pixel", channels=3, image_size=32, n_train=1, n_val=1, n_test=1, fingerprint="f"))
+    with pytest.raises(MessageError, match="exceeds the limit of 10 bytes"):
+        Peer(_Canned(reply), 10).request(DescribeRequest(run_id="r"), DescribeReply)
+
+
+def _refusal(rt: NodeRuntime, frame: bytes) -> ErrorReply:
+    reply = decode(handle(rt, frame))
+    assert isinstance(reply, ErrorReply), reply
+    return reply
+
+
+NOT_EXPOSED: dict[str, Message | bytes] = {
+    "error": ErrorReply(code="internal", message="x"),
+    "train_reply": TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, weights={}),
+    "evaluate_reply": EvaluateReply(run_id="r", round=1, metrics={}),
+    "shutdown": encode_frame("shutdown", 1, {}, {}),
+}
+
+
+@pytest.mark.parametrize("action", sorted(NOT_EXPOSED))
+def test_action_not_exposed_is_refused_and_node_keeps_serving(runtimes: dict[str, NodeRuntime], action: str) -> None:
+    rt = runtimes["site-b"]
+    item = NOT_EXPOSED[action]
+    reply = _refusal(rt, item if isinstance(item, bytes) else encode(item))
+    assert reply.code == ErrorCode.NOT_EXPOSED.value
+    assert f"action {action!r} is not exposed by node site-b (exposed: describe, evaluate, train)" in reply.message
+    if isinstance(item, Message):  # the engine's Peer surfaces it as a RemoteError
+        with pytest.raises(RemoteError, match=f"node site-b refused \\(not_exposed\\): action {action!r}") as info:
+            Peer(_connected(rt), 2**20).request(item, DescribeReply)
+        assert info.value.code == "not_exposed"
+    described = decode(handle(rt, encode(DescribeRequest(run_id="after"))))
+    assert isinstance(described, DescribeReply) and described.node == "site-b"
+
+
+def _connected(rt: NodeRuntime) -> InMemoryTransport:
+    transport = InMemoryTransport(rt)
+    transport.connect()
+    return transport
+
+
+@pytest.mark.parametrize(
+    "frame, code, text",
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", "bad_message", "fedseg magic"),
+        (encode_frame("describe", 2, {"run_id": "r"}, {}), "bad_message", "schema version 2"),
+        (encode_frame("describe", 1, {"run_id": "r", "sudo": True}, {}), "bad_message", "unexpected fields ['sudo']"),
+    ],
+    ids=["garbage", "version", "extra-field"],
+)
+def test_malformed_request_is_refused(runtimes: dict[str, NodeRuntime], frame: bytes, code: str, text: str) -> None:
+    reply = _refusal(runtimes["site-a"], frame)
+    assert reply.code == code and text in reply.message
+
+
+def test_poisoned_weights_are_refused_by_the_node(runtimes: dict[str, NodeRuntime]) -> None:
+    plan = _plan()
+    weights = initial_arrays(plan)
+    name = sorted(weights)[0]
+    weights[name] = weights[name].copy()
+    weights[name].flat[0] = np.nan
+    frame = encode_frame("train", 1, {"run_id": "r", "round": 1, "plan": plan.to_dict()}, {f"weights/{k}": v for k, v in weights.items()})
+    reply = _refusal(runtimes["site-a"], frame)
+    assert reply.code == ErrorCode.BAD_WEIGHTS.value and f"weights/{name}" in reply.message

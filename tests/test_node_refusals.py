@@ -1,0 +1,139 @@
+"""A real node refuses what it does not expose and anything malformed, and keeps serving."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import NODE_MAX_MB
+from fedseg.protocol.errors import RemoteError
+from fedseg.protocol.messages import (
+    DescribeReply,
+    DescribeRequest,
+    ErrorReply,
+    EvaluateReply,
+    EvaluateRequest,
+    MessageKind,
+    TrainReply,
+    TrainRequest,
+    decode,
+    encode,
+)
+from fedseg.protocol.plan import Plan
+from fedseg.protocol.rounds import Peer, initial_arrays
+from fedseg.protocol.syft_transport import SyftTransport, load_invite
+from fedseg.protocol.wire import encode_frame
+
+PLAN = Plan.from_dict({"image_size": 32, "model": {"width": 4, "depth": 2, "groups": 2}, "train": {"batch_size": 8, "augment": False}})
+
+
+@pytest.fixture(scope="module")
+def node(federation):
+    node = federation["site-b"]
+    transport = SyftTransport(load_invite(node.invite))
+    transport.connect()
+    return node, transport, Peer(transport, PLAN.max_message_bytes)
+
+
+def _still_serving(peer: Peer) -> None:
+    assert peer.request(DescribeRequest(run_id="check"), DescribeReply).node == "site-b"
+
+
+def _reply(transport: SyftTransport, frame: bytes) -> ErrorReply:
+    reply = decode(transport.exchange(frame))
+    assert isinstance(reply, ErrorReply), reply
+    return reply
+
+
+def test_describe_reports_counts_never_pixels(node):
+    _, transport, peer = node
+    reply = peer.request(DescribeRequest(run_id="t"), DescribeReply)
+    assert (reply.n_train, reply.n_val, reply.n_test) == (21, 5, 4)
+    assert reply.label_kind == "pixel" and reply.fingerprint.startswith("sha256:")
+    assert len(transport.exchange(encode(DescribeRequest(run_id="t")))) < 1024
+
+
+def test_train_and_evaluate_return_only_weights_and_aggregates(node):
+    _, _, peer = node
+    weights = initial_arrays(PLAN)
+    reply = peer.request(TrainRequest(run_id="t", round=1, plan=PLAN.to_dict(), weights=weights), TrainReply)
+    assert set(reply.weights) == set(weights) and reply.n_samples == 21
+    assert any(not np.array_equal(reply.weights[k], weights[k]) for k in weights)
+    scores = peer.request(EvaluateRequest(run_id="t", round=1, plan=PLAN.to_dict(), splits=["val"], overlays=0, weights=reply.weights), EvaluateReply)
+    assert set(scores.metrics) == {"val"} and set(scores.metrics["val"]) == {"dice", "iou", "loss", "n"}
+
+
+@pytest.mark.parametrize("kind", ["shutdown", "read_asset", MessageKind.TRAIN_REPLY.value])
+def test_action_not_exposed_is_refused(node, kind):
+    node_proc, transport, peer = node
+    reply = _reply(transport, encode_frame(kind, 1, {}, {}))
+    assert reply.code == "not_exposed" and repr(kind) in reply.message and "site-b" in reply.message
+    _still_serving(peer)
+    assert "not exposed" in (node_proc.workdir / "node.log").read_text()
+
+
+def test_weights_with_nan_are_refused_naming_the_tensor(node):
+    _, transport, peer = node
+    weights = initial_arrays(PLAN)
+    name = sorted(weights)[0]
+    weights[name] = weights[name].copy()
+    weights[name].flat[0] = np.nan
+    frame = encode_frame("train", 1, {"run_id": "t", "round": 1, "plan": PLAN.to_dict()}, {f"weights/{k}": v for k, v in weights.items()})
+    reply = _reply(transport, frame)
+    assert reply.code == "bad_weights" and name in reply.message and "NaN" in reply.message
+    _still_serving(peer)
+
+
+def test_weights_of_the_wrong_shape_are_refused_naming_the_tensor(node):
+    _, _, peer = node
+    weights = initial_arrays(PLAN)
+    name = sorted(weights)[-1]
+    weights[name] = np.zeros((3, 3), np.float32)
+    with pytest.raises(RemoteError) as err:
+        peer.request(TrainRequest(run_id="t", round=1, plan=PLAN.to_dict(), weights=weights), TrainReply)
+    assert err.value.code == "bad_weights" and name in str(err.value) and "(3, 3)" in str(err.value)
+    _still_serving(peer)
+
+
+def test_bad_plan_is_refused(node):
+    _, _, peer = node
+    plan = PLAN.to_dict() | {"rounds": 0}
+    with pytest.raises(RemoteError) as err:
+        peer.request(TrainRequest(run_id="t", round=1, plan=plan, weights=initial_arrays(PLAN)), TrainReply)
+    assert err.value.code == "bad_plan" and "rounds" in str(err.value)
+    _still_serving(peer)
+
+
+def test_garbage_and_oversized_frames_are_refused(node):
+    _, transport, peer = node
+    assert _reply(transport, b"\x00" * 64).code == "bad_message"
+    oversized = encode_frame("describe", 1, {"run_id": "t"}, {"pad": np.zeros((NODE_MAX_MB + 1) * 2**20, np.uint8)})
+    reply = _reply(transport, oversized)
+    assert reply.code == "bad_message" and "exceeds the limit" in reply.message
+    _still_serving(peer)
+
+
+def test_code_not_on_the_allow_list_is_denied(node):
+    import time
+
+    import syft as sy
+    from syft.service.policy.policy import OutputPolicyExecuteCount
+
+    node_proc, transport, _ = node
+    client = transport._client
+    site = client.datasets["site"].assets["summary"]
+
+    def read_private(site, message):
+        return site
+
+    fn = sy.syft_function(input_policy=sy.MixedInputPolicy(site=site, message=dict, client=client),
+                          output_policy=OutputPolicyExecuteCount(limit=1))(read_private)
+    client.code.request_code_execution(fn)
+    deadline = time.monotonic() + 30
+    status = ""
+    while time.monotonic() < deadline and "REJECTED" not in status:
+        status = str([r.status for r in client.requests if r.code.service_func_name == "read_private"])
+        time.sleep(0.5)
+    assert "REJECTED" in status
+    assert "not on this node's allow-list" in (node_proc.workdir / "node.log").read_text()
+    with pytest.raises(Exception):
+        client.code.read_private(site=site, message={"frame": b""}).get()
