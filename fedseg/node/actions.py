@@ -130,14 +130,18 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
 def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
     plan = Plan.from_dict(msg.plan)
     model = rt.model(plan, msg.weights, f"weights of evaluate request round {msg.round}")
-    torch.set_num_threads(plan.train.threads)
     metrics: dict[str, Any] = {}
-    for split in msg.splits:
-        images, masks = rt.split(split, plan)
-        m = evaluate(model, images, masks, batch_size=plan.eval_batch_size)
-        metrics[split] = {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
-        if msg.overlays:
-            _write_overlays(rt, model, images[: msg.overlays], masks[: msg.overlays], msg, split)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan.train.threads)
+    try:
+        for split in msg.splits:
+            images, masks = rt.split(split, plan)
+            m = evaluate(model, images, masks, batch_size=plan.eval_batch_size)
+            metrics[split] = {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
+            if msg.overlays:
+                _write_overlays(rt, model, images[: msg.overlays], masks[: msg.overlays], msg, split)
+    finally:
+        torch.set_num_threads(threads)
     log.info("round %d node %s: evaluated %s", msg.round, rt.name, metrics)
     return EvaluateReply(run_id=msg.run_id, round=msg.round, metrics=metrics)
 

@@ -62,7 +62,7 @@ class Plan:
             value = getattr(self, name)
             if type(value) is not int or not lo <= value <= hi:
                 raise PlanError(f"plan.{name} must be an integer in [{lo}, {hi}], got {value!r}")
-        if not isinstance(self.timeout_s, (int, float)) or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
             raise PlanError(f"plan.timeout_s must be a positive number, got {self.timeout_s!r}")
         if self.image_size % 2**self.model.depth:
             raise PlanError(

@@ -68,6 +68,10 @@ class Peer:
             raise RemoteError(self.name, reply.code, reply.message)
         if not isinstance(reply, expect):
             raise MessageError(f"node {self.name} answered {reply.KIND} to a {message.KIND} request")
+        # A reply from another run or round (stale or replayed) must never be averaged in.
+        for key in ("run_id", "round"):
+            if hasattr(message, key) and getattr(reply, key, getattr(message, key)) != getattr(message, key):
+                raise MessageError(f"node {self.name} answered for {key}={getattr(reply, key)!r}, expected {getattr(message, key)!r}")
         return reply
 
 
@@ -177,8 +181,16 @@ def run_federation(
 
         def evaluate(round_: int, weights: Arrays) -> _Outcome:
             request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=plan.overlays, weights=weights)
-            outcome = _fan_out(pool, peers, lambda p: p.request(request, EvaluateReply), plan.timeout_s)
+            def call(p: Peer) -> EvaluateReply:
+                reply = p.request(request, EvaluateReply)
+                if set(reply.metrics) != set(request.splits):
+                    raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {request.splits}")
+                return reply
+
+            outcome = _fan_out(pool, peers, call, plan.timeout_s)
             _require(outcome, needed, "evaluation", round_)
+            for name, why in outcome.failures.items():
+                reporter.info(f"round {round_}: node {name} left out of evaluation: {why}")
             return outcome
 
         if start == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ class RunStore:
             with np.load(self.checkpoint) as data:
                 arrays = {k: data[k] for k in data.files if k != _STATE_KEY}
                 state = RunState(**json.loads(data[_STATE_KEY].tobytes()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
             raise ProtocolError(f"{self.checkpoint} cannot be resumed from: {exc}") from None
         return state, arrays
 

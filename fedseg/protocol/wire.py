@@ -64,7 +64,8 @@ def encode_frame(kind: str, schema_version: int, fields: dict[str, Any], tensors
     names = sorted(tensors)
     arrays = []
     for name in names:
-        arr = np.ascontiguousarray(tensors[name])
+        # asarray, not ascontiguousarray: the latter turns 0-d tensors into shape (1,).
+        arr = np.asarray(tensors[name])
         if arr.dtype.name not in DTYPES:
             raise MessageError(f"tensor {name!r}: dtype {arr.dtype.name} is not allowed on the wire")
         arrays.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False))

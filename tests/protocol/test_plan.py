@@ -97,11 +97,6 @@ def test_not_a_dict_is_rejected() -> None:
         Plan.from_dict([("rounds", 2)])  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    reason="plan.py Plan.__post_init__ checks timeout_s with isinstance(..., (int, float)), which accepts bool",
-    raises=AssertionError,
-    strict=True,
-)
 def test_bool_timeout_is_rejected() -> None:
     # TrainConfig and UNetConfig reject JSON `true` for numbers ("a bug, not 1"); the plan should too.
     try:

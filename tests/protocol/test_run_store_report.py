@@ -86,11 +86,6 @@ def test_load_checkpoint_with_bad_state_names_the_file(tmp_path: Path, state: by
     assert str(store.checkpoint) in str(info.value)
 
 
-@pytest.mark.xfail(
-    reason="run_store.RunStore.load does not catch zipfile.BadZipFile, so a truncated checkpoint escapes as BadZipFile",
-    raises=AssertionError,
-    strict=True,
-)
 @pytest.mark.parametrize("keep", [0.5, 0.99])
 def test_load_truncated_checkpoint_names_the_file(tmp_path: Path, keep: float) -> None:
     store = RunStore(tmp_path)

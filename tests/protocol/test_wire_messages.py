@@ -160,11 +160,6 @@ def test_byte_order_and_memory_layout_do_not_change_bytes() -> None:
     assert np.array_equal(decode(big).weights["w"], w)
 
 
-@pytest.mark.xfail(
-    reason="wire.encode_frame uses np.ascontiguousarray, which turns a rank-0 tensor into shape (1,)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_rank_0_tensor_keeps_its_shape() -> None:
     # e.g. BatchNorm's num_batches_tracked is a 0-d int64 tensor in a state dict.
     weights = {"bn.num_batches_tracked": np.array(7, dtype=np.int64), "bn.weight": np.ones(2, np.float32)}
