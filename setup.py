@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Federated medical image segmentation over PySyft datasites",
     packages=find_packages(include=["fedseg", "fedseg.*"]),
-    python_requires=">=3.10,<3.12",
+    python_requires=">=3.11,<3.12",
     install_requires=[
         "syft==0.9.5",
         # syft 0.9.5 imports sniffio without declaring it.
@@ -23,7 +23,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "psutil"],
+        "test": ["pytest>=8", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["fedseg=fedseg.cli:main"]},
 )
