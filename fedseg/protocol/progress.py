@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
 from .report import site_table
@@ -17,11 +18,29 @@ class ConsoleReporter:
     def __init__(self, rounds: int, console: Console | None = None) -> None:
         self.rounds = rounds
         self.console = console or Console(highlight=False)
+        self._status: Status | None = None
 
     def info(self, text: str) -> None:
+        self._clear()
         self.console.print(f"[dim]{text}[/dim]")
 
+    def step(self, text: str) -> None:
+        # A spinner only on a terminal; logs and CI output get the per-round lines alone.
+        if not self.console.is_terminal:
+            return
+        if self._status is None:
+            self._status = self.console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def _clear(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
     def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        self._clear()
         per_site = "  ".join(f"{r['site']} {r['val_dice']:.3f}" for r in rows)
         loss = f"train loss {summary['train_loss']:.3f}  " if "train_loss" in summary else ""
         self.console.print(

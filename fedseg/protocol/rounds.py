@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +80,9 @@ class Reporter(Protocol):
 
     def info(self, text: str) -> None: ...
 
+    def step(self, text: str) -> None:
+        """Transient progress within a round (which nodes are still working)."""
+
     def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None: ...
 
 
@@ -100,18 +103,28 @@ class _Outcome:
     failures: dict[str, str]
 
 
-def _fan_out(pool: ThreadPoolExecutor, peers: Sequence[Peer], call: Callable[[Peer], Any], timeout_s: float) -> _Outcome:
-    futures = {p.name: pool.submit(call, p) for p in peers}
-    deadline = time.monotonic() + timeout_s
-    out = _Outcome({}, {})
-    for name, future in futures.items():
-        try:
-            out.replies[name] = future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout:
-            out.failures[name] = f"no answer within {timeout_s:.0f} s"
-        except (ProtocolError, OSError) as exc:
-            out.failures[name] = str(exc)
-    return out
+def _fan_out(
+    pool: ThreadPoolExecutor, peers: Sequence[Peer], call: Callable[[Peer], Any], timeout_s: float, step: Callable[[str], None]
+) -> _Outcome:
+    futures = {pool.submit(call, p): p.name for p in peers}
+    replies: dict[str, Any] = {}
+    failures: dict[str, str] = {}
+    try:
+        for future in as_completed(futures, timeout=timeout_s):
+            name = futures[future]
+            try:
+                replies[name] = future.result()
+            except (ProtocolError, OSError) as exc:
+                failures[name] = str(exc)
+            waiting = [n for n in futures.values() if n not in replies and n not in failures]
+            if waiting:
+                step(f"{len(futures) - len(waiting)}/{len(futures)} nodes done, waiting for {', '.join(waiting)}")
+    except FutureTimeout:
+        for name in futures.values():
+            if name not in replies and name not in failures:
+                failures[name] = f"no answer within {timeout_s:.0f} s"
+    # Node order, not arrival order, so aggregation sums in the same order on every run.
+    return _Outcome({p.name: replies[p.name] for p in peers if p.name in replies}, failures)
 
 
 def _require(outcome: _Outcome, needed: int, phase: str, round_: int) -> None:
@@ -172,12 +185,12 @@ def run_federation(
     layout = {k: tuple(v.shape) for k, v in arrays.items()}
 
     with ThreadPoolExecutor(max_workers=len(peers)) as pool:
-        described = _fan_out(pool, peers, lambda p: p.request(DescribeRequest(run_id=run_id), DescribeReply), plan.timeout_s)
+        described = _fan_out(pool, peers, lambda p: p.request(DescribeRequest(run_id=run_id), DescribeReply), plan.timeout_s, reporter.step)
         _require(described, len(peers), "describe", start)
         for name, d in described.replies.items():
             if d.label_kind != "pixel":
                 raise ProtocolError(f"node {name} has labels={d.label_kind}; fedavg needs pixel labels on every node")
-            reporter.info(f"node {name}: {d.n_train} train / {d.n_val} val / {d.n_test} test images, labels={d.label_kind}, key {d.fingerprint[:19]}...")
+            reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {d.label_kind} labels, key {d.fingerprint[7:19]}")
 
         def evaluate(round_: int, weights: Arrays) -> _Outcome:
             request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=plan.overlays, weights=weights)
@@ -187,7 +200,8 @@ def run_federation(
                     raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {request.splits}")
                 return reply
 
-            outcome = _fan_out(pool, peers, call, plan.timeout_s)
+            reporter.step(f"round {round_}: evaluating on {len(peers)} nodes")
+            outcome = _fan_out(pool, peers, call, plan.timeout_s, lambda text: reporter.step(f"round {round_} evaluation: {text}"))
             _require(outcome, needed, "evaluation", round_)
             for name, why in outcome.failures.items():
                 reporter.info(f"round {round_}: node {name} left out of evaluation: {why}")
@@ -209,7 +223,8 @@ def run_federation(
                 check_arrays(reply.weights, layout, f"update from node {p.name} in round {round_}")
                 return reply
 
-            trained = _fan_out(pool, taking_part, train, plan.timeout_s)
+            reporter.step(f"round {round_}: training on {len(taking_part)} nodes")
+            trained = _fan_out(pool, taking_part, train, plan.timeout_s, lambda text: reporter.step(f"round {round_} training: {text}"))
             _require(trained, min(needed, len(taking_part)), "training", round_)
             for name, why in trained.failures.items():
                 reporter.info(f"round {round_}: node {name} left out: {why}")

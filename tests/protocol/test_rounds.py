@@ -152,10 +152,14 @@ class TamperingTransport(InMemoryTransport):
 class Reporter:
     def __init__(self) -> None:
         self.infos: list[str] = []
+        self.steps: list[str] = []
         self.rounds: list[tuple[int, list[dict[str, Any]], dict[str, Any]]] = []
 
     def info(self, text: str) -> None:
         self.infos.append(text)
+
+    def step(self, text: str) -> None:
+        self.steps.append(text)
 
     def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         self.rounds.append((round_, rows, summary))
