@@ -40,7 +40,8 @@ def _demo(workdir: Path, rounds: int, images_per_site: int, seed: int) -> None:
     from fedseg.protocol.progress import ConsoleReporter, print_site_table
     from fedseg.protocol.report import best_round
     from fedseg.protocol.rounds import run_federation
-    from fedseg.protocol.syft_transport import SyftTransport, load_invite
+    from fedseg.protocol.invite import load_invite
+    from fedseg.protocol.syft_transport import SyftTransport
 
     if workdir.exists():
         if not (workdir / _MARKER).exists():

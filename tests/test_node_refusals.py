@@ -20,7 +20,8 @@ from fedseg.protocol.messages import (
 )
 from fedseg.protocol.plan import Plan
 from fedseg.protocol.rounds import Peer, initial_arrays
-from fedseg.protocol.syft_transport import SyftTransport, load_invite
+from fedseg.protocol.invite import load_invite
+from fedseg.protocol.syft_transport import SyftTransport
 from fedseg.protocol.wire import encode_frame
 
 PLAN = Plan.from_dict({"image_size": 32, "model": {"width": 4, "depth": 2, "groups": 2}, "train": {"batch_size": 8, "augment": False}})

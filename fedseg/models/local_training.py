@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedseg.models.augment import augment_batch
+from fedseg.models.config import DictConfig
 from fedseg.models.errors import ModelError
 from fedseg.models.losses import DiceBCELoss, Losses
 from fedseg.models.metrics import dice_per_image, iou_per_image
@@ -43,7 +44,7 @@ def _check_num(name: str, value: Any, *, lo: float, lo_open: bool, integer: bool
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Hyper-parameters of one local round.
 
     Attributes:
@@ -82,28 +83,6 @@ class TrainConfig:
         if self.lambda_dice + self.lambda_bce == 0:
             raise ModelError("TrainConfig.lambda_dice and lambda_bce must not both be 0")
         _check_num("threads", self.threads, lo=1, lo_open=False, integer=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Builds a config from a plain dict, e.g. a decoded JSON message.
-
-        Args:
-            d: Field names to values; missing fields keep their defaults.
-
-        Returns:
-            The validated config.
-
-        Raises:
-            ModelError: On unknown keys or invalid values.
-        """
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ModelError(f"unknown TrainConfig keys: {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the fields as a plain dict (inverse of :meth:`from_dict`)."""
-        return asdict(self)
 
 
 @dataclass

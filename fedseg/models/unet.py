@@ -7,13 +7,14 @@ behave the same as large ones.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedseg.models.config import DictConfig
 from fedseg.models.errors import ModelError
 
 __all__ = ["UNet", "UNetConfig", "build_model"]
@@ -29,7 +30,7 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(DictConfig):
     """Architecture of :class:`UNet`.
 
     Attributes:
@@ -58,28 +59,6 @@ class UNetConfig:
             raise ModelError(
                 f"UNetConfig.groups must divide width, got groups={self.groups}, width={self.width}"
             )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-        """Builds a config from a plain dict, e.g. a decoded JSON message.
-
-        Args:
-            d: Field names to values; missing fields keep their defaults.
-
-        Returns:
-            The validated config.
-
-        Raises:
-            ModelError: On unknown keys or invalid values.
-        """
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ModelError(f"unknown UNetConfig keys: {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the fields as a plain dict (inverse of :meth:`from_dict`)."""
-        return asdict(self)
 
 
 def _block(in_ch: int, out_ch: int, groups: int) -> nn.Sequential:

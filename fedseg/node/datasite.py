@@ -18,12 +18,12 @@ import secrets
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedseg.protocol.invite import Invite
 from fedseg.protocol.identity import fingerprint, load_or_create_identity, write_private
 from fedseg.protocol.syft_action import ACTION_CODE_SHA256, ACTION_NAME, code_sha256
 
@@ -31,7 +31,7 @@ from .config import WORKDIR_ENV, NodeConfig
 from .datasets import SiteIndex, load_arrays
 from .errors import NodeError
 
-__all__ = ["DATASET_NAME", "SUMMARY_ASSET", "Invite", "review_request", "serve"]
+__all__ = ["DATASET_NAME", "SUMMARY_ASSET", "review_request", "serve"]
 
 log = logging.getLogger("fedseg.node")
 
@@ -43,22 +43,6 @@ OWNER_EMAIL = "data-owner@fedseg.org"
 REVIEW_PERIOD_S = 0.5
 #: Registered images are capped at this side: the asset is for discovery, not training.
 ASSET_SIZE = 128
-
-
-@dataclass(frozen=True)
-class Invite:
-    """What a coordinator needs to reach one node, written with mode 0600."""
-
-    url: str
-    port: int
-    node: str
-    email: str
-    password: str
-    fingerprint: str
-    version: int = 1
-
-    def save(self, path: Path) -> None:
-        write_private(path, json.dumps(self.__dict__, indent=2, sort_keys=True).encode())
 
 
 def review_request(request: Any, coordinator_email: str) -> str | None:

@@ -76,7 +76,8 @@ def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - th
     from fedseg.protocol.progress import ConsoleReporter
     from fedseg.protocol.rounds import run_federation
     from fedseg.protocol.run_store import RunStore
-    from fedseg.protocol.syft_transport import SyftTransport, load_invite
+    from fedseg.protocol.invite import load_invite
+    from fedseg.protocol.syft_transport import SyftTransport
 
     if resume is not None:
         if invites or plan_file:

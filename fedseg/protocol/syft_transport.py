@@ -9,45 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import TransportError
+from .invite import Invite
 from .syft_action import ACTION_NAME, fedseg_action
 
-__all__ = ["Invite", "load_invite", "SyftTransport"]
-
-INVITE_KEYS = {"url", "port", "node", "email", "password", "fingerprint", "version"}
-
-
-@dataclass(frozen=True)
-class Invite:
-    url: str
-    port: int
-    node: str
-    email: str
-    password: str
-    fingerprint: str
-    version: int = 1
-
-
-def load_invite(path: Path) -> Invite:
-    """Reads a node's invite.
-
-    Raises:
-        TransportError: Naming the file if it is missing, unreadable or malformed.
-    """
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TransportError(f"invite {path} cannot be read: {exc}") from None
-    if not isinstance(data, dict) or set(data) != INVITE_KEYS:
-        raise TransportError(f"invite {path} is not a fedseg invite (expected keys {sorted(INVITE_KEYS)})")
-    return Invite(**data)
-
+__all__ = ["SyftTransport"]
 
 @contextlib.contextmanager
 def _quiet():

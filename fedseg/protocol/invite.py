@@ -1,0 +1,54 @@
+"""A node's invite: everything one coordinator needs to reach it, and nothing more."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import TransportError
+from .identity import write_private
+
+__all__ = ["Invite", "load_invite"]
+
+
+@dataclass(frozen=True)
+class Invite:
+    """Credentials and address for one coordinator, pinned to the node's identity key.
+
+    Attributes:
+        url: Base URL of the node's datasite.
+        port: Its port.
+        node: Node name.
+        email: The coordinator account's login.
+        password: Its random password.
+        fingerprint: SHA-256 fingerprint of the node's Ed25519 identity key.
+        version: Invite format version.
+    """
+
+    url: str
+    port: int
+    node: str
+    email: str
+    password: str
+    fingerprint: str
+    version: int = 1
+
+    def save(self, path: Path) -> None:
+        """Writes the invite with mode 0600: it holds a password."""
+        write_private(path, json.dumps(asdict(self), indent=2, sort_keys=True).encode())
+
+
+def load_invite(path: Path) -> Invite:
+    """Reads a node's invite.
+
+    Raises:
+        TransportError: Naming the file if it is missing, unreadable or malformed.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TransportError(f"invite {path} cannot be read: {exc}") from None
+    expected = {f.name for f in fields(Invite)}
+    if not isinstance(data, dict) or set(data) != expected:
+        raise TransportError(f"invite {path} is not a fedseg invite (expected keys {sorted(expected)})")
+    return Invite(**data)
