@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,67 +48,42 @@ def say(text: str) -> None:
 # --------------------------------------------------------------------------- nodes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_nodes(data: Path, workdirs: Path, limit: int, nodes: dict[str, Any]) -> dict[str, Path]:
+    """Starts one ``fedseg node start`` per site (each its own session) and waits for the invites."""
+    from fedseg.node.errors import NodeError
+    from fedseg.node.launcher import NodeProcess
 
-
-def start_nodes(data: Path, workdirs: Path, limit: int, nodes: dict[str, tuple[subprocess.Popen, Path]]) -> None:
-    """Starts one ``fedseg node start`` per site, each in its own process group, into ``nodes``."""
+    extra = ["--limit", str(limit)] if limit else []
     for site in SITES:
-        workdir = workdirs / site
-        workdir.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "fedseg", "node", "start", "--name", site, "--data", str(data / site),
-               "--workdir", str(workdir), "--port", str(free_port())]
-        if limit:
-            cmd += ["--limit", str(limit)]
-        log = open(workdirs / f"{site}.out", "wb")  # noqa: SIM115 - lives as long as the node
-        nodes[site] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO), workdir)
-        say(f"started node {site} (pid {nodes[site][0].pid}), log {workdirs / f'{site}.out'}")
-
-
-def wait_for_invites(nodes: dict[str, tuple[subprocess.Popen, Path]], workdirs: Path) -> dict[str, Path]:
-    deadline = time.monotonic() + NODE_START_TIMEOUT_S
-    invites: dict[str, Path] = {}
-    while len(invites) < len(nodes):
-        for site, (proc, workdir) in nodes.items():
-            if site in invites:
-                continue
-            if (workdir / "invite.json").exists():
-                invites[site] = workdir / "invite.json"
-                say(f"node {site} is serving")
-            elif proc.poll() is not None:
-                tail = (workdirs / f"{site}.out").read_text(errors="replace")[-2000:]
-                raise SystemExit(f"node {site} exited with code {proc.returncode} before serving:\n{tail}")
-        if time.monotonic() > deadline:
-            missing = sorted(set(nodes) - set(invites))
-            raise SystemExit(f"nodes {missing} wrote no invite.json within {NODE_START_TIMEOUT_S:.0f} s")
-        time.sleep(0.5)
+        nodes[site] = NodeProcess(site, data / site, workdirs / site, extra=extra)
+        say(f"started node {site} (pid {nodes[site].process.pid}), output {nodes[site].output}")
+    invites = {}
+    for site, node in nodes.items():
+        try:
+            invites[site] = node.wait_ready(NODE_START_TIMEOUT_S)
+        except NodeError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        say(f"node {site} is serving")
     return invites
 
 
-def stop_nodes(nodes: dict[str, tuple[subprocess.Popen, Path]]) -> None:
-    """SIGTERM to each node's process group, SIGKILL to what is left after 10 s."""
-    def alive(proc: subprocess.Popen) -> bool:
-        proc.poll()  # reaps the leader, so a finished group stops counting
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+def stop_nodes(nodes: dict[str, Any]) -> None:
+    """SIGTERM to every node's process group at once, SIGKILL to what is left after 10 s."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    for proc, _ in nodes.values():
-        if alive(proc):
-            os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(alive(p) for p, _ in nodes.values()):
-        time.sleep(0.2)
-    for site, (proc, _) in nodes.items():
-        if alive(proc):
-            say(f"node {site} ignored SIGTERM; killing its process group")
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        list(pool.map(lambda node: node.stop(timeout_s=10), nodes.values()))
+    left = [site for site, node in nodes.items() if group_alive(node.process.pid)]
+    if left:
+        say(f"WARNING: processes of nodes {left} are still running")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------- in-process nodes
@@ -349,6 +323,9 @@ class SideReporter:
 
     def info(self, text: str) -> None:
         say(f"[{self.side}] {text}")
+
+    def step(self, text: str) -> None:
+        """In-round progress; left out so the log shows one line per round."""
 
     def mark(self, which: str, round_: int) -> None:
         self.cpu_marks[which][round_] = {"wall": time.monotonic(), **self.cpu()}
@@ -665,13 +642,15 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
     import numpy as np
 
     from fedseg.node.config import NodeConfig
     from fedseg.protocol.cli import plan_from_options
     from fedseg.protocol.plan import Plan
     from fedseg.protocol.rounds import initial_arrays
-    from fedseg.protocol.syft_transport import SyftTransport, load_invite
+    from fedseg.protocol.invite import load_invite
+    from fedseg.protocol.syft_transport import SyftTransport
 
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     plan = Plan.from_dict(plan_from_options({}, {
@@ -686,22 +665,21 @@ def main() -> None:
     say(f"plan: {args.rounds} rounds, {args.image_size} px, width {args.width}, depth {args.depth}, {args.threads} thread(s)/node; "
         f"weights {payload_bytes / MB:.2f} MB; {machine['nproc']} CPUs, load {machine['loadavg_start']:.2f}")
 
-    nodes: dict[str, tuple[subprocess.Popen, Path]] = {}
+    nodes: dict[str, Any] = {}
     procs: list[Any] = []
     pipes: dict[str, PipeTransport] = {}
     t_start = time.monotonic()
     try:
-        start_nodes(args.data.resolve(), out / "nodes", args.limit, nodes)
-        invites = wait_for_invites(nodes, out / "nodes")
+        invites = start_nodes(args.data.resolve(), out / "nodes", args.limit, nodes)
         say(f"all nodes serving after {time.monotonic() - t_start:.0f} s; starting the in-process workers")
         configs = {}
-        for site, (_, workdir) in nodes.items():
+        for site, node in nodes.items():
             (out / "inproc_nodes" / site).mkdir(parents=True)
-            configs[site] = dataclasses.replace(NodeConfig.load(workdir), workdir=str(out / "inproc_nodes" / site))
+            configs[site] = dataclasses.replace(NodeConfig.load(node.workdir), workdir=str(out / "inproc_nodes" / site))
         procs, pipes = start_workers(configs)
 
         # Both sides read all CPU counters in one /proc scan, so metering costs them alike.
-        groups = {f"syft:{s}": nodes[s][0].pid for s in SITES}
+        groups = {f"syft:{s}": nodes[s].process.pid for s in SITES}
         worker_pids = {f"inproc:{s}": p.pid for s, p in zip(SITES, procs)}
 
         def cpu_of(side: str) -> Any:

@@ -107,6 +107,7 @@ def _describe(rt: NodeRuntime, msg: DescribeRequest) -> DescribeReply:
         n_train=len(rt.splits.train),
         n_val=len(rt.splits.val),
         n_test=len(rt.splits.test),
+        can_score=rt.labels is LabelKind.PIXEL,
         fingerprint=rt.fingerprint,
     )
 
@@ -123,6 +124,8 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
         n_samples=result.n_samples,
         mean_loss=float(result.mean_loss),
         seconds=float(result.seconds),
+        accepted=0,
+        candidates=0,
         weights=state_to_arrays(model),
     )
 

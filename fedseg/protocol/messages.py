@@ -97,7 +97,11 @@ class DescribeRequest(Message):
 
 @dataclass(frozen=True)
 class DescribeReply(Message):
-    """Counts and kinds only: a node never describes itself with pixels."""
+    """Counts and kinds only: a node never describes itself with pixels.
+
+    ``can_score`` says whether the node holds masks to score a model with (a weak-label
+    node may keep them for evaluation only).
+    """
 
     KIND: ClassVar[MessageKind] = MessageKind.DESCRIBE_REPLY
     node: str
@@ -107,6 +111,7 @@ class DescribeReply(Message):
     n_train: int
     n_val: int
     n_test: int
+    can_score: bool
     fingerprint: str
 
     def validate(self) -> None:
@@ -131,18 +136,28 @@ class TrainRequest(Message):
 
 @dataclass(frozen=True)
 class TrainReply(Message):
+    """A node's trained weights and the only scalars it declares about its round.
+
+    ``accepted``/``candidates`` count FedMix pseudo-labels on a weak-label node (0/0 on a
+    pixel node); ``n_samples`` 0 means the node trained nothing this round.
+    """
+
     KIND: ClassVar[MessageKind] = MessageKind.TRAIN_REPLY
     run_id: str
     round: int
     n_samples: int
     mean_loss: float
     seconds: float
+    accepted: int
+    candidates: int
     weights: Arrays
 
     def validate(self) -> None:
         super().validate()
         if self.n_samples < 0:
             raise MessageError(f"{self.KIND}: field n_samples must be >= 0, got {self.n_samples}")
+        if not 0 <= self.accepted <= self.candidates:
+            raise MessageError(f"{self.KIND}: need 0 <= accepted <= candidates, got {self.accepted} of {self.candidates}")
         _check_finite(self.KIND, "mean_loss", self.mean_loss)
         _check_finite(self.KIND, "seconds", self.seconds)
 
@@ -199,7 +214,7 @@ _TYPES: dict[str, type[Message]] = {
     cls.KIND.value: cls
     for cls in (DescribeRequest, DescribeReply, TrainRequest, TrainReply, EvaluateRequest, EvaluateReply, ErrorReply)
 }
-_SCALARS = {str: (str,), int: (int,), float: (int, float), dict: (dict,), list: (list,)}
+_SCALARS = {str: (str,), int: (int,), bool: (bool,), float: (int, float), dict: (dict,), list: (list,)}
 
 
 def encode(message: Message) -> bytes:

@@ -175,6 +175,7 @@ def test_describe_is_json_and_pixel_free(site: Path, names: list[str]) -> None:
     assert set(summary) == {
         "n_images", "n_train", "n_val", "n_test", "label_kind",
         "channels", "native_size", "group_column", "n_groups",
+        "weak_label_source", "n_boxes", "n_positive",
     }
     assert not any(isinstance(v, np.ndarray | np.generic) for v in summary.values())
     assert json.loads(json.dumps(summary)) == summary
@@ -182,6 +183,8 @@ def test_describe_is_json_and_pixel_free(site: Path, names: list[str]) -> None:
     assert summary["n_train"] + summary["n_val"] + summary["n_test"] == N
     assert summary["group_column"] == "patient_case" and summary["n_groups"] == N // 2
     assert summary["label_kind"] == "pixel" and summary["native_size"] == [SIZE, SIZE]
+    assert summary["weak_label_source"] is None
+    assert summary["n_boxes"] is None and summary["n_positive"] is None
 
 
 # --------------------------------------------------------------------------- #

@@ -108,7 +108,7 @@ def test_fedavg_configure_with_no_nodes() -> None:
 
 
 def _reply(value: float, n: int, loss: float) -> TrainReply:
-    return TrainReply(run_id="r", round=1, n_samples=n, mean_loss=loss, seconds=0.5, weights=_update(value, (value, -value)))
+    return TrainReply(run_id="r", round=1, n_samples=n, mean_loss=loss, seconds=0.5, accepted=0, candidates=0, weights=_update(value, (value, -value)))
 
 
 def test_fedavg_aggregate_weights_by_sample_count() -> None:

@@ -172,7 +172,7 @@ def _is_train(m: Message) -> bool:
 def _frame_with_weights(reply: TrainReply, weights: dict[str, np.ndarray]) -> bytes:
     """Encodes a TrainReply without validation (encode would refuse NaN)."""
     scalars = {"run_id": reply.run_id, "round": reply.round, "n_samples": reply.n_samples,
-               "mean_loss": reply.mean_loss, "seconds": reply.seconds}
+               "mean_loss": reply.mean_loss, "seconds": reply.seconds, "accepted": reply.accepted, "candidates": reply.candidates}
     return encode_frame(reply.KIND.value, reply.SCHEMA_VERSION, scalars, {f"weights/{k}": v for k, v in weights.items()})
 
 
@@ -557,7 +557,7 @@ def test_peer_refuses_a_reply_of_the_wrong_kind() -> None:
 
 
 def test_peer_enforces_its_size_limit() -> None:
-    reply = encode(DescribeReply(node="x", label_kind="pixel", channels=3, image_size=32, n_train=1, n_val=1, n_test=1, fingerprint="f"))
+    reply = encode(DescribeReply(node="x", label_kind="pixel", channels=3, image_size=32, n_train=1, n_val=1, n_test=1, can_score=True, fingerprint="f"))
     with pytest.raises(MessageError, match="exceeds the limit of 10 bytes"):
         Peer(_Canned(reply), 10).request(DescribeRequest(run_id="r"), DescribeReply)
 
@@ -570,7 +570,7 @@ def _refusal(rt: NodeRuntime, frame: bytes) -> ErrorReply:
 
 NOT_EXPOSED: dict[str, Message | bytes] = {
     "error": ErrorReply(code="internal", message="x"),
-    "train_reply": TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, weights={}),
+    "train_reply": TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, accepted=0, candidates=0, weights={}),
     "evaluate_reply": EvaluateReply(run_id="r", round=1, metrics={}),
     "shutdown": encode_frame("shutdown", 1, {}, {}),
 }

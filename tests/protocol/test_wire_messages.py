@@ -70,10 +70,11 @@ MESSAGES: dict[str, Message] = {
         n_train=8,
         n_val=2,
         n_test=2,
+        can_score=True,
         fingerprint="sha256:" + "ab" * 32,
     ),
     "train": TrainRequest(run_id="run-1", round=1, plan=PLAN, weights=_weights()),
-    "train_reply": TrainReply(run_id="run-1", round=1, n_samples=8, mean_loss=0.4375, seconds=1.5, weights=_weights()),
+    "train_reply": TrainReply(run_id="run-1", round=1, n_samples=8, mean_loss=0.4375, seconds=1.5, accepted=0, candidates=0, weights=_weights()),
     "evaluate": EvaluateRequest(
         run_id="run-1", round=0, plan=PLAN, splits=["val", "test"], overlays=2, weights=_weights()
     ),
@@ -151,11 +152,11 @@ def test_dict_order_does_not_change_bytes() -> None:
 
 def test_byte_order_and_memory_layout_do_not_change_bytes() -> None:
     w = np.arange(24, dtype=np.float32).reshape(4, 6)
-    little = encode(TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, weights={"w": w}))
-    big = encode(TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, weights={"w": w.astype(">f4")}))
+    little = encode(TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, accepted=0, candidates=0, weights={"w": w}))
+    big = encode(TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, accepted=0, candidates=0, weights={"w": w.astype(">f4")}))
     strided = np.asfortranarray(w)
     assert not strided.flags.c_contiguous
-    fortran = encode(TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, weights={"w": strided}))
+    fortran = encode(TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, accepted=0, candidates=0, weights={"w": strided}))
     assert little == big == fortran
     assert np.array_equal(decode(big).weights["w"], w)
 
@@ -163,7 +164,7 @@ def test_byte_order_and_memory_layout_do_not_change_bytes() -> None:
 def test_rank_0_tensor_keeps_its_shape() -> None:
     # e.g. BatchNorm's num_batches_tracked is a 0-d int64 tensor in a state dict.
     weights = {"bn.num_batches_tracked": np.array(7, dtype=np.int64), "bn.weight": np.ones(2, np.float32)}
-    back = decode(encode(TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, weights=weights)))
+    back = decode(encode(TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, accepted=0, candidates=0, weights=weights)))
     assert back.weights["bn.num_batches_tracked"].shape == ()
     assert _header(encode_frame("x", 1, {}, {"t": np.array(1.0, np.float32)}))["tensors"] == [["t", "float32", []]]
 
@@ -177,7 +178,7 @@ def test_every_wire_dtype_round_trips(dtype: str) -> None:
 
 
 def test_int_is_accepted_where_float_is_declared() -> None:
-    data = encode_frame("train_reply", 1, {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": 1, "seconds": 0}, {})
+    data = encode_frame("train_reply", 1, {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": 1, "seconds": 0, "accepted": 0, "candidates": 0}, {})
     reply = decode(data)
     assert isinstance(reply, TrainReply) and reply.mean_loss == 1 and reply.weights == {}
 
@@ -317,12 +318,12 @@ def test_extra_field() -> None:
         ("train", {"run_id": "r", "round": 1, "plan": [PLAN]}, "train: field plan must be dict, got list"),
         (
             "train_reply",
-            {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": True, "seconds": 0.0},
+            {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": True, "seconds": 0.0, "accepted": 0, "candidates": 0},
             "train_reply: field mean_loss must be float, got bool",
         ),
         (
             "train_reply",
-            {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": "0.5", "seconds": 0.0},
+            {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": "0.5", "seconds": 0.0, "accepted": 0, "candidates": 0},
             "train_reply: field mean_loss must be float, got str",
         ),
         (
@@ -340,6 +341,7 @@ def test_extra_field() -> None:
                 "n_train": None,
                 "n_val": 1,
                 "n_test": 1,
+                "can_score": True,
                 "fingerprint": "f",
             },
             "describe_reply: field n_train must be int, got NoneType",
@@ -461,7 +463,7 @@ def test_non_finite_integers_do_not_exist_so_int_tensors_pass() -> None:
 @pytest.mark.parametrize("field_name", ["mean_loss", "seconds"])
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_train_reply_scalars(field_name: str, literal: str) -> None:
-    scalars = {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": 0.5, "seconds": 1.0}
+    scalars = {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": 0.5, "seconds": 1.0, "accepted": 0, "candidates": 0}
     header = json.dumps(
         {"kind": "train_reply", "schema_version": 1, "fields": {**scalars, field_name: "@@"}, "tensors": []}, sort_keys=True
     ).replace('"@@"', literal)

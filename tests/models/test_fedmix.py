@@ -1,0 +1,334 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedseg.models.errors import ModelError
+from fedseg.models.fedmix import (
+    CoTrainedUNets,
+    FedMixConfig,
+    FedMixTrainer,
+    adaptive_weights,
+    box_from_mask,
+    boxes_to_mask,
+    enlarge_box,
+    random_margins,
+    select_pseudo_labels,
+    soft_agreement,
+    synthesize_box_masks,
+)
+from fedseg.models.local_training import TrainConfig, evaluate, state_to_arrays
+from fedseg.models.unet import UNetConfig
+
+torch.set_num_threads(1)
+
+TINY = UNetConfig(width=4, depth=2, groups=2)
+CFG = FedMixConfig()
+
+
+def _squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bright squares of random size/position on dark noise: uint8 (n,3,32,32), float (n,1,32,32)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 40, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    masks = torch.zeros(n, 1, 32, 32)
+    for i in range(n):
+        s = int(torch.randint(8, 14, (1,), generator=g))
+        r, c = torch.randint(0, 32 - s, (2,), generator=g).tolist()
+        images[i, :, r : r + s, c : c + s] += 180
+        masks[i, 0, r : r + s, c : c + s] = 1
+    return images, masks
+
+
+def _model(seed: int) -> CoTrainedUNets:
+    torch.manual_seed(seed)
+    return CoTrainedUNets(TINY)
+
+
+def _force(net: torch.nn.Module, bias: float) -> None:
+    """Makes a network predict sigmoid(bias) at every pixel: zero head weights, constant bias."""
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.fill_(bias)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- boxes
+
+
+def test_box_from_mask() -> None:
+    mask = np.zeros((10, 12), dtype=np.uint8)
+    mask[2:5, 3:7] = 1  # rows 2..4, cols 3..6
+    assert box_from_mask(mask) == (3, 2, 7, 5)
+    mask[8, 10] = 1  # second blob: one box around both
+    assert box_from_mask(mask) == (3, 2, 11, 9)
+    assert box_from_mask(np.zeros((4, 4), dtype=bool)) is None
+    with pytest.raises(ModelError, match=r"\(1, 4, 4\)"):
+        box_from_mask(np.zeros((1, 4, 4)))
+
+
+def test_enlarge_box_clamps_and_margins_in_range() -> None:
+    assert enlarge_box((3, 2, 7, 5), (1, 2, 3, 4), height=10, width=12) == (2, 0, 10, 9)
+    assert enlarge_box((0, 0, 12, 10), np.array([9, 9, 9, 9]), height=10, width=12) == (0, 0, 12, 10)
+    with pytest.raises(ModelError, match="margin"):
+        enlarge_box((0, 0, 2, 2), (1, -1, 1, 1), height=4, width=4)
+    with pytest.raises(ModelError, match=r"\(0, 0, 5, 2\)"):
+        enlarge_box((0, 0, 5, 2), (1, 1, 1, 1), height=4, width=4)
+    m = random_margins(np.random.default_rng(0), 500, 9)
+    assert m.shape == (500, 4) and m.min() == 1 and m.max() == 9
+    assert random_margins(np.random.default_rng(0), 3, 1).tolist() == [[1] * 4] * 3
+    with pytest.raises(ModelError, match="max_margin"):
+        random_margins(np.random.default_rng(0), 3, 0)
+
+
+def test_boxes_to_mask_union_and_synthesis() -> None:
+    m = boxes_to_mask([(0, 0, 2, 2), (1, 1, 4, 3)], height=4, width=5)
+    assert m.dtype == bool and m.shape == (4, 5)
+    assert m.sum() == 4 + 6 - 1 and m[0, 0] and m[2, 3] and not m[3, 0]
+    assert not boxes_to_mask([], height=3, width=3).any()
+    with pytest.raises(ModelError, match="outside|x1 <= width"):
+        boxes_to_mask([(0, 0, 6, 2)], height=4, width=5)
+
+    masks = np.zeros((2, 1, 32, 32), dtype=np.uint8)
+    masks[0, 0, 10:14, 12:20] = 1  # image 1 stays empty (lesion-free)
+    boxes = synthesize_box_masks(masks, np.random.default_rng(0), max_margin=3)
+    assert boxes.shape == (2, 1, 32, 32) and not boxes[1].any()
+    x0, y0, x1, y1 = box_from_mask(boxes[0, 0])
+    assert 1 <= 12 - x0 <= 3 and 1 <= 10 - y0 <= 3 and 1 <= x1 - 20 <= 3 and 1 <= y1 - 14 <= 3
+    assert (boxes[0, 0] >= masks[0, 0].astype(bool)).all()  # the box covers the lesion
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _box(b: int = 1, r0: int = 8, r1: int = 24) -> torch.Tensor:
+    m = torch.zeros(b, 1, 32, 32)
+    m[:, :, r0:r1, r0:r1] = 1
+    return m
+
+
+def test_soft_agreement() -> None:
+    a, empty = _box(), torch.zeros(1, 1, 32, 32)
+    assert soft_agreement(empty, empty).item() == 1.0
+    assert soft_agreement(a, empty).item() < 1e-6
+    assert soft_agreement(a, a).item() == pytest.approx(1.0)
+    half = a.clone()
+    half[..., 16:, :] = 0  # 128 of the 256 pixels
+    assert soft_agreement(a, half).item() == pytest.approx(2 * 128 / (256 + 128), abs=1e-6)
+    with pytest.raises(ModelError, match=r"\(1, 1, 32, 32\).*\(1, 1, 16, 16\)"):
+        soft_agreement(a, torch.zeros(1, 1, 16, 16))
+
+
+def test_box_selection_rule() -> None:
+    box = _box(4)
+    prob1 = torch.zeros(4, 1, 32, 32)
+    prob1[:, :, 9:23, 9:23] = 0.9  # a lesion inside the box; fills 196 / 256 of it
+    prob2 = prob1.clone()
+    prob2[0] = 1.0  # 0: everything foreground -> masked to the box: Dice 392/452 ≈ 0.87 < tau
+    prob1[1] = 0.0
+    prob1[1, :, 12:16, 12:16] = 0.9  # 1: agree exactly, but cover 16 / 256 of the box
+    prob2[1] = prob1[1]
+    prob1[2, :, 0:4, 0:4] = 0.9  # 2: outside the box is masked away, so the nets still agree
+    box[3] = 0  # 3: no box = lesion-free; predictions are ignored
+    sel = select_pseudo_labels(prob1, prob2, box_mask=box, config=CFG)
+    assert sel.accepted.tolist() == [False, False, True, True]
+    assert sel.pseudo1[2].sum() == 196 and (sel.pseudo1[2] <= box[2]).all()
+    assert sel.pseudo1[3].sum() == 0 and sel.pseudo2[3].sum() == 0
+    assert sel.pseudo1.dtype == torch.float32 and sel.pseudo1.shape == (4, 1, 32, 32)
+    # Lower thresholds flip the two rejections.
+    loose = select_pseudo_labels(prob1, prob2, box_mask=box, config=FedMixConfig(tau=0.8, box_agreement=0.1))
+    assert loose.accepted.tolist() == [True, True, True, True]
+
+
+def test_image_level_selection_rule() -> None:
+    prob1 = torch.zeros(4, 1, 32, 32)
+    prob1[:, :, 4:12, 4:12] = 0.8
+    prob2 = prob1.clone()
+    prob2[1] = 1 - prob1[1]  # 1: disagree
+    prob1[2] = prob2[2] = 0.0  # 2: a lesion image with an empty (agreeing) label
+    has_lesion = torch.tensor([True, True, True, False])  # 3: negative, predictions ignored
+    sel = select_pseudo_labels(prob1, prob2, has_lesion=has_lesion, config=CFG)
+    assert sel.accepted.tolist() == [True, False, False, True]
+    assert sel.pseudo1[0].sum() == 64 and sel.pseudo2[3].sum() == 0 and sel.pseudo1[3].sum() == 0
+    neg = select_pseudo_labels(torch.ones(2, 1, 32, 32), torch.rand(2, 1, 32, 32),
+                               has_lesion=torch.tensor([False, False]), config=CFG)
+    assert neg.accepted.all() and neg.pseudo1.sum() == 0 and neg.pseudo2.sum() == 0
+
+
+def test_selection_argument_checks() -> None:
+    p = torch.zeros(2, 1, 32, 32)
+    with pytest.raises(ModelError, match="exactly one"):
+        select_pseudo_labels(p, p, config=CFG)
+    with pytest.raises(ModelError, match="exactly one"):
+        select_pseudo_labels(p, p, box_mask=p, has_lesion=torch.ones(2, dtype=torch.bool), config=CFG)
+    with pytest.raises(ModelError, match=r"\(2,\) bool.*\(3,\)"):
+        select_pseudo_labels(p, p, has_lesion=torch.ones(3, dtype=torch.bool), config=CFG)
+    with pytest.raises(ModelError, match=r"\(2, 1, 16, 16\)"):
+        select_pseudo_labels(p, p, box_mask=torch.zeros(2, 1, 16, 16), config=CFG)
+    with pytest.raises(ModelError, match=r"\{0, 1\}"):
+        select_pseudo_labels(p, p, box_mask=p + 0.5, config=CFG)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def test_adaptive_weights_formula() -> None:
+    stats = {"a": (0.2, 100), "b": (0.4, 50), "c": (0.8, 10)}
+    w = adaptive_weights(stats, FedMixConfig(lam=10, beta=1.5))
+    d = np.array([100, 50, 10]) / 160
+    s = np.array([1, 2**1.5, 8]) / (9 + 2**1.5)  # 0.2^1.5 : 0.4^1.5 : 0.8^1.5
+    expected = (d + 10 * s) / 11
+    assert list(w) == ["a", "b", "c"]
+    assert list(w.values()) == pytest.approx(expected.tolist(), rel=1e-12)
+    assert list(w.values()) == pytest.approx([0.1337, 0.2458, 0.6205], abs=1e-4)
+    assert w["a"] < w["b"] < w["c"] and math.isclose(sum(w.values()), 1.0)
+
+    plain = adaptive_weights(stats, FedMixConfig(adaptive=False))
+    assert list(plain.values()) == pytest.approx(d.tolist())
+
+    # A node that trained nothing gets 0 and changes nobody else's weight.
+    with_idle = adaptive_weights({**stats, "idle": (0.0, 0)}, FedMixConfig(lam=10, beta=1.5))
+    assert with_idle["idle"] == 0.0 and all(with_idle[k] == pytest.approx(w[k], rel=1e-12) for k in stats)
+    # All losses zero: uniform loss shares instead of 0/0.
+    zero = adaptive_weights({"a": (0.0, 30), "b": (0.0, 10)}, FedMixConfig(lam=1))
+    assert list(zero.values()) == pytest.approx([(0.75 + 0.5) / 2, (0.25 + 0.5) / 2])
+
+
+def test_adaptive_weights_rejections() -> None:
+    with pytest.raises(ModelError, match="no node"):
+        adaptive_weights({"a": (0.3, 0), "b": (0.0, 0)}, CFG)
+    with pytest.raises(ModelError, match="no node"):
+        adaptive_weights({}, CFG)
+    for bad in [(-0.1, 5), (float("nan"), 5), (float("inf"), 5)]:
+        with pytest.raises(ModelError, match="'b'.*loss"):
+            adaptive_weights({"a": (0.3, 5), "b": bad}, CFG)
+    with pytest.raises(ModelError, match="count"):
+        adaptive_weights({"a": (0.3, -1)}, CFG)
+
+
+def test_config_validation() -> None:
+    cfg = FedMixConfig(lam=2.0, beta=3.0, max_box_margin=4, adaptive=False)
+    assert FedMixConfig.from_dict(cfg.to_dict()) == cfg
+    for bad, field in [({"lam": -1}, "lam"), ({"beta": float("nan")}, "beta"), ({"tau": 1.5}, "tau"),
+                       ({"box_agreement": -0.1}, "box_agreement"), ({"max_box_margin": 0}, "max_box_margin"),
+                       ({"max_box_margin": 2.0}, "max_box_margin"), ({"adaptive": 1}, "adaptive"),
+                       ({"tau": True}, "tau")]:
+        with pytest.raises(ModelError, match=field):
+            FedMixConfig(**bad)
+
+
+# ----------------------------------------------------------------------------- model and training
+
+
+def test_cotrained_unets_keys_and_forward() -> None:
+    model = _model(0)
+    keys = list(state_to_arrays(model))
+    assert keys and all(k.startswith(("net1.", "net2.")) for k in keys)
+    assert {k[5:] for k in keys if k.startswith("net1.")} == {k[5:] for k in keys if k.startswith("net2.")}
+    assert not torch.equal(model.net1.encoder[0][0].weight, model.net2.encoder[0][0].weight)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model(x), model.net1(x))
+    with pytest.raises(ModelError, match="CoTrainedUNets"):
+        FedMixTrainer(model.net1, TrainConfig(), CFG)  # type: ignore[arg-type]
+
+
+def test_weak_node_with_no_accepted_label_trains_nothing() -> None:
+    images, masks = _squares(6, 0)
+    box_masks = torch.from_numpy(synthesize_box_masks(masks.numpy(), np.random.default_rng(0), 3))
+    model = _model(0)
+    _force(model.net1, -20.0)  # all background
+    _force(model.net2, 20.0)  # all foreground: Dice between them ~0 < tau
+    model.train()
+    snap = _snapshot(model)
+    trainer = FedMixTrainer(model, TrainConfig(batch_size=4), FedMixConfig(tau=0.9))
+    for kind in [{"box_masks": box_masks}, {"has_lesion": torch.ones(6, dtype=torch.bool)}]:
+        result = trainer.train_round(images, seed=0, **kind)
+        assert (result.n_samples, result.steps, result.accepted, result.candidates) == (0, 0, 0, 6)
+        assert result.mean_loss == 0.0 and result.parts == {}
+        assert _same(model, snap) and model.training
+
+
+def test_weak_node_cross_pseudo_supervision() -> None:
+    # tau = box_agreement = 0 accept everything. net1 says "box" (all foreground,
+    # masked to the box), net2 says "nothing". Cross supervision pushes net1 toward
+    # background and net2 toward the box; self-training would do the opposite.
+    images, masks = _squares(4, 1)
+    box_masks = torch.from_numpy(synthesize_box_masks(masks.numpy(), np.random.default_rng(1), 3))
+    model = _model(0)
+    _force(model.net1, 3.0)
+    _force(model.net2, -3.0)
+    trainer = FedMixTrainer(model, TrainConfig(batch_size=4, weight_decay=0.0),
+                            FedMixConfig(tau=0.0, box_agreement=0.0))
+    result = trainer.train_round(images, box_masks=box_masks, seed=0)
+    assert (result.n_samples, result.steps, result.accepted, result.candidates) == (4, 1, 4, 4)
+    assert set(result.parts) == {"dice_net1", "dice_net2"} and result.mean_loss == result.parts["dice_net1"]
+    assert model.net1.head.bias.item() < 3.0 and model.net2.head.bias.item() > -3.0
+
+
+def test_image_level_node_learns_from_negatives() -> None:
+    # Only lesion-free images: all-background labels accepted whatever the nets say.
+    images, _ = _squares(4, 2)
+    model = _model(0)
+    _force(model.net1, 3.0)
+    _force(model.net2, 3.0)
+    trainer = FedMixTrainer(model, TrainConfig(batch_size=2, weight_decay=0.0), CFG)
+    result = trainer.train_round(images, has_lesion=torch.zeros(4, dtype=torch.bool), seed=0)
+    assert (result.n_samples, result.steps, result.accepted) == (4, 2, 4)
+    assert model.net1.head.bias.item() < 3.0 and model.net2.head.bias.item() < 3.0
+
+
+def test_pixel_node_deterministic_and_rng_free() -> None:
+    images, masks = _squares(6, 0)
+    init = _snapshot(_model(0))
+    runs, results = [], []
+    for r in range(2):
+        model = _model(5)
+        model.load_state_dict(init)
+        torch.manual_seed(100 + r)  # scrambled: the round must not read the global RNG...
+        before = torch.random.get_rng_state()
+        results.append(FedMixTrainer(model, TrainConfig(batch_size=4, local_epochs=1.5), CFG).train_round(
+            images, masks=masks, seed=7))
+        assert torch.equal(before, torch.random.get_rng_state())  # ...nor advance it
+        runs.append(_snapshot(model))
+    res = results[0]
+    assert (res.n_samples, res.steps, res.accepted, res.candidates) == (6, 3, 0, 0)  # ceil(1.5 * 6 / 4)
+    assert res.mean_loss == results[1].mean_loss > 0
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in init)
+    changed = {k.split(".")[0] for k in init if not torch.equal(init[k], runs[0][k])}
+    assert changed == {"net1", "net2"}
+
+
+def test_pixel_rounds_improve_net1_dice() -> None:
+    images, masks = _squares(16, 0)
+    val_images, val_masks = _squares(8, 1)
+    model = _model(3)
+    before = evaluate(model, val_images, val_masks)
+    trainer = FedMixTrainer(model, TrainConfig(lr=5e-3, batch_size=4, local_epochs=2), CFG)
+    losses = [trainer.train_round(images, masks=masks, seed=r).mean_loss for r in range(3)]
+    after = evaluate(model, val_images, val_masks)
+    assert losses[-1] < losses[0]
+    assert after["dice"] > before["dice"] + 0.3 and after["dice"] > 0.7, (before, after)
+
+
+def test_train_round_argument_checks() -> None:
+    images, masks = _squares(2, 0)
+    trainer = FedMixTrainer(_model(0), TrainConfig(), CFG)
+    with pytest.raises(ModelError, match="exactly one"):
+        trainer.train_round(images, seed=0)
+    with pytest.raises(ModelError, match="exactly one"):
+        trainer.train_round(images, masks=masks, has_lesion=torch.ones(2, dtype=torch.bool), seed=0)
+    with pytest.raises(ModelError, match=r"\(2, 3, 32, 32\).*\(3, 1, 32, 32\)"):
+        trainer.train_round(images, box_masks=torch.zeros(3, 1, 32, 32), seed=0)
+    with pytest.raises(ModelError, match=r"\{0, 1\}"):
+        trainer.train_round(images, box_masks=masks * 0.5, seed=0)
+    with pytest.raises(ModelError, match=r"has_lesion \(2,\) torch.int64"):
+        trainer.train_round(images, has_lesion=torch.ones(2, dtype=torch.int64), seed=0)
