@@ -44,3 +44,25 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     finally:
         for node in nodes.values():
             node.stop()
+
+
+#: How each site of the mixed federation labels its images (weak labels derived from masks).
+MIXED_LABELS = {"site-a": ["--labels", "pixel"], "site-b": ["--labels", "box", "--boxes-from-masks"], "site-c": ["--labels", "image", "--image-labels-from-masks"]}
+
+
+@pytest.fixture(scope="session")
+def mixed_federation(tmp_path_factory: pytest.TempPathFactory):
+    """Pixel, box and image-level sites, each served by a real node process."""
+    from fedseg.node.launcher import NodeProcess
+    from fedseg.node.synthetic import write_federation
+
+    root = tmp_path_factory.mktemp("mixed")
+    sites = write_federation(root / "data", n_per_site=30, size=32, seed=1)
+    nodes = {site.name: NodeProcess(site.name, site, root / "nodes" / site.name, extra=MIXED_LABELS[site.name]) for site in sites}
+    try:
+        for node in nodes.values():
+            node.wait_ready()
+        yield nodes
+    finally:
+        for node in nodes.values():
+            node.stop()

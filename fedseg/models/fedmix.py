@@ -228,6 +228,11 @@ def synthesize_box_masks(masks: np.ndarray, rng: np.random.Generator, max_margin
     :func:`boxes_to_mask`. One margin row is drawn per image, empty or not, so the
     draws for image i do not depend on which other images are empty.
 
+    Tight single-box masks (as a loader derives them from masks) are valid input
+    too: their box is recovered exactly and enlarged, so calling this once per
+    round with a round-seeded ``rng`` gives fresh margins each round, as the
+    paper does. Boxes read from annotation files should not be enlarged.
+
     Args:
         masks: ``(N, 1, H, W)``; nonzero is foreground.
         rng: Source of the margins.
@@ -401,7 +406,8 @@ def adaptive_weights(stats: Mapping[str, tuple[float, int]], config: FedMixConfi
             loss, count = pair
         except (TypeError, ValueError):
             raise ModelError(f"adaptive_weights: node {node!r} needs (loss, count), got {pair!r}") from None
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
+        is_number = isinstance(loss, (int, float, np.floating)) and not isinstance(loss, bool)
+        if not is_number or not math.isfinite(loss) or loss < 0:
             raise ModelError(f"adaptive_weights: node {node!r} needs a finite loss >= 0, got {loss!r}")
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
             raise ModelError(f"adaptive_weights: node {node!r} needs an int count >= 0, got {count!r}")

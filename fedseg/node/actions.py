@@ -24,7 +24,7 @@ import torch
 from fedseg.models.errors import ModelError
 from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays
 from fedseg.models.overlay import overlay_png
-from fedseg.models.unet import UNet, build_model
+from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
 from fedseg.protocol.errors import MessageError, PlanError
 from fedseg.protocol.identity import fingerprint, load_or_create_identity
 from fedseg.protocol.messages import (
@@ -46,7 +46,7 @@ from fedseg.protocol.plan import Plan
 from fedseg.protocol.wire import decode_frame
 
 from .config import WORKDIR_ENV, NodeConfig
-from .datasets import LabelKind, Splits, index_site, load_arrays, make_splits
+from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
 
 __all__ = ["Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "log_to_workdir", "round_seed"]
 
@@ -56,6 +56,11 @@ log = logging.getLogger("fedseg.node")
 class NodeRuntime:
     """A node's data and identity, loaded once per server process.
 
+    Labels used for training and masks used for scoring are kept apart: a weak-label
+    node may hold masks (for benchmarks, or to score), but never trains on them unless
+    its weak labels were derived from those masks and the plan asks for the
+    ``full_masks`` upper bound.
+
     Args:
         config: The node's settings.
     """
@@ -64,32 +69,72 @@ class NodeRuntime:
         self.config = config
         self.workdir = Path(config.workdir)
         self.labels = LabelKind(config.labels)
-        self.index = index_site(Path(config.data), self.labels, config.limit, config.group_by, config.where or None)
+        self.index = index_site(
+            Path(config.data), self.labels, config.limit, config.group_by, config.where or None,
+            boxes=_path(config.boxes), image_labels=_path(config.image_labels), labels_from_masks=config.labels_from_masks,
+        )
         self.splits: Splits = make_splits(self.index, config.split_seed)
         self.fingerprint = fingerprint(load_or_create_identity(self.workdir / "identity.key").public_key())
+        self.can_score = self.index.has_masks
         self._arrays: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._weak: dict[int, dict[str, np.ndarray]] = {}
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    def split(self, split: str, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``(N, C, S, S)`` uint8 and masks ``(N, 1, S, S)`` of one split at the plan's size."""
-        if self.labels is not LabelKind.PIXEL:
-            raise PlanError(f"node {self.name} has no pixel labels (labels={self.labels.value}); it cannot train or score")
+    def _loaded(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
         key = (plan.image_size, plan.model.in_channels)
         if key not in self._arrays:
             self._arrays[key] = load_arrays(self.index, plan.image_size, plan.model.in_channels)
-        images, masks = self._arrays[key]
-        idx = getattr(self.splits, split)
-        return torch.from_numpy(images[idx]), torch.from_numpy(masks[idx])
+        return self._arrays[key]
 
-    def model(self, plan: Plan, weights: dict[str, np.ndarray], what: str) -> UNet:
+    def images(self, split: str, plan: Plan) -> torch.Tensor:
+        """Images ``(N, C, S, S)`` uint8 of one split at the plan's size and channels."""
+        return torch.from_numpy(self._loaded(plan)[0][getattr(self.splits, split)])
+
+    def masks(self, split: str, plan: Plan) -> torch.Tensor:
+        """Masks ``(N, 1, S, S)`` of one split, for scoring (and training on pixel nodes)."""
+        masks = self._loaded(plan)[1]
+        if masks is None or not self.can_score:
+            raise PlanError(f"node {self.name} holds no masks (labels={self.labels.value}); it cannot score a model")
+        return torch.from_numpy(masks[getattr(self.splits, split)])
+
+    def training_labels(self, plan: Plan, seed: int) -> dict[str, torch.Tensor]:
+        """The train split's labels as the plan's trainer takes them: ``masks``, ``box_masks`` or ``has_lesion``.
+
+        Raises:
+            PlanError: If the plan asks for labels this node does not have.
+        """
+        if self.labels is LabelKind.NONE:
+            raise PlanError(f"node {self.name} has no labels; it cannot train")
+        if self.labels is LabelKind.PIXEL:
+            return {"masks": self.masks("train", plan)}
+        if plan.full_masks:
+            if not self.index.labels_from_masks:
+                raise PlanError(f"node {self.name} holds real {self.labels.value} labels; full_masks is only for labels derived from masks")
+            return {"masks": self.masks("train", plan)}
+        if plan.algorithm != "fedmix":
+            raise PlanError(f"node {self.name} has {self.labels.value} labels; {plan.algorithm} trains on pixel labels only")
+        if plan.image_size not in self._weak:
+            self._weak[plan.image_size] = load_weak_labels(self.index, plan.image_size)
+        train = getattr(self.splits, "train")
+        weak = {k: v[train] for k, v in self._weak[plan.image_size].items()}
+        if "box_masks" in weak and self.index.labels_from_masks:
+            # Benchmark boxes: a fresh random margin around the tight box every round, as FedMix does.
+            weak["box_masks"] = synthesize_box_masks(weak["box_masks"], np.random.default_rng(seed), plan.fedmix.max_box_margin)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weak.items()}
+
+    def model(self, plan: Plan, weights: dict[str, np.ndarray], what: str) -> torch.nn.Module:
         """The plan's model loaded with received weights, after checking names, shapes and dtypes."""
-        model = build_model(plan.model)
+        model = plan.build_model()
         check_arrays(weights, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
         arrays_to_state(model, weights)
         return model
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def round_seed(seed: int, round_: int, node: str) -> int:
@@ -107,7 +152,7 @@ def _describe(rt: NodeRuntime, msg: DescribeRequest) -> DescribeReply:
         n_train=len(rt.splits.train),
         n_val=len(rt.splits.val),
         n_test=len(rt.splits.test),
-        can_score=rt.labels is LabelKind.PIXEL,
+        can_score=rt.can_score,
         fingerprint=rt.fingerprint,
     )
 
@@ -115,17 +160,24 @@ def _describe(rt: NodeRuntime, msg: DescribeRequest) -> DescribeReply:
 def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     plan = Plan.from_dict(msg.plan)
     model = rt.model(plan, msg.weights, f"weights of train request round {msg.round}")
-    images, masks = rt.split("train", plan)
-    result = LocalTrainer(model, plan.train).train_round(images, masks, seed=round_seed(plan.seed, msg.round, rt.name))
-    log.info("round %d node %s: trained %d samples, loss %.4f, %.1f s", msg.round, rt.name, result.n_samples, result.mean_loss, result.seconds)
+    seed = round_seed(plan.seed, msg.round, rt.name)
+    images, labels = rt.images("train", plan), rt.training_labels(plan, seed)
+    accepted = candidates = 0
+    if plan.algorithm == "fedmix":
+        result = FedMixTrainer(model, plan.train, plan.fedmix).train_round(images, **labels, seed=seed)
+        accepted, candidates = result.accepted, result.candidates
+    else:
+        result = LocalTrainer(model, plan.train).train_round(images, labels["masks"], seed=seed)
+    log.info("round %d node %s: trained %d samples (%d/%d pseudo-labels), loss %.4f, %.1f s",
+             msg.round, rt.name, result.n_samples, accepted, candidates, result.mean_loss, result.seconds)
     return TrainReply(
         run_id=msg.run_id,
         round=msg.round,
         n_samples=result.n_samples,
         mean_loss=float(result.mean_loss),
         seconds=float(result.seconds),
-        accepted=0,
-        candidates=0,
+        accepted=accepted,
+        candidates=candidates,
         weights=state_to_arrays(model),
     )
 
@@ -138,7 +190,7 @@ def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
     torch.set_num_threads(plan.train.threads)
     try:
         for split in msg.splits:
-            images, masks = rt.split(split, plan)
+            images, masks = rt.images(split, plan), rt.masks(split, plan)
             m = evaluate(model, images, masks, batch_size=plan.eval_batch_size)
             metrics[split] = {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
             if msg.overlays:
@@ -149,7 +201,7 @@ def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
     return EvaluateReply(run_id=msg.run_id, round=msg.round, metrics=metrics)
 
 
-def _write_overlays(rt: NodeRuntime, model: UNet, images: torch.Tensor, masks: torch.Tensor, msg: EvaluateRequest, split: str) -> None:
+def _write_overlays(rt: NodeRuntime, model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, msg: EvaluateRequest, split: str) -> None:
     # Overlays show patients' images, so they are written only inside the node's own workdir.
     out = rt.workdir / "overlays" / _safe(msg.run_id) / f"round_{msg.round:04d}"
     out.mkdir(parents=True, exist_ok=True)

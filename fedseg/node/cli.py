@@ -28,7 +28,11 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @node.command()
 @click.option("--name", required=True, help="Site name shown to the coordinator.")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="Site folder with images/, masks/ and optional meta.csv.")
-@click.option("--labels", type=click.Choice(["pixel", "none"]), default="pixel", show_default=True, help="Labels this site has.")
+@click.option("--labels", type=click.Choice(["pixel", "box", "image", "none"]), default="pixel", show_default=True, help="Labels this site has.")
+@click.option("--boxes", type=click.Path(path_type=Path), default=None, help="With --labels box: CSV name,x0,y0,x1,y1 (one row per lesion).")
+@click.option("--image-labels", type=click.Path(path_type=Path), default=None, help="With --labels image: CSV name,has_lesion (else meta.csv's has_lesion).")
+@click.option("--boxes-from-masks", is_flag=True, help="Benchmarks: derive boxes from the masks (never trains on the masks).")
+@click.option("--image-labels-from-masks", is_flag=True, help="Benchmarks: derive image-level labels from the masks.")
 @click.option("--workdir", required=True, type=click.Path(path_type=Path), help="Private folder for keys, invite, logs and overlays.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
@@ -37,22 +41,28 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--where", multiple=True, help="Keep images whose meta.csv COLUMN starts with PREFIX (COLUMN=PREFIX).")
 @click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the local train/val/test split.")
 @click.option("--max-message-mb", default=256, show_default=True, type=click.IntRange(1, 4096))
-def start(name: str, data: Path, labels: str, workdir: Path, host: str, port: int, limit: int | None,
+def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
+          image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
           group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int) -> None:
     """Validate the data, start the datasite and write the coordinator's invite."""
     from .config import NodeConfig
     from .datasets import LabelKind, index_site
     from .errors import NodeError
 
+    if boxes_from_masks and labels != "box" or image_labels_from_masks and labels != "image":
+        raise click.UsageError("--boxes-from-masks goes with --labels box, --image-labels-from-masks with --labels image")
+    from_masks = boxes_from_masks or image_labels_from_masks
     try:
-        index = index_site(data, LabelKind(labels), limit, None if group_by == "none" else group_by, _parse_where(where) or None)
+        index = index_site(data, LabelKind(labels), limit, None if group_by == "none" else group_by, _parse_where(where) or None,
+                           boxes=boxes, image_labels=image_labels, labels_from_masks=from_masks)
     except NodeError as exc:
         raise click.ClickException(f"node {name} will not start on bad data: {exc}") from None
     workdir.mkdir(parents=True, exist_ok=True)
     config = NodeConfig(
         name=name, data=str(data.resolve()), labels=labels, workdir=str(workdir.resolve()), limit=limit,
         group_by=None if group_by == "none" else group_by, where=_parse_where(where), split_seed=split_seed,
-        max_message_mb=max_message_mb,
+        max_message_mb=max_message_mb, boxes=str(boxes.resolve()) if boxes else None,
+        image_labels=str(image_labels.resolve()) if image_labels else None, labels_from_masks=from_masks,
     )
     config.save()
     _serve(config, index, host, port)

@@ -20,13 +20,16 @@ class NodeConfig:
     Attributes:
         name: Node (site) name, shown to the coordinator.
         data: Absolute path of the site folder.
-        labels: Label kind: "pixel" or "none".
+        labels: Label kind: "pixel", "box", "image" or "none".
         workdir: Absolute path of the node's private working directory.
         limit: Keep only the first N images (subsets for tests and benchmarks).
         group_by: meta.csv column for group-aware splits; "auto" or None.
         where: meta.csv prefix filters, e.g. {"device": "GE Logiq 5"}.
         split_seed: Seed of the train/val/test split, which never leaves the node.
         max_message_mb: Largest request the node accepts.
+        boxes: Absolute path of boxes.csv (box labels from a file).
+        image_labels: Absolute path of labels.csv (image-level labels from a file).
+        labels_from_masks: Weak labels derived from the masks (benchmarks only).
     """
 
     name: str
@@ -38,6 +41,9 @@ class NodeConfig:
     where: dict[str, str] = field(default_factory=dict)
     split_seed: int = 0
     max_message_mb: int = 256
+    boxes: str | None = None
+    image_labels: str | None = None
+    labels_from_masks: bool = False
 
     @property
     def path(self) -> Path:

@@ -13,6 +13,7 @@ __all__ = ["run", "plan_from_options"]
 _TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays")
 _MODEL = ("width", "depth", "in_channels")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
+_FEDMIX = ("lam", "beta", "tau", "adaptive")
 
 
 def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -21,7 +22,9 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
     for key in _TOP:
         if options.get(key) is not None:
             plan[key] = options[key]
-    for section, keys in (("model", _MODEL), ("train", _TRAIN)):
+    if options.get("full_masks"):
+        plan["full_masks"] = True
+    for section, keys in (("model", _MODEL), ("train", _TRAIN), ("fedmix", _FEDMIX)):
         for key in keys:
             if options.get(key) is not None:
                 plan.setdefault(section, {})[key] = options[key]
@@ -35,7 +38,7 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 
 @click.command()
 @click.option("--invite", "invites", multiple=True, type=click.Path(path_type=Path), help="A node's invite.json (repeat per node).")
-@click.option("--algorithm", type=click.Choice(["fedavg"]), default=None, help="Federated algorithm [default: fedavg].")
+@click.option("--algorithm", type=click.Choice(["fedavg", "fedmix"]), default=None, help="fedavg (pixel-labelled nodes train) or fedmix (every label kind trains) [default: fedavg].")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory for checkpoints, metrics, report and plot.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue the run in this directory from its last completed round.")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Plan JSON; options below override it.")
@@ -52,6 +55,11 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @click.option("--timeout-s", type=float, default=None, help="How long to wait for one node per step.")
 @click.option("--min-nodes", type=int, default=None, help="Nodes that must answer for a round to count (0 = all).")
 @click.option("--overlays", type=int, default=None, help="Prediction overlays each node writes into its own workdir per evaluation.")
+@click.option("--lam", type=float, default=None, help="FedMix λ: weight of the loss share in the aggregation weights.")
+@click.option("--beta", type=float, default=None, help="FedMix β: exponent on the losses.")
+@click.option("--tau", type=float, default=None, help="FedMix τ: agreement needed to accept a pseudo-label.")
+@click.option("--adaptive/--no-adaptive", default=None, help="FedMix adaptive aggregation weights (--no-adaptive: plain n_k, the ablation).")
+@click.option("--full-masks", is_flag=True, default=False, help="Benchmark upper bound: nodes whose weak labels came from masks train on the masks.")
 def run(invites: tuple[Path, ...], out: Path | None, resume: Path | None, plan_file: Path | None, **options: Any) -> None:
     """Run federated rounds across the nodes in the invites."""
     from fedseg.protocol.errors import ProtocolError

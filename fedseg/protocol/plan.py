@@ -6,14 +6,15 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from fedseg.models.errors import ModelError
+from fedseg.models.fedmix import CoTrainedUNets, FedMixConfig
 from fedseg.models.local_training import TrainConfig
-from fedseg.models.unet import UNetConfig
+from fedseg.models.unet import UNet, UNetConfig, build_model
 
 from .errors import PlanError
 
 __all__ = ["ALGORITHMS", "Plan"]
 
-ALGORITHMS = ("fedavg",)
+ALGORITHMS = ("fedavg", "fedmix")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Plan:
         min_nodes: Nodes that must answer for a round to count; 0 means all.
         overlays: Prediction overlays each node writes into its own workdir per evaluation.
         max_message_mb: Largest message either side accepts.
+        fedmix: FedMix settings (λ, β, τ, box agreement, adaptive weights); used by "fedmix".
+        full_masks: Benchmark upper bound only: nodes whose weak labels were derived from
+            masks train on those masks. Nodes with real weak labels refuse it.
     """
 
     algorithm: str = "fedavg"
@@ -45,6 +49,8 @@ class Plan:
     min_nodes: int = 0
     overlays: int = 0
     max_message_mb: int = 256
+    fedmix: FedMixConfig = field(default_factory=FedMixConfig)
+    full_masks: bool = False
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -64,6 +70,8 @@ class Plan:
                 raise PlanError(f"plan.{name} must be an integer in [{lo}, {hi}], got {value!r}")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
             raise PlanError(f"plan.timeout_s must be a positive number, got {self.timeout_s!r}")
+        if not isinstance(self.full_masks, bool):
+            raise PlanError(f"plan.full_masks must be true or false, got {self.full_masks!r}")
         if self.image_size % 2**self.model.depth:
             raise PlanError(
                 f"plan.image_size {self.image_size} must be a multiple of 2**model.depth = {2**self.model.depth}"
@@ -87,6 +95,8 @@ class Plan:
                 values["model"] = UNetConfig.from_dict(_obj(values["model"], "model"))
             if "train" in values:
                 values["train"] = TrainConfig.from_dict(_obj(values["train"], "train"))
+            if "fedmix" in values:
+                values["fedmix"] = FedMixConfig.from_dict(_obj(values["fedmix"], "fedmix"))
             return cls(**values)
         except ModelError as exc:
             raise PlanError(f"plan: {exc}") from exc
@@ -97,6 +107,10 @@ class Plan:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 2**20
+
+    def build_model(self) -> UNet | CoTrainedUNets:
+        """The network this plan's algorithm trains: FedMix co-trains two U-Nets, the rest one."""
+        return CoTrainedUNets(self.model) if self.algorithm == "fedmix" else build_model(self.model)
 
 
 def _obj(value: Any, name: str) -> dict[str, Any]:

@@ -15,9 +15,11 @@ def _mean_over_sites(rows: list[dict[str, Any]], key: str, weighted: bool) -> fl
 
 
 def _by_round(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Scored rows by round (a node without masks trains but has no scores)."""
     grouped: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        grouped[row["round"]].append(row)
+        if "test_dice" in row:
+            grouped[row["round"]].append(row)
     return dict(sorted(grouped.items()))
 
 
@@ -54,7 +56,7 @@ def write_report(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Writes the Markdown report: the best round by validation Dice and the last round."""
     from .run_store import atomic_write
 
-    best, last = best_round(rows), max(r["round"] for r in rows)
+    best, last = best_round(rows), max(_by_round(rows))
     text = [
         f"# {title}",
         "",
@@ -84,11 +86,11 @@ def plot_dice(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     from .run_store import atomic_write
 
-    sites = sorted({r["site"] for r in rows})
+    sites = sorted({r["site"] for r in rows if "test_dice" in r})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, split in zip(axes, ("val", "test")):
         for site in sites:
-            pts = sorted((r["round"], r[f"{split}_dice"]) for r in rows if r["site"] == site)
+            pts = sorted((r["round"], r[f"{split}_dice"]) for r in rows if r["site"] == site and "test_dice" in r)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=site)
         ax.set_title(f"{split} Dice")
         ax.set_xlabel("round")

@@ -91,10 +91,9 @@ def initial_arrays(plan: Plan) -> Arrays:
     import torch
 
     from fedseg.models.local_training import state_to_arrays
-    from fedseg.models.unet import build_model
 
     torch.manual_seed(plan.seed)
-    return state_to_arrays(build_model(plan.model))
+    return state_to_arrays(plan.build_model())
 
 
 @dataclass
@@ -187,9 +186,12 @@ def run_federation(
     with ThreadPoolExecutor(max_workers=len(peers)) as pool:
         described = _fan_out(pool, peers, lambda p: p.request(DescribeRequest(run_id=run_id), DescribeReply), plan.timeout_s, reporter.step)
         _require(described, len(peers), "describe", start)
-        for name, d in described.replies.items():
-            if d.label_kind != "pixel":
-                raise ProtocolError(f"node {name} has labels={d.label_kind}; fedavg needs pixel labels on every node")
+        nodes = described.replies
+        strategy.participants(nodes)  # refuses a plan that cannot work before any round runs
+        scorers = [p for p in peers if nodes[p.name].can_score]
+        if not scorers:
+            raise ProtocolError("no node holds masks to score the model with")
+        for name, d in nodes.items():
             reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {d.label_kind} labels, key {d.fingerprint[7:19]}")
 
         def evaluate(round_: int, weights: Arrays) -> _Outcome:
@@ -200,9 +202,9 @@ def run_federation(
                     raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {request.splits}")
                 return reply
 
-            reporter.step(f"round {round_}: evaluating on {len(peers)} nodes")
-            outcome = _fan_out(pool, peers, call, plan.timeout_s, lambda text: reporter.step(f"round {round_} evaluation: {text}"))
-            _require(outcome, needed, "evaluation", round_)
+            reporter.step(f"round {round_}: evaluating on {len(scorers)} nodes")
+            outcome = _fan_out(pool, scorers, call, plan.timeout_s, lambda text: reporter.step(f"round {round_} evaluation: {text}"))
+            _require(outcome, min(needed, len(scorers)), "evaluation", round_)
             for name, why in outcome.failures.items():
                 reporter.info(f"round {round_}: node {name} left out of evaluation: {why}")
             return outcome
@@ -215,7 +217,7 @@ def run_federation(
             start = 1
         for round_ in range(start, plan.rounds + 1):
             t0 = time.monotonic()
-            requests = strategy.configure(round_, arrays, plan, run_id, names)
+            requests = strategy.configure(round_, arrays, run_id, nodes)
             taking_part = [p for p in peers if p.name in requests]
 
             def train(p: Peer) -> TrainReply:
@@ -241,13 +243,18 @@ def run_federation(
 
 def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None) -> list[dict[str, Any]]:
     rows = []
-    for name, reply in sorted(evaluated.replies.items()):
+    # A weak-label node without masks trains but cannot be scored: it still gets a row.
+    names = sorted(set(evaluated.replies) | set(trained.replies if trained else ()))
+    for name in names:
         row: dict[str, Any] = {"round": round_, "site": name}
-        for split, values in reply.metrics.items():
-            row.update({f"{split}_{k}": v for k, v in values.items()})
+        if name in evaluated.replies:
+            for split, values in evaluated.replies[name].metrics.items():
+                row.update({f"{split}_{k}": v for k, v in values.items()})
         if trained is not None and name in trained.replies:
             t = trained.replies[name]
             row.update(train_loss=t.mean_loss, train_n=t.n_samples, train_seconds=t.seconds)
+            if t.candidates:
+                row.update(pseudo_accepted=t.accepted, pseudo_candidates=t.candidates, pseudo_share=t.accepted / t.candidates)
         rows.append(row)
     return rows
 

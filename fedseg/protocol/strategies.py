@@ -1,56 +1,100 @@
-"""Federated strategies: what each node is asked to do, and how replies are combined.
+"""Federated strategies: who is asked to train, and how replies are combined.
 
 A strategy does no I/O: the round engine sends what ``configure`` returns and hands
-``aggregate`` the valid replies. Later methods (FedMix weights, personalization,
-secure aggregation as a wrapper of a linear strategy) plug in here.
+``aggregate`` the valid replies. Secure aggregation will wrap a ``linear`` strategy.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from fedseg.models.errors import ModelError
+from fedseg.models.fedmix import adaptive_weights
+
 from .aggregate import weighted_average
-from .messages import Arrays, TrainReply, TrainRequest
+from .errors import PlanError, RoundError
+from .messages import Arrays, DescribeReply, TrainReply, TrainRequest
 from .plan import Plan
 
-__all__ = ["Strategy", "FedAvg", "make_strategy"]
+__all__ = ["Strategy", "FedAvg", "FedMix", "make_strategy"]
 
 
 class Strategy(ABC):
     """Base of federated strategies.
 
     Attributes:
-        linear: True if the aggregate is a weighted sum of updates, so secure
-            aggregation can compute it without seeing any single update.
+        linear: True if the aggregate is a weighted sum of updates whose weights are known
+            from declared scalars, so secure aggregation can compute it without seeing any
+            single update.
     """
 
     linear: ClassVar[bool] = False
 
-    @abstractmethod
-    def configure(self, round_: int, arrays: Arrays, plan: Plan, run_id: str, nodes: Sequence[str]) -> dict[str, TrainRequest]:
-        """The train request for each node taking part in this round."""
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
 
     @abstractmethod
+    def participants(self, nodes: Mapping[str, DescribeReply]) -> list[str]:
+        """The nodes that train; raises PlanError naming why the plan cannot work on these nodes."""
+
+    def configure(self, round_: int, arrays: Arrays, run_id: str, nodes: Mapping[str, DescribeReply]) -> dict[str, TrainRequest]:
+        """The train request for each participating node: the same plan and global weights."""
+        request = TrainRequest(run_id=run_id, round=round_, plan=self.plan.to_dict(), weights=arrays)
+        return {name: request for name in self.participants(nodes)}
+
+    @abstractmethod
+    def weights(self, replies: Mapping[str, TrainReply]) -> dict[str, float]:
+        """Aggregation weight per replying node (0 leaves a node out)."""
+
     def aggregate(self, round_: int, replies: Mapping[str, TrainReply]) -> tuple[Arrays, dict[str, Any]]:
         """New global arrays and round metrics from the valid replies."""
+        weights = self.weights(replies)
+        arrays = weighted_average([(replies[name].weights, w) for name, w in weights.items() if w > 0])
+        n = sum(r.n_samples for r in replies.values())
+        loss = sum(r.mean_loss * r.n_samples for r in replies.values()) / max(n, 1)
+        return arrays, {"train_loss": loss, "n_train": n, "weights": weights}
 
 
 class FedAvg(Strategy):
-    """McMahan et al.: average of node weights, weighted by their sample counts."""
+    """McMahan et al.: average of node weights, weighted by their sample counts.
+
+    Only pixel-labelled nodes train (the FedAvg-pixel baseline of a mixed federation);
+    with ``plan.full_masks`` every node trains on masks (the benchmark upper bound).
+    """
 
     linear = True
 
-    def configure(self, round_: int, arrays: Arrays, plan: Plan, run_id: str, nodes: Sequence[str]) -> dict[str, TrainRequest]:
-        request = TrainRequest(run_id=run_id, round=round_, plan=plan.to_dict(), weights=arrays)
-        return {name: request for name in nodes}
+    def participants(self, nodes: Mapping[str, DescribeReply]) -> list[str]:
+        names = [n for n, d in nodes.items() if self.plan.full_masks or d.label_kind == "pixel"]
+        if not names:
+            raise PlanError("fedavg needs at least one node with pixel labels (or plan.full_masks for a benchmark)")
+        return names
 
-    def aggregate(self, round_: int, replies: Mapping[str, TrainReply]) -> tuple[Arrays, dict[str, Any]]:
-        arrays = weighted_average([(r.weights, float(r.n_samples)) for r in replies.values()])
-        n = sum(r.n_samples for r in replies.values())
-        loss = sum(r.mean_loss * r.n_samples for r in replies.values()) / max(n, 1)
-        return arrays, {"train_loss": loss, "n_train": n}
+    def weights(self, replies: Mapping[str, TrainReply]) -> dict[str, float]:
+        return {name: float(r.n_samples) for name, r in replies.items()}
+
+
+class FedMix(Strategy):
+    """FedMix (TMI 2023): every label kind trains; adaptive weights from (loss, count)."""
+
+    linear = True
+
+    def participants(self, nodes: Mapping[str, DescribeReply]) -> list[str]:
+        if not any(d.label_kind == "pixel" for d in nodes.values()):
+            kinds = {n: d.label_kind for n, d in nodes.items()}
+            raise PlanError(f"fedmix needs at least one node with pixel labels to bootstrap pseudo-labels; nodes have {kinds}")
+        unusable = {n: d.label_kind for n, d in nodes.items() if d.label_kind not in ("pixel", "box", "image")}
+        if unusable:
+            raise PlanError(f"fedmix cannot train nodes without labels: {unusable}")
+        return list(nodes)
+
+    def weights(self, replies: Mapping[str, TrainReply]) -> dict[str, float]:
+        try:
+            return adaptive_weights({n: (r.mean_loss, r.n_samples) for n, r in replies.items()}, self.plan.fedmix)
+        except ModelError as exc:
+            raise RoundError(f"fedmix aggregation: {exc}") from None
 
 
 def make_strategy(plan: Plan) -> Strategy:
-    return {"fedavg": FedAvg}[plan.algorithm]()
+    return {"fedavg": FedAvg, "fedmix": FedMix}[plan.algorithm](plan)

@@ -105,6 +105,9 @@ def test_boxes_to_mask_union_and_synthesis() -> None:
     x0, y0, x1, y1 = box_from_mask(boxes[0, 0])
     assert 1 <= 12 - x0 <= 3 and 1 <= 10 - y0 <= 3 and 1 <= x1 - 20 <= 3 and 1 <= y1 - 14 <= 3
     assert (boxes[0, 0] >= masks[0, 0].astype(bool)).all()  # the box covers the lesion
+    # A tight box mask (as the loader gives) is enlarged the same way, fresh per rng.
+    tight = boxes_to_mask([(12, 10, 20, 14)], 32, 32)[None, None].astype(np.uint8)
+    assert np.array_equal(synthesize_box_masks(tight, np.random.default_rng(0), 3), boxes[:1])
 
 
 # ----------------------------------------------------------------------------- selection

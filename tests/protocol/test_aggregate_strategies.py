@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from fedseg.protocol.aggregate import weighted_average
-from fedseg.protocol.errors import RoundError
-from fedseg.protocol.messages import TrainReply, TrainRequest, encode
+from fedseg.protocol.errors import PlanError, RoundError
+from fedseg.protocol.messages import DescribeReply, TrainReply, TrainRequest, encode
 from fedseg.protocol.plan import Plan
-from fedseg.protocol.strategies import FedAvg, Strategy, make_strategy
+from fedseg.protocol.strategies import FedAvg, FedMix, Strategy, make_strategy
 
 PLAN = Plan.from_dict(
     {
@@ -82,15 +82,23 @@ def test_weighted_average_rejects_missing_tensor() -> None:
         weighted_average([(_update(1.0, (0.0, 0.0)), 1.0), (bad, 1.0)])
 
 
+def _node(kind: str) -> DescribeReply:
+    return DescribeReply(node="x", label_kind=kind, channels=3, image_size=32, n_train=4, n_val=1, n_test=1, can_score=True, fingerprint="f")
+
+
+NODES = {"site-a": _node("pixel"), "site-b": _node("pixel"), "site-c": _node("pixel")}
+
+
 def test_make_strategy_and_linearity() -> None:
     strategy = make_strategy(PLAN)
     assert isinstance(strategy, FedAvg) and isinstance(strategy, Strategy)
-    assert FedAvg.linear is True  # secure aggregation may wrap it
+    assert isinstance(make_strategy(Plan.from_dict({"algorithm": "fedmix"})), FedMix)
+    assert FedAvg.linear is True and FedMix.linear is True  # secure aggregation may wrap them
 
 
 def test_fedavg_configure_sends_every_node_the_same_request() -> None:
     arrays = _update(0.25, (1.0, 2.0))
-    requests = FedAvg().configure(3, arrays, PLAN, "run-x", ["site-a", "site-b", "site-c"])
+    requests = FedAvg(PLAN).configure(3, arrays, "run-x", NODES)
     assert list(requests) == ["site-a", "site-b", "site-c"]
     first = requests["site-a"]
     assert isinstance(first, TrainRequest)
@@ -103,8 +111,36 @@ def test_fedavg_configure_sends_every_node_the_same_request() -> None:
     assert len({encode(r) for r in requests.values()}) == 1
 
 
-def test_fedavg_configure_with_no_nodes() -> None:
-    assert FedAvg().configure(1, _update(0.0, (0.0, 0.0)), PLAN, "r", []) == {}
+def test_fedavg_trains_only_pixel_nodes_unless_full_masks() -> None:
+    mixed = {"a": _node("pixel"), "b": _node("box"), "c": _node("image")}
+    assert list(FedAvg(PLAN).configure(1, _update(0.0, (0.0, 0.0)), "r", mixed)) == ["a"]
+    full = Plan.from_dict({"full_masks": True})
+    assert list(FedAvg(full).configure(1, _update(0.0, (0.0, 0.0)), "r", mixed)) == ["a", "b", "c"]
+    with pytest.raises(PlanError, match="fedavg needs at least one node with pixel labels"):
+        FedAvg(PLAN).participants({"b": _node("box")})
+
+
+def test_fedmix_refuses_a_federation_without_pixel_labels() -> None:
+    fedmix = FedMix(Plan.from_dict({"algorithm": "fedmix"}))
+    with pytest.raises(PlanError, match="fedmix needs at least one node with pixel labels"):
+        fedmix.participants({"b": _node("box"), "c": _node("image")})
+    with pytest.raises(PlanError, match="without labels"):
+        fedmix.participants({"a": _node("pixel"), "n": _node("none")})
+    assert fedmix.participants({"a": _node("pixel"), "b": _node("box")}) == ["a", "b"]
+
+
+def test_fedmix_aggregates_with_adaptive_weights_and_skips_idle_nodes() -> None:
+    plan = Plan.from_dict({"algorithm": "fedmix", "fedmix": {"lam": 10.0, "beta": 1.5}})
+    replies = {"a": _reply(1.0, 100, 0.2), "b": _reply(4.0, 50, 0.8), "idle": _reply(-8.0, 0, 0.0)}
+    arrays, metrics = FedMix(plan).aggregate(1, replies)
+    w = metrics["weights"]
+    assert w["idle"] == 0.0 and w["b"] > w["a"] and w["a"] + w["b"] == pytest.approx(1.0)
+    np.testing.assert_allclose(arrays["conv.weight"], np.full((2, 3), w["a"] * 1.0 + w["b"] * 4.0), rtol=1e-6)
+    ablation = Plan.from_dict({"algorithm": "fedmix", "fedmix": {"adaptive": False}})
+    _, plain = FedMix(ablation).aggregate(1, replies)
+    assert plain["weights"] == pytest.approx({"a": 100 / 150, "b": 50 / 150, "idle": 0.0})
+    with pytest.raises(RoundError, match="fedmix aggregation"):
+        FedMix(plan).aggregate(1, {"idle": _reply(0.0, 0, 0.0)})
 
 
 def _reply(value: float, n: int, loss: float) -> TrainReply:
@@ -113,7 +149,7 @@ def _reply(value: float, n: int, loss: float) -> TrainReply:
 
 def test_fedavg_aggregate_weights_by_sample_count() -> None:
     replies = {"a": _reply(1.0, 10, 0.5), "b": _reply(4.0, 30, 1.0), "c": _reply(-8.0, 0, 99.0)}
-    arrays, metrics = FedAvg().aggregate(1, replies)
+    arrays, metrics = FedAvg(PLAN).aggregate(1, replies)
     # (10*1 + 30*4 + 0*(-8)) / 40 = 3.25 ; a node with no samples does not count.
     np.testing.assert_allclose(arrays["conv.weight"], np.full((2, 3), 3.25), atol=1e-7)
     np.testing.assert_allclose(arrays["conv.bias"], [3.25, -3.25], atol=1e-7)
@@ -123,11 +159,11 @@ def test_fedavg_aggregate_weights_by_sample_count() -> None:
 
 def test_fedavg_aggregate_equal_counts_is_plain_mean() -> None:
     replies = {"a": _reply(1.0, 5, 0.2), "b": _reply(2.0, 5, 0.4)}
-    arrays, metrics = FedAvg().aggregate(2, replies)
+    arrays, metrics = FedAvg(PLAN).aggregate(2, replies)
     np.testing.assert_allclose(arrays["conv.weight"], np.full((2, 3), 1.5), atol=1e-7)
-    assert metrics == {"train_loss": pytest.approx(0.3), "n_train": 10}
+    assert metrics == {"train_loss": pytest.approx(0.3), "n_train": 10, "weights": {"a": 5.0, "b": 5.0}}
 
 
 def test_fedavg_aggregate_with_no_samples_raises() -> None:
-    with pytest.raises(RoundError, match="positive sum"):
-        FedAvg().aggregate(1, {"a": _reply(1.0, 0, 0.1), "b": _reply(2.0, 0, 0.2)})
+    with pytest.raises(RoundError, match="no updates to aggregate"):
+        FedAvg(PLAN).aggregate(1, {"a": _reply(1.0, 0, 0.1), "b": _reply(2.0, 0, 0.2)})
