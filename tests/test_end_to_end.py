@@ -92,3 +92,19 @@ def test_unreadable_invite_is_one_clear_line(tmp_path):
     bad.write_text("{not json")
     result = fedseg("run", "--invite", str(bad), "--out", str(tmp_path / "run"))
     assert result.returncode != 0 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_real_polyp_site_runs_a_round(tmp_path):
+    from conftest import shared_data
+    from fedseg.node.launcher import NodeProcess
+
+    node = NodeProcess("kvasir", shared_data("polyp", "Kvasir-SEG"), tmp_path / "kvasir", extra=["--limit", "24"])
+    try:
+        invite = node.wait_ready()
+        result = fedseg("run", "--invite", str(invite), "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS)
+    finally:
+        node.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = _rows(tmp_path / "run")
+    assert [(r["round"], r["site"]) for r in rows] == [(0, "kvasir"), (1, "kvasir")]
+    assert rows[1]["train_n"] + rows[1]["val_n"] + rows[1]["test_n"] == 24
