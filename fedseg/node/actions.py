@@ -8,13 +8,14 @@ weights ever leave: no images, masks or predictions.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
 import traceback
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from fedseg.models.errors import ModelError
-from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays
+from fedseg.models.local_training import LocalTrainer, evaluate, predict
+from fedseg.models.personalization import fedrep_round, local_keys, pull, push
 from fedseg.models.overlay import overlay_png
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
 from fedseg.protocol.errors import MessageError, PlanError
@@ -125,12 +127,41 @@ class NodeRuntime:
             weak["box_masks"] = synthesize_box_masks(weak["box_masks"], np.random.default_rng(seed), plan.fedmix.max_box_margin)
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weak.items()}
 
-    def model(self, plan: Plan, weights: dict[str, np.ndarray], what: str) -> torch.nn.Module:
-        """The plan's model loaded with received weights, after checking names, shapes and dtypes."""
+    def model(self, plan: Plan, run_id: str, weights: dict[str, np.ndarray], what: str) -> torch.nn.Module:
+        """The plan's model: received shared weights plus this node's own local part.
+
+        The shared weights are checked against the exact shared layout (names, shapes,
+        dtype); the local part comes from the node's personal state for this run, or
+        from the plan's seeded initialisation before the node's first round.
+        """
         model = plan.build_model()
-        check_arrays(weights, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
-        arrays_to_state(model, weights)
+        local = local_keys(model, plan.local_part)
+        check_arrays(weights, {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in local}, what)
+        state = self._personal_path(run_id)
+        if local and state.exists():
+            with np.load(state) as saved:
+                # The saved file holds exactly the local keys: load them as the "shared" set
+                # of the complementary split.
+                pull(model, {k: saved[k] for k in saved.files}, frozenset(model.state_dict()) - local)
+        pull(model, weights, local)
         return model
+
+    def keep_personal(self, plan: Plan, run_id: str, model: torch.nn.Module) -> None:
+        """Saves the model's local part for this run; it never leaves the node."""
+        local = local_keys(model, plan.local_part)
+        if not local:
+            return
+        arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in local}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        path = self._personal_path(run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+
+    def _personal_path(self, run_id: str) -> Path:
+        return self.workdir / "personal" / f"{_safe(run_id)}.npz"
 
 
 def _path(value: str | None) -> Path | None:
@@ -159,15 +190,18 @@ def _describe(rt: NodeRuntime, msg: DescribeRequest) -> DescribeReply:
 
 def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     plan = Plan.from_dict(msg.plan)
-    model = rt.model(plan, msg.weights, f"weights of train request round {msg.round}")
+    model = rt.model(plan, msg.run_id, msg.weights, f"weights of train request round {msg.round}")
     seed = round_seed(plan.seed, msg.round, rt.name)
     images, labels = rt.images("train", plan), rt.training_labels(plan, seed)
     accepted = candidates = 0
     if plan.algorithm == "fedmix":
         result = FedMixTrainer(model, plan.train, plan.fedmix).train_round(images, **labels, seed=seed)
         accepted, candidates = result.accepted, result.candidates
+    elif plan.algorithm == "fedrep":
+        result = fedrep_round(model, plan.train, images, labels["masks"], seed, plan.personal.head_fraction)
     else:
         result = LocalTrainer(model, plan.train).train_round(images, labels["masks"], seed=seed)
+    rt.keep_personal(plan, msg.run_id, model)
     log.info("round %d node %s: trained %d samples (%d/%d pseudo-labels), loss %.4f, %.1f s",
              msg.round, rt.name, result.n_samples, accepted, candidates, result.mean_loss, result.seconds)
     return TrainReply(
@@ -178,13 +212,17 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
         seconds=float(result.seconds),
         accepted=accepted,
         candidates=candidates,
-        weights=state_to_arrays(model),
+        weights=push(model, local_keys(model, plan.local_part)),
     )
 
 
 def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
     plan = Plan.from_dict(msg.plan)
-    model = rt.model(plan, msg.weights, f"weights of evaluate request round {msg.round}")
+    model = rt.model(plan, msg.run_id, msg.weights, f"weights of evaluate request round {msg.round}")
+    if plan.algorithm == "ft" and msg.round > 0:
+        # FT's personalized model: the global model fine-tuned on this node's own training split.
+        tune = replace(plan.train, local_epochs=plan.personal.finetune_epochs)
+        LocalTrainer(model, tune).train_round(rt.images("train", plan), rt.masks("train", plan), seed=round_seed(plan.seed, msg.round, rt.name) + 1)
     metrics: dict[str, Any] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.train.threads)

@@ -38,7 +38,10 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 
 @click.command()
 @click.option("--invite", "invites", multiple=True, type=click.Path(path_type=Path), help="A node's invite.json (repeat per node).")
-@click.option("--algorithm", type=click.Choice(["fedavg", "fedmix"]), default=None, help="fedavg (pixel-labelled nodes train) or fedmix (every label kind trains) [default: fedavg].")
+@click.option("--algorithm", type=click.Choice(["fedavg", "fedmix", "local", "ft", "fedbn", "fedrep"]), default=None,
+              help="fedavg (pixel-labelled nodes train), fedmix (every label kind trains), or a personalized baseline: "
+                   "local (nothing shared), ft (FedAvg, scored after local fine-tuning), fedbn (norm layers stay local), "
+                   "fedrep (head stays local) [default: fedavg].")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory for checkpoints, metrics, report and plot.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue the run in this directory from its last completed round.")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Plan JSON; options below override it.")

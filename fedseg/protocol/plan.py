@@ -7,6 +7,7 @@ from typing import Any
 
 from fedseg.models.errors import ModelError
 from fedseg.models.fedmix import CoTrainedUNets, FedMixConfig
+from fedseg.models.personalization import LocalPart, PersonalConfig
 from fedseg.models.local_training import TrainConfig
 from fedseg.models.unet import UNet, UNetConfig, build_model
 
@@ -14,7 +15,9 @@ from .errors import PlanError
 
 __all__ = ["ALGORITHMS", "Plan"]
 
-ALGORITHMS = ("fedavg", "fedmix")
+ALGORITHMS = ("fedavg", "fedmix", "local", "ft", "fedbn", "fedrep")
+#: What stays on each node per algorithm; the rest is shared and averaged.
+_LOCAL_PARTS = {"local": LocalPart.ALL, "fedbn": LocalPart.NORM, "fedrep": LocalPart.HEAD}
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Plan:
         fedmix: FedMix settings (λ, β, τ, box agreement, adaptive weights); used by "fedmix".
         full_masks: Benchmark upper bound only: nodes whose weak labels were derived from
             masks train on those masks. Nodes with real weak labels refuse it.
+        personal: Settings of the personalized baselines (FedRep's head phase, FT's fine-tuning).
     """
 
     algorithm: str = "fedavg"
@@ -51,6 +55,7 @@ class Plan:
     max_message_mb: int = 256
     fedmix: FedMixConfig = field(default_factory=FedMixConfig)
     full_masks: bool = False
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -95,6 +100,8 @@ class Plan:
                 values["model"] = UNetConfig.from_dict(_obj(values["model"], "model"))
             if "train" in values:
                 values["train"] = TrainConfig.from_dict(_obj(values["train"], "train"))
+            if "personal" in values:
+                values["personal"] = PersonalConfig.from_dict(_obj(values["personal"], "personal"))
             if "fedmix" in values:
                 values["fedmix"] = FedMixConfig.from_dict(_obj(values["fedmix"], "fedmix"))
             return cls(**values)
@@ -108,8 +115,20 @@ class Plan:
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 2**20
 
+    @property
+    def local_part(self) -> LocalPart:
+        """The parameters that never leave a node under this plan's algorithm."""
+        return _LOCAL_PARTS.get(self.algorithm, LocalPart.NONE)
+
     def build_model(self) -> UNet | CoTrainedUNets:
-        """The network this plan's algorithm trains: FedMix co-trains two U-Nets, the rest one."""
+        """The network this plan's algorithm trains, initialised from ``plan.seed``.
+
+        Every node and the coordinator build the same initial weights, so parameters that
+        stay local start where the shared ones do.
+        """
+        import torch
+
+        torch.manual_seed(self.seed)
         return CoTrainedUNets(self.model) if self.algorithm == "fedmix" else build_model(self.model)
 
 

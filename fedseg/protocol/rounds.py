@@ -87,13 +87,11 @@ class Reporter(Protocol):
 
 
 def initial_arrays(plan: Plan) -> Arrays:
-    """The plan's model, initialised from ``plan.seed``."""
-    import torch
+    """The shared part of the plan's model, initialised from ``plan.seed``."""
+    from fedseg.models.personalization import local_keys, push
 
-    from fedseg.models.local_training import state_to_arrays
-
-    torch.manual_seed(plan.seed)
-    return state_to_arrays(plan.build_model())
+    model = plan.build_model()
+    return push(model, local_keys(model, plan.local_part))
 
 
 @dataclass

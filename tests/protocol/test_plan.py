@@ -71,7 +71,7 @@ def test_unknown_keys_are_rejected_by_name(d: dict[str, Any], key: str) -> None:
         ({"timeout_s": math.inf}, r"plan\.timeout_s must be a positive number, got inf"),
         ({"timeout_s": math.nan}, r"plan\.timeout_s must be a positive number, got nan"),
         ({"timeout_s": "60"}, r"plan\.timeout_s must be a positive number"),
-        ({"algorithm": "fedprox"}, r"plan\.algorithm must be one of \('fedavg', 'fedmix'\), got 'fedprox'"),
+        ({"algorithm": "fedprox"}, r"plan\.algorithm must be one of \('fedavg', 'fedmix', 'local', 'ft', 'fedbn', 'fedrep'\), got 'fedprox'"),
         ({"train": {"lr": -0.1}}, r"TrainConfig\.lr must be > 0, got -0\.1"),
         ({"train": {"lr": 0}}, r"TrainConfig\.lr must be > 0"),
         ({"train": {"batch_size": 0}}, r"TrainConfig\.batch_size must be >= 1"),
@@ -116,7 +116,7 @@ def test_to_dict_from_dict_round_trip(d: dict[str, Any]) -> None:
     assert Plan.from_dict(json.loads(json.dumps(as_dict))) == plan
     assert set(as_dict) == {
         "algorithm", "rounds", "image_size", "seed", "model", "train",
-        "eval_batch_size", "timeout_s", "min_nodes", "overlays", "max_message_mb", "fedmix", "full_masks",
+        "eval_batch_size", "timeout_s", "min_nodes", "overlays", "max_message_mb", "fedmix", "full_masks", "personal",
     }
     assert as_dict["model"] == plan.model.to_dict() and as_dict["train"] == plan.train.to_dict()
 

@@ -621,3 +621,44 @@ def test_poisoned_weights_are_refused_by_the_node(runtimes: dict[str, NodeRuntim
     frame = encode_frame("train", 1, {"run_id": "r", "round": 1, "plan": plan.to_dict()}, {f"weights/{k}": v for k, v in weights.items()})
     reply = _refusal(runtimes["site-a"], frame)
     assert reply.code == ErrorCode.BAD_WEIGHTS.value and f"weights/{name}" in reply.message
+
+
+# --- personalized methods: local parts never travel ------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["fedbn", "fedrep", "local"])
+def test_personalized_layers_never_leave_the_node(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None, algorithm: str) -> None:
+    from fedseg.models.personalization import local_keys
+
+    transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+    plan = _plan(algorithm=algorithm, rounds=2)
+    run_federation(plan, transports, tmp_path, Reporter())
+    run_id = RunStore(tmp_path).load()[0].run_id
+    model = plan.build_model()
+    local = local_keys(model, plan.local_part)
+    shared = set(model.state_dict()) - local
+    assert local
+    kept = {}
+    for t in transports:
+        for message in t.requests + t.replies:
+            if hasattr(message, "weights"):
+                assert set(message.weights) == shared, f"{t.name} {message.KIND} carried {set(message.weights) & local}"
+        with np.load(t.runtime.workdir / "personal" / f"{run_id}.npz") as saved:
+            assert set(saved.files) == local
+            kept[t.name] = {k: saved[k] for k in saved.files}
+    # Each node's local part is its own: trained on its own data, never averaged.
+    a, b = list(kept.values())[:2]
+    assert any(not np.array_equal(a[k], b[k]) for k in local)
+
+
+def test_ft_scores_a_fine_tuned_copy_and_leaves_the_global_model_alone(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    rows = {}
+    arrays = {}
+    for algorithm in ("fedavg", "ft"):
+        out = tmp_path / algorithm
+        rows[algorithm] = run_federation(_plan(algorithm=algorithm, rounds=1), [InMemoryTransport(rt) for rt in runtimes.values()], out, Reporter())
+        arrays[algorithm] = RunStore(out).load()[1]
+    _assert_arrays_equal(arrays["ft"], arrays["fedavg"])
+    at = {a: {r["site"]: r for r in rows[a] if r["round"] == 1} for a in rows}
+    assert [r for r in rows["ft"] if r["round"] == 0] == [r for r in rows["fedavg"] if r["round"] == 0]
+    assert any(at["ft"][s]["val_loss"] != at["fedavg"][s]["val_loss"] for s in SITES)
