@@ -108,3 +108,22 @@ def test_real_polyp_site_runs_a_round(tmp_path):
     rows = _rows(tmp_path / "run")
     assert [(r["round"], r["site"]) for r in rows] == [(0, "kvasir"), (1, "kvasir")]
     assert rows[1]["train_n"] + rows[1]["val_n"] + rows[1]["test_n"] == 24
+
+
+def test_fedbn_keeps_normalization_layers_in_each_node_workdir(federation, tmp_path):
+    invites = [arg for node in federation.values() for arg in ("--invite", str(node.invite))]
+    result = fedseg("run", *invites, "--algorithm", "fedbn", "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import numpy as np
+
+    from fedseg.models.personalization import LocalPart, local_keys
+    from fedseg.protocol.plan import Plan
+
+    # The run's model (TINY_PLAN_ARGS: width 8, depth 2) and its GroupNorm parameters.
+    model = Plan.from_dict({"algorithm": "fedbn", "image_size": 32, "model": {"width": 8, "depth": 2, "groups": 8}}).build_model()
+    norm = local_keys(model, LocalPart.NORM)
+    for node in federation.values():
+        saved = list((node.workdir / "personal").glob("*.npz"))
+        assert len(saved) == 1
+        with np.load(saved[0]) as local:
+            assert set(local.files) == norm
