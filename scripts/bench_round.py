@@ -133,8 +133,8 @@ def bare_round(rt: Any, request: Any) -> dict[str, float]:
 
     plan = Plan.from_dict(request.plan)
     cfg = plan.train
-    images, masks = rt.split("train", plan)
-    model = rt.model(plan, request.weights, "bare loop weights")
+    images, masks = rt.images("train", plan), rt.masks("train", plan)
+    model = rt.model(plan, request.run_id, request.weights, "bare loop weights")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
