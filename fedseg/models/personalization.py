@@ -44,10 +44,12 @@ class PersonalConfig(DictConfig):
             (LC-Fed's schedule trains the head for 10 of 50 iterations: 0.2).
         finetune_epochs: FT: local epochs of fine-tuning from the global model before
             a node scores its personalized model.
+        alpha: IOP-FL: weight of the previous running mix, p = α·p + (1−α)·θ.
     """
 
     head_fraction: float = 0.2
     finetune_epochs: float = 1.0
+    alpha: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.head_fraction, bool) or not isinstance(self.head_fraction, (int, float)) or not 0 < self.head_fraction < 1:
@@ -56,6 +58,8 @@ class PersonalConfig(DictConfig):
             math.isfinite(self.finetune_epochs) and self.finetune_epochs > 0
         ):
             raise ModelError(f"PersonalConfig.finetune_epochs must be > 0, got {self.finetune_epochs!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha < 1:
+            raise ModelError(f"PersonalConfig.alpha must be in [0, 1), got {self.alpha!r}")
 
 
 def local_keys(model: nn.Module, part: LocalPart) -> frozenset[str]:

@@ -8,6 +8,7 @@ weights ever leave: no images, masks or predictions.
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from fedseg.models.errors import ModelError
-from fedseg.models.local_training import LocalTrainer, evaluate, predict
+from fedseg.models.iopfl import running_mix
+from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays
 from fedseg.models.personalization import fedrep_round, local_keys, pull, push
 from fedseg.models.overlay import overlay_png
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
@@ -38,6 +40,7 @@ from fedseg.protocol.messages import (
     EvaluateRequest,
     Message,
     MessageKind,
+    PERSONAL_PREFIX,
     TrainReply,
     TrainRequest,
     check_arrays,
@@ -147,21 +150,37 @@ class NodeRuntime:
         return model
 
     def keep_personal(self, plan: Plan, run_id: str, model: torch.nn.Module) -> None:
-        """Saves the model's local part for this run; it never leaves the node."""
+        """Saves what this node keeps for itself after training; none of it leaves the node.
+
+        That is the model's local part (FedBN, FedRep, Local) and, for IOP-FL, the running
+        mix of the models it trained.
+        """
         local = local_keys(model, plan.local_part)
-        if not local:
-            return
-        arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in local}
+        if local:
+            self._save(self._personal_path(run_id), {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in local})
+        if plan.algorithm == "iopfl":
+            mix = running_mix(self.personal_mix(run_id), state_to_arrays(model), plan.personal.alpha)
+            self._save(self._personal_path(run_id, "mix"), mix)
+
+    def personal_mix(self, run_id: str) -> dict[str, np.ndarray] | None:
+        """IOP-FL's running mix for this run, or None before the node's first round."""
+        path = self._personal_path(run_id, "mix")
+        if not path.exists():
+            return None
+        with np.load(path) as saved:
+            return {k: saved[k] for k in saved.files}
+
+    @staticmethod
+    def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        path = self._personal_path(run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
 
-    def _personal_path(self, run_id: str) -> Path:
-        return self.workdir / "personal" / f"{_safe(run_id)}.npz"
+    def _personal_path(self, run_id: str, what: str = "local") -> Path:
+        return self.workdir / "personal" / f"{_safe(run_id)}.{what}.npz"
 
 
 def _path(value: str | None) -> Path | None:
@@ -216,23 +235,41 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     )
 
 
+def _personal_model(rt: NodeRuntime, plan: Plan, msg: EvaluateRequest, global_model: torch.nn.Module) -> torch.nn.Module | None:
+    """The node's own model beside the global one, where the algorithm has one (else None)."""
+    if plan.algorithm == "ft" and msg.round > 0:
+        # FT: the global model fine-tuned on this node's own training split.
+        model = copy.deepcopy(global_model)
+        tune = replace(plan.train, local_epochs=plan.personal.finetune_epochs)
+        LocalTrainer(model, tune).train_round(rt.images("train", plan), rt.masks("train", plan), seed=round_seed(plan.seed, msg.round, rt.name) + 1)
+        return model
+    if plan.algorithm == "iopfl":
+        mix = rt.personal_mix(msg.run_id)
+        if mix is not None:
+            model = plan.build_model()
+            arrays_to_state(model, mix)
+            return model
+    return None
+
+
 def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
     plan = Plan.from_dict(msg.plan)
     model = rt.model(plan, msg.run_id, msg.weights, f"weights of evaluate request round {msg.round}")
-    if plan.algorithm == "ft" and msg.round > 0:
-        # FT's personalized model: the global model fine-tuned on this node's own training split.
-        tune = replace(plan.train, local_epochs=plan.personal.finetune_epochs)
-        LocalTrainer(model, tune).train_round(rt.images("train", plan), rt.masks("train", plan), seed=round_seed(plan.seed, msg.round, rt.name) + 1)
+    models = {"": model}
+    personal = _personal_model(rt, plan, msg, model)
+    if personal is not None:
+        models[PERSONAL_PREFIX] = personal
     metrics: dict[str, Any] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.train.threads)
     try:
         for split in msg.splits:
             images, masks = rt.images(split, plan), rt.masks(split, plan)
-            m = evaluate(model, images, masks, batch_size=plan.eval_batch_size)
-            metrics[split] = {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
+            for prefix, scored in models.items():
+                m = evaluate(scored, images, masks, batch_size=plan.eval_batch_size)
+                metrics[prefix + split] = {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
             if msg.overlays:
-                _write_overlays(rt, model, images[: msg.overlays], masks[: msg.overlays], msg, split)
+                _write_overlays(rt, models.get(PERSONAL_PREFIX, model), images[: msg.overlays], masks[: msg.overlays], msg, split)
     finally:
         torch.set_num_threads(threads)
     log.info("round %d node %s: evaluated %s", msg.round, rt.name, metrics)

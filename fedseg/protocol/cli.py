@@ -14,6 +14,7 @@ _TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays")
 _MODEL = ("width", "depth", "in_channels")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
 _FEDMIX = ("lam", "beta", "tau", "adaptive")
+_PERSONAL = ("alpha", "head_fraction", "finetune_epochs")
 
 
 def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
             plan[key] = options[key]
     if options.get("full_masks"):
         plan["full_masks"] = True
-    for section, keys in (("model", _MODEL), ("train", _TRAIN), ("fedmix", _FEDMIX)):
+    for section, keys in (("model", _MODEL), ("train", _TRAIN), ("fedmix", _FEDMIX), ("personal", _PERSONAL)):
         for key in keys:
             if options.get(key) is not None:
                 plan.setdefault(section, {})[key] = options[key]
@@ -38,10 +39,10 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 
 @click.command()
 @click.option("--invite", "invites", multiple=True, type=click.Path(path_type=Path), help="A node's invite.json (repeat per node).")
-@click.option("--algorithm", type=click.Choice(["fedavg", "fedmix", "local", "ft", "fedbn", "fedrep"]), default=None,
+@click.option("--algorithm", type=click.Choice(["fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl"]), default=None,
               help="fedavg (pixel-labelled nodes train), fedmix (every label kind trains), or a personalized baseline: "
                    "local (nothing shared), ft (FedAvg, scored after local fine-tuning), fedbn (norm layers stay local), "
-                   "fedrep (head stays local) [default: fedavg].")
+                   "fedrep (head stays local), iopfl (each node also keeps a running mix of its models) [default: fedavg].")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory for checkpoints, metrics, report and plot.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue the run in this directory from its last completed round.")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Plan JSON; options below override it.")
@@ -62,6 +63,9 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @click.option("--beta", type=float, default=None, help="FedMix β: exponent on the losses.")
 @click.option("--tau", type=float, default=None, help="FedMix τ: agreement needed to accept a pseudo-label.")
 @click.option("--adaptive/--no-adaptive", default=None, help="FedMix adaptive aggregation weights (--no-adaptive: plain n_k, the ablation).")
+@click.option("--alpha", type=float, default=None, help="IOP-FL: weight of the previous running mix (default 0.1).")
+@click.option("--head-fraction", type=float, default=None, help="FedRep: share of each round spent on the head (default 0.2).")
+@click.option("--finetune-epochs", type=float, default=None, help="FT: local fine-tuning epochs before scoring (default 1).")
 @click.option("--full-masks", is_flag=True, default=False, help="Benchmark upper bound: nodes whose weak labels came from masks train on the masks.")
 def run(invites: tuple[Path, ...], out: Path | None, resume: Path | None, plan_file: Path | None, **options: Any) -> None:
     """Run federated rounds across the nodes in the invites."""

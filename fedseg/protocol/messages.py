@@ -33,6 +33,7 @@ __all__ = [
     "ErrorReply",
     "METRIC_KEYS",
     "SPLITS",
+    "PERSONAL_PREFIX",
     "encode",
     "decode",
     "check_arrays",
@@ -42,6 +43,8 @@ Arrays = dict[str, np.ndarray]
 #: Aggregate metrics a node may report per split; nothing per image ever leaves.
 METRIC_KEYS = frozenset({"dice", "iou", "loss", "n"})
 SPLITS = ("train", "val", "test")
+#: An evaluate reply may also score the node's personalized model, as "personal_val" etc.
+PERSONAL_PREFIX = "personal_"
 
 
 class MessageKind(StrEnum):
@@ -191,7 +194,7 @@ class EvaluateReply(Message):
 
     def validate(self) -> None:
         for split, values in self.metrics.items():
-            if split not in SPLITS or not isinstance(values, dict) or set(values) != METRIC_KEYS:
+            if split.removeprefix(PERSONAL_PREFIX) not in SPLITS or not isinstance(values, dict) or set(values) != METRIC_KEYS:
                 raise MessageError(f"{self.KIND}: metrics[{split!r}] must hold exactly {sorted(METRIC_KEYS)}")
             for key, v in values.items():
                 if type(v) not in (int, float):

@@ -13,9 +13,11 @@ from fedseg.models.unet import UNet, UNetConfig, build_model
 
 from .errors import PlanError
 
-__all__ = ["ALGORITHMS", "Plan"]
+__all__ = ["ALGORITHMS", "PERSONAL_MODELS", "Plan"]
 
-ALGORITHMS = ("fedavg", "fedmix", "local", "ft", "fedbn", "fedrep")
+ALGORITHMS = ("fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl")
+#: Algorithms whose nodes also score a personalized model of their own beside the global one.
+PERSONAL_MODELS = ("ft", "iopfl")
 #: What stays on each node per algorithm; the rest is shared and averaged.
 _LOCAL_PARTS = {"local": LocalPart.ALL, "fedbn": LocalPart.NORM, "fedrep": LocalPart.HEAD}
 

@@ -8,8 +8,18 @@ from typing import Any
 __all__ = ["best_round", "site_table", "write_report", "plot_dice"]
 
 
+_COLUMNS = {
+    "test_dice": "test Dice",
+    "test_iou": "test IoU",
+    "val_dice": "val Dice",
+    "personal_test_dice": "personal test Dice",
+    "personal_test_iou": "personal test IoU",
+}
+
+
 def _mean_over_sites(rows: list[dict[str, Any]], key: str, weighted: bool) -> float:
-    vals = [(r[key], r[key.split("_")[0] + "_n"] if weighted else 1) for r in rows]
+    # "personal_test_dice" is weighted by "personal_test_n", "val_dice" by "val_n".
+    vals = [(r[key], r[key.rsplit("_", 1)[0] + "_n"] if weighted else 1) for r in rows]
     total = sum(w for _, w in vals)
     return sum(v * w for v, w in vals) / total if total else float("nan")
 
@@ -32,17 +42,15 @@ def best_round(rows: list[dict[str, Any]]) -> int:
 def site_table(rows: list[dict[str, Any]], round_: int) -> list[list[str]]:
     """Header plus one row per site, then the mean over sites and the image-weighted mean."""
     at = sorted(_by_round(rows)[round_], key=lambda r: r["site"])
-    table = [["site", "test n", "test Dice", "test IoU", "val Dice"]]
+    # Personalized methods also score each node's own model: shown beside the global one.
+    keys = ["test_dice", "test_iou", "val_dice"]
+    if all("personal_test_dice" in r for r in at):
+        keys += ["personal_test_dice", "personal_test_iou"]
+    table = [["site", "test n", *(_COLUMNS[k] for k in keys)]]
     for r in at:
-        table.append([r["site"], str(r["test_n"]), f"{r['test_dice']:.4f}", f"{r['test_iou']:.4f}", f"{r['val_dice']:.4f}"])
+        table.append([r["site"], str(r["test_n"]), *(f"{r[k]:.4f}" for k in keys)])
     for label, weighted in (("mean over sites", False), ("mean, image-weighted", True)):
-        table.append([
-            label,
-            str(sum(r["test_n"] for r in at)),
-            f"{_mean_over_sites(at, 'test_dice', weighted):.4f}",
-            f"{_mean_over_sites(at, 'test_iou', weighted):.4f}",
-            f"{_mean_over_sites(at, 'val_dice', weighted):.4f}",
-        ])
+        table.append([label, str(sum(r["test_n"] for r in at)), *(f"{_mean_over_sites(at, k, weighted):.4f}" for k in keys)])
     return table
 
 

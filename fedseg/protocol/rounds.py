@@ -26,6 +26,7 @@ from .messages import (
     ErrorReply,
     EvaluateReply,
     EvaluateRequest,
+    PERSONAL_PREFIX,
     Message,
     TrainReply,
     check_arrays,
@@ -196,7 +197,8 @@ def run_federation(
             request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=plan.overlays, weights=weights)
             def call(p: Peer) -> EvaluateReply:
                 reply = p.request(request, EvaluateReply)
-                if set(reply.metrics) != set(request.splits):
+                bases = {k.removeprefix(PERSONAL_PREFIX) for k in reply.metrics}
+                if not set(request.splits) <= set(reply.metrics) or bases != set(request.splits):
                     raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {request.splits}")
                 return reply
 

@@ -643,7 +643,7 @@ def test_personalized_layers_never_leave_the_node(runtimes: dict[str, NodeRuntim
         for message in t.requests + t.replies:
             if hasattr(message, "weights"):
                 assert set(message.weights) == shared, f"{t.name} {message.KIND} carried {set(message.weights) & local}"
-        with np.load(t.runtime.workdir / "personal" / f"{run_id}.npz") as saved:
+        with np.load(t.runtime.workdir / "personal" / f"{run_id}.local.npz") as saved:
             assert set(saved.files) == local
             kept[t.name] = {k: saved[k] for k in saved.files}
     # Each node's local part is its own: trained on its own data, never averaged.
@@ -661,4 +661,26 @@ def test_ft_scores_a_fine_tuned_copy_and_leaves_the_global_model_alone(runtimes:
     _assert_arrays_equal(arrays["ft"], arrays["fedavg"])
     at = {a: {r["site"]: r for r in rows[a] if r["round"] == 1} for a in rows}
     assert [r for r in rows["ft"] if r["round"] == 0] == [r for r in rows["fedavg"] if r["round"] == 0]
-    assert any(at["ft"][s]["val_loss"] != at["fedavg"][s]["val_loss"] for s in SITES)
+    for s in SITES:
+        # The global figures are FedAvg's; the personalized ones come from the fine-tuned copy.
+        assert at["ft"][s]["val_loss"] == at["fedavg"][s]["val_loss"]
+        assert "personal_val_loss" not in at["fedavg"][s]
+    assert any(at["ft"][s]["personal_val_loss"] != at["ft"][s]["val_loss"] for s in SITES)
+
+
+def test_iopfl_keeps_a_running_mix_on_each_node_and_scores_it(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    from fedseg.models.iopfl import running_mix
+
+    transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+    rows = run_federation(_plan(algorithm="iopfl", rounds=2, personal={"alpha": 0.1}), transports, tmp_path, Reporter())
+    run_id = RunStore(tmp_path).load()[0].run_id
+    for t in transports:
+        trained = [r.weights for r in t.replies if isinstance(r, TrainReply)]
+        expected = running_mix(running_mix(None, trained[0], 0.1), trained[1], 0.1)
+        mix = t.runtime.personal_mix(run_id)
+        _assert_arrays_equal(mix, expected)
+        # Only the node's trained weights travelled; the mix itself never did.
+        assert all(set(r.weights) == set(mix) for r in t.replies if isinstance(r, TrainReply))
+    last = [r for r in rows if r["round"] == 2]
+    assert all("personal_test_dice" in r and "test_dice" in r for r in last)
+    assert not any("personal_test_dice" in r for r in rows if r["round"] == 0)
