@@ -127,3 +127,23 @@ def test_fedbn_keeps_normalization_layers_in_each_node_workdir(federation, tmp_p
         assert len(saved) == 1
         with np.load(saved[0]) as local:
             assert set(local.files) == norm
+
+
+def test_node_predict_segments_new_images_locally(finished_run, federation, tmp_path):
+    from PIL import Image
+
+    from fedseg.protocol.run_store import RunStore
+
+    node = federation["site-a"]
+    run_id = RunStore(finished_run[0]).load()[0].run_id
+    images = Path(json.loads((node.workdir / "node.json").read_text())["data"]) / "images"
+    args = ["node", "predict", "--workdir", str(node.workdir), "--run", run_id, "--images", str(images)]
+    result = fedseg(*args, "--model", "global", "--out", str(tmp_path / "pred"))
+    assert result.returncode == 0, result.stderr
+    masks = sorted((tmp_path / "pred" / "masks").glob("*.png"))
+    assert len(masks) == len(list(images.iterdir())) and len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == len(masks)
+    with Image.open(masks[0]) as mask, Image.open(images / masks[0].name) as image:
+        assert mask.size == image.size and set(mask.getdata()) <= {0, 255}
+    # A FedAvg run has no personalized model, and the node says so instead of guessing.
+    missing = fedseg(*args, "--model", "personalized", "--out", str(tmp_path / "p2"))
+    assert missing.returncode != 0 and "no personalized model" in missing.stderr and "Traceback" not in missing.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import logging
 import os
 import threading
@@ -26,7 +27,7 @@ import torch
 from fedseg.models.errors import ModelError
 from fedseg.models.iopfl import running_mix
 from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays
-from fedseg.models.personalization import fedrep_round, local_keys, pull, push
+from fedseg.models.personalization import LocalPart, fedrep_round, local_keys, pull, push
 from fedseg.models.overlay import overlay_png
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
 from fedseg.protocol.errors import MessageError, PlanError
@@ -52,6 +53,7 @@ from fedseg.protocol.wire import decode_frame
 
 from .config import WORKDIR_ENV, NodeConfig
 from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
+from .predict import MODELS_DIR
 
 __all__ = ["Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "log_to_workdir", "round_seed"]
 
@@ -161,6 +163,15 @@ class NodeRuntime:
         if plan.algorithm == "iopfl":
             mix = running_mix(self.personal_mix(run_id), state_to_arrays(model), plan.personal.alpha)
             self._save(self._personal_path(run_id, "mix"), mix)
+
+    def keep_models(self, plan: Plan, run_id: str, models: dict[str, torch.nn.Module]) -> None:
+        """Keeps the models just scored, so ``fedseg node predict`` can use them locally."""
+        folder = self.workdir / MODELS_DIR / _safe(run_id)
+        for prefix, model in models.items():
+            # With a local part (FedBN, FedRep, Local) the model a node runs is already its own.
+            personal = prefix or plan.local_part is not LocalPart.NONE
+            self._save(folder / ("personalized.npz" if personal else "global.npz"), state_to_arrays(model))
+        (folder / "plan.json").write_text(json.dumps(plan.to_dict(), sort_keys=True))
 
     def personal_mix(self, run_id: str) -> dict[str, np.ndarray] | None:
         """IOP-FL's running mix for this run, or None before the node's first round."""
@@ -272,6 +283,7 @@ def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
                 _write_overlays(rt, models.get(PERSONAL_PREFIX, model), images[: msg.overlays], masks[: msg.overlays], msg, split)
     finally:
         torch.set_num_threads(threads)
+    rt.keep_models(plan, msg.run_id, models)
     log.info("round %d node %s: evaluated %s", msg.round, rt.name, metrics)
     return EvaluateReply(run_id=msg.run_id, round=msg.round, metrics=metrics)
 

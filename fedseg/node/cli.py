@@ -87,3 +87,22 @@ def _serve(config, index, host: str, port: int) -> None:  # noqa: ANN001 - types
     except NodeError as exc:
         print(f"Error: {exc}", file=terminal, flush=True)
         sys.exit(1)
+
+
+@node.command(name="predict")
+@click.option("--workdir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="The node's workdir.")
+@click.option("--run", "run_id", default=None, help="Run id (default: the run this node evaluated last).")
+@click.option("--model", "which", type=click.Choice(["personalized", "global"]), default="personalized", show_default=True)
+@click.option("--images", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Folder of images to segment.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where masks/ and overlays/ go.")
+def predict_cmd(workdir: Path, run_id: str | None, which: str, images: Path, out: Path) -> None:
+    """Segment new images locally with a model this node holds."""
+    from .errors import NodeError
+    from .predict import latest_run, predict_folder
+
+    try:
+        run_id = run_id or latest_run(workdir)
+        n = predict_folder(workdir, run_id, which, images, out)
+    except NodeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"segmented {n} images with the {which} model of run {run_id}: {out / 'masks'}, {out / 'overlays'}")
