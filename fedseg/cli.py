@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "node": "fedseg.node.cli:node",
     "run": "fedseg.protocol.cli:run",
     "demo": "fedseg.demo:demo",
+    "audit": "fedseg.audit_cli:audit",
 }
 
 

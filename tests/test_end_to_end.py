@@ -147,3 +147,30 @@ def test_node_predict_segments_new_images_locally(finished_run, federation, tmp_
     # A FedAvg run has no personalized model, and the node says so instead of guessing.
     missing = fedseg(*args, "--model", "personalized", "--out", str(tmp_path / "p2"))
     assert missing.returncode != 0 and "no personalized model" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_audit_of_a_real_run_verifies_clean_and_reports(finished_run, federation, tmp_path):
+    run, _ = finished_run
+    nodes = [str(node.workdir) for node in federation.values()]
+    result = fedseg("audit", "verify", str(run), *nodes)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit clean" in result.stdout
+    report = fedseg("audit", "report", str(run), *nodes, "--out", str(tmp_path / "audit"))
+    assert report.returncode == 0, report.stderr
+    for name in federation:
+        assert (tmp_path / "audit" / f"{name}.md").read_text().strip()
+
+
+def test_audit_detects_a_tampered_node_log(finished_run, federation, tmp_path):
+    import shutil
+
+    run, _ = finished_run
+    node = federation["site-c"]
+    copy = tmp_path / "site-c"
+    shutil.copytree(node.workdir, copy, ignore=shutil.ignore_patterns("syft", "overlays", "models", "personal"))
+    log = copy / "audit.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"bytes":', b'"bytes":1', 1)
+    log.write_bytes(b"".join(lines))
+    result = fedseg("audit", "verify", str(run), str(copy))
+    assert result.returncode != 0 and "entry 1 (line 2)" in result.stderr and "audit.jsonl" in result.stderr

@@ -30,6 +30,7 @@ from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate
 from fedseg.models.personalization import LocalPart, fedrep_round, local_keys, pull, push
 from fedseg.models.overlay import overlay_png
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
+from fedseg.protocol.audit import AUDIT_FILE, AuditLog
 from fedseg.protocol.errors import MessageError, PlanError
 from fedseg.protocol.identity import fingerprint, load_or_create_identity
 from fedseg.protocol.messages import (
@@ -55,9 +56,12 @@ from .config import WORKDIR_ENV, NodeConfig
 from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
 from .predict import MODELS_DIR
 
-__all__ = ["Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "log_to_workdir", "round_seed"]
+__all__ = ["COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "log_to_workdir", "round_seed"]
 
 log = logging.getLogger("fedseg.node")
+
+#: How a node's audit log names its peer; the coordinator logs each node by its name.
+COORDINATOR = "coordinator"
 
 
 class NodeRuntime:
@@ -70,9 +74,11 @@ class NodeRuntime:
 
     Args:
         config: The node's settings.
+        audit: Keep the node's signed audit log of every message (the serving process
+            does; tools that only read a node's data do not).
     """
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, audit: bool = False) -> None:
         self.config = config
         self.workdir = Path(config.workdir)
         self.labels = LabelKind(config.labels)
@@ -81,7 +87,9 @@ class NodeRuntime:
             boxes=_path(config.boxes), image_labels=_path(config.image_labels), labels_from_masks=config.labels_from_masks,
         )
         self.splits: Splits = make_splits(self.index, config.split_seed)
-        self.fingerprint = fingerprint(load_or_create_identity(self.workdir / "identity.key").public_key())
+        identity = load_or_create_identity(self.workdir / "identity.key")
+        self.fingerprint = fingerprint(identity.public_key())
+        self.audit = AuditLog(self.workdir / AUDIT_FILE, identity, config.name) if audit else None
         self.can_score = self.index.has_masks
         self._arrays: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         self._weak: dict[int, dict[str, np.ndarray]] = {}
@@ -318,7 +326,7 @@ ACTIONS: dict[str, Action] = {
 
 
 def handle(rt: NodeRuntime, frame: bytes) -> bytes:
-    """Serves one request frame and returns the reply frame; never raises.
+    """Serves one request frame and returns the reply frame, recording both in the audit log.
 
     Args:
         rt: The node's runtime.
@@ -326,7 +334,19 @@ def handle(rt: NodeRuntime, frame: bytes) -> bytes:
 
     Returns:
         The encoded reply: the action's reply, or an ErrorReply naming what was refused.
+
+    Raises:
+        AuditError: Only if the audit log cannot be written; then nothing is sent.
     """
+    received = rt.audit.record(direction="received", peer=COORDINATOR, frame=frame) if rt.audit else {}
+    reply = _serve(rt, frame)
+    if rt.audit:
+        # An error reply carries no run or round: the log takes them from the request.
+        rt.audit.record(direction="sent", peer=COORDINATOR, frame=reply, run_id=received.get("run"), round=received.get("round"))
+    return reply
+
+
+def _serve(rt: NodeRuntime, frame: bytes) -> bytes:
     max_bytes = rt.config.max_message_mb * 2**20
     try:
         kind = decode_frame(frame, max_bytes).kind
@@ -373,7 +393,7 @@ def _get_runtime() -> NodeRuntime:
     if _runtime is None:
         config = NodeConfig.load(Path(os.environ[WORKDIR_ENV]))
         log_to_workdir(Path(config.workdir))
-        _runtime = NodeRuntime(config)
+        _runtime = NodeRuntime(config, audit=True)
     return _runtime
 
 

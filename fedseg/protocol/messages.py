@@ -34,6 +34,8 @@ __all__ = [
     "METRIC_KEYS",
     "SPLITS",
     "PERSONAL_PREFIX",
+    "MESSAGE_TYPES",
+    "declared_fields",
     "encode",
     "decode",
     "check_arrays",
@@ -213,10 +215,17 @@ class ErrorReply(Message):
             raise MessageError(f"{self.KIND}: unknown error code {self.code!r}")
 
 
-_TYPES: dict[str, type[Message]] = {
-    cls.KIND.value: cls
-    for cls in (DescribeRequest, DescribeReply, TrainRequest, TrainReply, EvaluateRequest, EvaluateReply, ErrorReply)
-}
+#: Every declared message type.
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    DescribeRequest, DescribeReply, TrainRequest, TrainReply, EvaluateRequest, EvaluateReply, ErrorReply,
+)
+_TYPES: dict[str, type[Message]] = {cls.KIND.value: cls for cls in MESSAGE_TYPES}
+
+
+def declared_fields(cls: type[Message]) -> tuple[frozenset[str], frozenset[str]]:
+    """The scalar field names and the tensor field names a message type declares."""
+    hints, tensors = _schema(cls)
+    return frozenset(hints) - tensors, tensors
 _SCALARS = {str: (str,), int: (int,), bool: (bool,), float: (int, float), dict: (dict,), list: (list,)}
 
 

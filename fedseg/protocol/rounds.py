@@ -18,7 +18,9 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from .audit import AuditLog
 from .errors import MessageError, ProtocolError, RemoteError, RoundError, TransportError
+from .identity import load_or_create_identity
 from .messages import (
     Arrays,
     DescribeReply,
@@ -41,6 +43,8 @@ from .strategies import Strategy, make_strategy
 __all__ = ["Transport", "Peer", "Reporter", "initial_arrays", "run_federation"]
 
 M = TypeVar("M", bound=Message)
+#: How the coordinator signs its own audit log.
+COORDINATOR_WRITER = "coordinator"
 
 
 class Transport(Protocol):
@@ -56,15 +60,25 @@ class Transport(Protocol):
 
 
 class Peer:
-    """Typed requests to one node: encode, exchange, decode, and turn error replies into exceptions."""
+    """Typed requests to one node: encode, record, exchange, record, decode, and turn error
+    replies into exceptions. Both frames go to the coordinator's audit log: the request
+    before it is sent, the reply as soon as it arrives."""
 
-    def __init__(self, transport: Transport, max_bytes: int) -> None:
+    def __init__(self, transport: Transport, max_bytes: int, audit: AuditLog | None = None) -> None:
         self.transport = transport
         self.name = transport.name
         self.max_bytes = max_bytes
+        self.audit = audit
 
     def request(self, message: Message, expect: type[M]) -> M:
-        reply = decode(self.transport.exchange(encode(message)), self.max_bytes)
+        frame = encode(message)
+        if self.audit:
+            self.audit.record(direction="sent", peer=self.name, frame=frame)
+        reply_frame = self.transport.exchange(frame)
+        if self.audit:
+            self.audit.record(direction="received", peer=self.name, frame=reply_frame,
+                              run_id=getattr(message, "run_id", None), round=getattr(message, "round", None))
+        reply = decode(reply_frame, self.max_bytes)
         if isinstance(reply, ErrorReply):
             raise RemoteError(self.name, reply.code, reply.message)
         if not isinstance(reply, expect):
@@ -161,7 +175,8 @@ def run_federation(
     store = RunStore(out)
     store.root.mkdir(parents=True, exist_ok=True)
     strategy = strategy or make_strategy(plan)
-    peers = [Peer(t, plan.max_message_bytes) for t in transports]
+    audit = AuditLog(store.audit, load_or_create_identity(store.identity), COORDINATOR_WRITER)
+    peers = [Peer(t, plan.max_message_bytes, audit) for t in transports]
     names = [p.name for p in peers]
     if len(set(names)) != len(names):
         raise ProtocolError(f"node names must be distinct, got {names}")
@@ -182,62 +197,65 @@ def run_federation(
         run_id, start, rows, arrays = uuid.uuid4().hex[:12], 0, [], initial_arrays(plan)
     layout = {k: tuple(v.shape) for k, v in arrays.items()}
 
-    with ThreadPoolExecutor(max_workers=len(peers)) as pool:
-        described = _fan_out(pool, peers, lambda p: p.request(DescribeRequest(run_id=run_id), DescribeReply), plan.timeout_s, reporter.step)
-        _require(described, len(peers), "describe", start)
-        nodes = described.replies
-        strategy.participants(nodes)  # refuses a plan that cannot work before any round runs
-        scorers = [p for p in peers if nodes[p.name].can_score]
-        if not scorers:
-            raise ProtocolError("no node holds masks to score the model with")
-        for name, d in nodes.items():
-            reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {d.label_kind} labels, key {d.fingerprint[7:19]}")
+    try:
+        with ThreadPoolExecutor(max_workers=len(peers)) as pool:
+            described = _fan_out(pool, peers, lambda p: p.request(DescribeRequest(run_id=run_id), DescribeReply), plan.timeout_s, reporter.step)
+            _require(described, len(peers), "describe", start)
+            nodes = described.replies
+            strategy.participants(nodes)  # refuses a plan that cannot work before any round runs
+            scorers = [p for p in peers if nodes[p.name].can_score]
+            if not scorers:
+                raise ProtocolError("no node holds masks to score the model with")
+            for name, d in nodes.items():
+                reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {d.label_kind} labels, key {d.fingerprint[7:19]}")
 
-        def evaluate(round_: int, weights: Arrays) -> _Outcome:
-            request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=plan.overlays, weights=weights)
-            def call(p: Peer) -> EvaluateReply:
-                reply = p.request(request, EvaluateReply)
-                bases = {k.removeprefix(PERSONAL_PREFIX) for k in reply.metrics}
-                if not set(request.splits) <= set(reply.metrics) or bases != set(request.splits):
-                    raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {request.splits}")
-                return reply
+            def evaluate(round_: int, weights: Arrays) -> _Outcome:
+                request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=plan.overlays, weights=weights)
+                def call(p: Peer) -> EvaluateReply:
+                    reply = p.request(request, EvaluateReply)
+                    bases = {k.removeprefix(PERSONAL_PREFIX) for k in reply.metrics}
+                    if not set(request.splits) <= set(reply.metrics) or bases != set(request.splits):
+                        raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {request.splits}")
+                    return reply
 
-            reporter.step(f"round {round_}: evaluating on {len(scorers)} nodes")
-            outcome = _fan_out(pool, scorers, call, plan.timeout_s, lambda text: reporter.step(f"round {round_} evaluation: {text}"))
-            _require(outcome, min(needed, len(scorers)), "evaluation", round_)
-            for name, why in outcome.failures.items():
-                reporter.info(f"round {round_}: node {name} left out of evaluation: {why}")
-            return outcome
+                reporter.step(f"round {round_}: evaluating on {len(scorers)} nodes")
+                outcome = _fan_out(pool, scorers, call, plan.timeout_s, lambda text: reporter.step(f"round {round_} evaluation: {text}"))
+                _require(outcome, min(needed, len(scorers)), "evaluation", round_)
+                for name, why in outcome.failures.items():
+                    reporter.info(f"round {round_}: node {name} left out of evaluation: {why}")
+                return outcome
 
-        if start == 0:
-            t0 = time.monotonic()
-            rows += _rows(0, evaluate(0, arrays), None)
-            _record(store, RunState(run_id, 0, plan.to_dict(), list(invites)), arrays, rows)
-            reporter.round_done(0, [r for r in rows if r["round"] == 0], {"seconds": time.monotonic() - t0})
-            start = 1
-        for round_ in range(start, plan.rounds + 1):
-            t0 = time.monotonic()
-            requests = strategy.configure(round_, arrays, run_id, nodes)
-            taking_part = [p for p in peers if p.name in requests]
+            if start == 0:
+                t0 = time.monotonic()
+                rows += _rows(0, evaluate(0, arrays), None)
+                _record(store, RunState(run_id, 0, plan.to_dict(), list(invites)), arrays, rows)
+                reporter.round_done(0, [r for r in rows if r["round"] == 0], {"seconds": time.monotonic() - t0})
+                start = 1
+            for round_ in range(start, plan.rounds + 1):
+                t0 = time.monotonic()
+                requests = strategy.configure(round_, arrays, run_id, nodes)
+                taking_part = [p for p in peers if p.name in requests]
 
-            def train(p: Peer) -> TrainReply:
-                reply = p.request(requests[p.name], TrainReply)
-                check_arrays(reply.weights, layout, f"update from node {p.name} in round {round_}")
-                return reply
+                def train(p: Peer) -> TrainReply:
+                    reply = p.request(requests[p.name], TrainReply)
+                    check_arrays(reply.weights, layout, f"update from node {p.name} in round {round_}")
+                    return reply
 
-            reporter.step(f"round {round_}: training on {len(taking_part)} nodes")
-            trained = _fan_out(pool, taking_part, train, plan.timeout_s, lambda text: reporter.step(f"round {round_} training: {text}"))
-            _require(trained, min(needed, len(taking_part)), "training", round_)
-            for name, why in trained.failures.items():
-                reporter.info(f"round {round_}: node {name} left out: {why}")
-            arrays, summary = strategy.aggregate(round_, trained.replies)
-            t_train = time.monotonic() - t0
-            evaluated = evaluate(round_, arrays)
-            new_rows = _rows(round_, evaluated, trained)
-            rows += new_rows
-            _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
-            summary.update(seconds=time.monotonic() - t0, train_seconds=t_train)
-            reporter.round_done(round_, new_rows, summary)
+                reporter.step(f"round {round_}: training on {len(taking_part)} nodes")
+                trained = _fan_out(pool, taking_part, train, plan.timeout_s, lambda text: reporter.step(f"round {round_} training: {text}"))
+                _require(trained, min(needed, len(taking_part)), "training", round_)
+                for name, why in trained.failures.items():
+                    reporter.info(f"round {round_}: node {name} left out: {why}")
+                arrays, summary = strategy.aggregate(round_, trained.replies)
+                t_train = time.monotonic() - t0
+                evaluated = evaluate(round_, arrays)
+                new_rows = _rows(round_, evaluated, trained)
+                rows += new_rows
+                _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
+                summary.update(seconds=time.monotonic() - t0, train_seconds=t_train)
+                reporter.round_done(round_, new_rows, summary)
+    finally:
+        audit.close()
     return rows
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .audit import AUDIT_FILE
 from .errors import ProtocolError
 from .messages import Arrays
 
@@ -54,6 +55,9 @@ class RunStore:
         self.metrics = self.root / "metrics.jsonl"
         self.report = self.root / "report.md"
         self.plot = self.root / "dice.png"
+        self.audit = self.root / AUDIT_FILE
+        # The coordinator's identity for this run: it signs the run's audit log.
+        self.identity = self.root / "coordinator.key"
 
     def save(self, state: RunState, arrays: Arrays) -> None:
         import io

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import MessageError
 
-__all__ = ["MAGIC", "DEFAULT_MAX_BYTES", "DTYPES", "Frame", "encode_frame", "decode_frame"]
+__all__ = ["MAGIC", "DEFAULT_MAX_BYTES", "DTYPES", "Frame", "canonical_json", "encode_frame", "decode_frame"]
 
 MAGIC = b"FSG1"
 #: Larger than any plan's weights at 128 px; a plan may lower or raise it.
@@ -39,9 +39,18 @@ class Frame:
     tensors: dict[str, np.ndarray]
 
 
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no whitespace, finite numbers only: the one JSON encoding fedseg hashes and signs.
+
+    Raises:
+        ValueError: On NaN or Inf. TypeError: On objects JSON cannot hold.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
 def _canonical_json(obj: Any) -> bytes:
     try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        return canonical_json(obj)
     except (TypeError, ValueError) as exc:  # NaN/Inf scalars or objects JSON cannot hold
         raise MessageError(f"header cannot be encoded: {exc}") from exc
 

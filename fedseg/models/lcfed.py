@@ -1,0 +1,677 @@
+"""LC-Fed: personalized federated segmentation by local calibration.
+
+Paper: Wang et al., "Personalizing Federated Medical Image Segmentation via Local
+Calibration", ECCV 2022, pp. 456-472, https://arxiv.org/abs/2207.04655.
+
+LC-Fed is adapted here to fedseg's GroupNorm U-Net (:class:`~fedseg.models.unet.UNet`)
+rather than the paper's FedDG backbone. Two parts calibrate a shared model to a site:
+
+* **PCS**, contrastive site embedding with channel selection (:class:`PCS`): after
+  the deepest encoder stage, a learned embedding of the site's one-hot ``e_k`` and
+  the pooled features choose channel weights ``A_k`` in (0, 1), and the features
+  become ``x * A_k + x``. A contrastive term pushes ``A_k`` away from the
+  attentions the other sites' one-hots would give on the same input:
+  ``L_con = -1/(K-1) * sum_{j != k} MSE(A_k, A_j)``, with the ``A_j`` computed
+  without gradient. Stage 1 minimizes ``L_seg + alpha * L_con``.
+* **HC**, disagreement-aware head calibration (:class:`HeadCalibration`): in
+  stage 2 every node applies all sites' heads to its own decoder features F,
+  takes the per-pixel spread of their probabilities around its own, keeps the
+  local peaks of that disagreement, blurs the peaks and its own probabilities
+  with a fixed Gaussian, re-weights F by both maps and predicts with a 3x3 conv.
+  Only that conv trains.
+
+Shared and local parameters (:func:`lcfed_local_keys`): the encoder, decoder and
+PCS are shared and averaged; the 1x1 ``head`` and ``hc`` stay on the node. Each
+stage-1 round trains the head alone on the first ``head_fraction`` of its
+samples, then the shared parameters alone (:func:`lcfed_round`).
+
+Where the reference code is wrong or silent, fedseg decides (METHODS.md §4): PCS is
+a registered, shared module; the contrastive loss is on (alpha = 0.1) with gradient
+clipping at norm 1 (``TrainConfig.grad_clip``); parameters that do not train in a
+phase are left out of the optimizer, so weight decay and Adam momentum cannot move
+them; and the heads a node needs for HC travel as a declared message
+(:func:`head_arrays`), never its features or predictions.
+
+The segmentation loss is the project's ``DiceBCELoss`` from ``TrainConfig``
+(per-image soft Dice plus BCE by default); set ``lambda_bce=0`` for the paper's
+pure soft-Dice objective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedseg.models.config import DictConfig
+from fedseg.models.errors import ModelError
+from fedseg.models.local_training import RoundResult, TrainConfig, predict
+from fedseg.models.losses import Losses
+from fedseg.models.personalization import PhaseTrainer
+from fedseg.models.unet import UNet, UNetConfig
+
+__all__ = [
+    "CalibratedUNet",
+    "HeadCalibration",
+    "HeadLike",
+    "LCFedConfig",
+    "LCFedTrainer",
+    "LCFedUNet",
+    "PCS",
+    "Phase",
+    "gaussian_kernel",
+    "head_arrays",
+    "lcfed_local_keys",
+    "lcfed_phase_keys",
+    "lcfed_round",
+    "predict_calibrated",
+    "site_onehot",
+    "train_hc_round",
+]
+
+#: A site's segmentation head as received from the federation: a 1x1 conv module,
+#: a ``(weight, bias)`` pair, or the mapping :func:`head_arrays` produces
+#: (``{"head.weight": (C, width, 1, 1), "head.bias": (C,)}``); tensors or arrays.
+HeadLike = Union[nn.Conv2d, tuple[Any, Any], Mapping[str, Any]]
+
+
+def _check_field(name: str, value: Any, *, lo: float, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False, integer: bool = False) -> None:
+    # bool is an int subclass; a JSON config saying ``true`` is a bug, not 1.
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise ModelError(f"LCFedConfig.{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    bad_lo = value < lo or (lo_open and value == lo)
+    bad_hi = hi is not None and (value > hi or (hi_open and value == hi))
+    if not math.isfinite(value) or bad_lo or bad_hi:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        bound = f"in {left}{lo}, {hi}{right}" if hi is not None else f"{'>' if lo_open else '>='} {lo}"
+        raise ModelError(f"LCFedConfig.{name} must be {bound}, got {value}")
+
+
+@dataclass(frozen=True)
+class LCFedConfig(DictConfig):
+    """LC-Fed settings shared by every node (the site index and count are per node
+    and go to the :class:`LCFedUNet` constructor instead).
+
+    Attributes:
+        alpha: Weight of the contrastive PCS loss in stage 1 (the reference code
+            ships 0; its author's later reimplementation and fedseg use 0.1).
+        head_fraction: Share of each stage-1 round's samples spent training the
+            local head only (10 of 50 iterations in the paper: 0.2).
+        peak_threshold: HC keeps disagreement peaks whose normalized value is above this.
+        gaussian_sigma: Standard deviation, in pixels, of HC's fixed Gaussian filter.
+        window: Odd side of HC's peak (max-pool) window and Gaussian filter.
+    """
+
+    alpha: float = 0.1
+    head_fraction: float = 0.2
+    peak_threshold: float = 0.2
+    gaussian_sigma: float = 6.0
+    window: int = 31
+
+    def __post_init__(self) -> None:
+        _check_field("alpha", self.alpha, lo=0)
+        _check_field("head_fraction", self.head_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+        _check_field("peak_threshold", self.peak_threshold, lo=0, hi=1, hi_open=True)
+        _check_field("gaussian_sigma", self.gaussian_sigma, lo=0, lo_open=True)
+        _check_field("window", self.window, lo=1, integer=True)
+        if self.window % 2 == 0:
+            raise ModelError(f"LCFedConfig.window must be odd, got {self.window}")
+
+
+def _check_site(n_sites: Any, site: Any) -> None:
+    for name, value in (("n_sites", n_sites), ("site", site)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ModelError(f"LC-Fed {name} must be an int, got {value!r}")
+    if n_sites < 2:
+        raise ModelError(f"LC-Fed needs n_sites >= 2 (the contrastive loss compares sites), got {n_sites}")
+    if not 0 <= site < n_sites:
+        raise ModelError(f"LC-Fed site must be in [0, {n_sites - 1}], got {site}")
+
+
+def site_onehot(site: int, n_sites: int, device: torch.device | None = None) -> torch.Tensor:
+    """The site's one-hot code ``e_k``.
+
+    Args:
+        site: Index k in ``[0, n_sites)``.
+        n_sites: K >= 2.
+        device: Where to put it.
+
+    Returns:
+        ``(K,)`` float32.
+
+    Raises:
+        ModelError: If the index or count is invalid.
+    """
+    _check_site(n_sites, site)
+    onehot = torch.zeros(n_sites, device=device)
+    onehot[site] = 1
+    return onehot
+
+
+class PCS(nn.Module):
+    """Contrastive site embedding with channel selection, for C channels and K sites.
+
+    ``xi = Conv1x1(C->C)(ReLU(Conv1x1(K->C)(e)))`` embeds the site code ``e``;
+    ``phi = Conv1x1(2C->r) -> ReLU -> Conv1x1(r->C)`` with ``r = max(C // 16, 1)``
+    is shared by the average- and max-pooled branches; ``A = sigmoid(phi([GAP(x); xi])
+    + phi([GMP(x); xi]))``. All convs are bias-free.
+
+    State-dict keys: ``embed.0.weight`` (C, K, 1, 1), ``embed.2.weight``,
+    ``select.0.weight`` (r, 2C, 1, 1), ``select.2.weight`` (C, r, 1, 1).
+
+    Args:
+        channels: C, the channels of the features it re-weights.
+        n_sites: K >= 2.
+
+    Raises:
+        ModelError: If ``channels < 1`` or ``n_sites < 2``.
+    """
+
+    def __init__(self, channels: int, n_sites: int) -> None:
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ModelError(f"PCS channels must be an int >= 1, got {channels!r}")
+        _check_site(n_sites, 0)
+        self.channels, self.n_sites = channels, n_sites
+        hidden = max(channels // 16, 1)
+        self.embed = nn.Sequential(
+            nn.Conv2d(n_sites, channels, 1, bias=False), nn.ReLU(), nn.Conv2d(channels, channels, 1, bias=False)
+        )
+        self.select = nn.Sequential(
+            nn.Conv2d(2 * channels, hidden, 1, bias=False), nn.ReLU(), nn.Conv2d(hidden, channels, 1, bias=False)
+        )
+
+    def _check(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ModelError(f"PCS expects features (B, {self.channels}, h, w), got {tuple(x.shape)}")
+        if onehot.ndim == 1:
+            onehot = onehot.expand(x.shape[0], -1)
+        if onehot.shape != (x.shape[0], self.n_sites):
+            raise ModelError(
+                f"PCS expects a site code ({self.n_sites},) or ({x.shape[0]}, {self.n_sites}), got {tuple(onehot.shape)}"
+            )
+        return onehot.to(x.dtype)[:, :, None, None]  # (B, K, 1, 1)
+
+    def attention(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """Channel attention of the site ``onehot`` on features ``x``.
+
+        Args:
+            x: Features ``(B, C, h, w)``.
+            onehot: Site code ``(K,)`` or ``(B, K)``.
+
+        Returns:
+            ``A`` of shape ``(B, C, 1, 1)``, values in (0, 1).
+
+        Raises:
+            ModelError: On wrong shapes.
+        """
+        code = self._check(x, onehot)
+        xi = self.embed(code)  # (B, C, 1, 1)
+        avg = self.select(torch.cat([x.mean(dim=(2, 3), keepdim=True), xi], dim=1))  # (B, 2C, 1, 1) -> (B, C, 1, 1)
+        peak = self.select(torch.cat([x.amax(dim=(2, 3), keepdim=True), xi], dim=1))  # (B, C, 1, 1)
+        return torch.sigmoid(avg + peak)
+
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-weights the channels of ``x`` for the site ``onehot``.
+
+        Args:
+            x: Features ``(B, C, h, w)``.
+            onehot: Site code ``(K,)`` or ``(B, K)``.
+
+        Returns:
+            ``(x * A + x, A)``: features ``(B, C, h, w)`` and attention ``(B, C, 1, 1)``.
+
+        Raises:
+            ModelError: On wrong shapes.
+        """
+        a = self.attention(x, onehot)
+        return x * a + x, a
+
+    def contrastive_loss(self, x: torch.Tensor, site: int, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """``L_con = -1/(K-1) * sum_{j != k} MSE(A_k, A_j)``, with ``A_j`` computed without gradient.
+
+        Args:
+            x: The features PCS re-weighted, ``(B, C, h, w)``.
+            site: This node's index k.
+            attention: ``A_k`` ``(B, C, 1, 1)`` if already computed on ``x`` (it keeps
+                its gradient); computed here otherwise.
+
+        Returns:
+            A scalar <= 0 whose gradient reaches ``A_k`` only.
+
+        Raises:
+            ModelError: On wrong shapes or an invalid site.
+        """
+        own = attention if attention is not None else self.attention(x, site_onehot(site, self.n_sites, x.device))
+        if own.shape != (x.shape[0], self.channels, 1, 1):
+            raise ModelError(
+                f"PCS.contrastive_loss expects attention ({x.shape[0]}, {self.channels}, 1, 1), got {tuple(own.shape)}"
+            )
+        total = own.new_zeros(())
+        with torch.no_grad():
+            codes = [site_onehot(j, self.n_sites, x.device) for j in range(self.n_sites) if j != site]
+            others = [self.attention(x, code) for code in codes]  # K-1 x (B, C, 1, 1), no grad
+        for other in others:
+            total = total - F.mse_loss(own, other)
+        return total / (self.n_sites - 1)
+
+
+class LCFedUNet(UNet):
+    """fedseg's U-Net with PCS after the deepest encoder stage and an HC module.
+
+    The state-dict names of :class:`UNet` are kept (``encoder.*``, ``decoder.*``,
+    ``head.*``), so a model built with the same torch seed starts from the same
+    weights; PCS adds ``pcs.*`` (shared) and HC adds ``hc.*`` (local, used in
+    stage 2 only). Input size rule as for :class:`UNet`: H and W multiples of
+    ``2**depth``.
+
+    Args:
+        config: The U-Net architecture.
+        n_sites: K, the number of sites in the federation, >= 2.
+        site: This node's index k in ``[0, K)``; every node must agree on the order.
+        lcfed: HC settings (peak threshold, Gaussian); defaults to :class:`LCFedConfig`.
+
+    Raises:
+        ModelError: On an invalid site index or count.
+    """
+
+    def __init__(self, config: UNetConfig, n_sites: int, site: int, lcfed: LCFedConfig | None = None) -> None:
+        _check_site(n_sites, site)
+        super().__init__(config)
+        self.n_sites, self.site = n_sites, site
+        self.lcfed = lcfed or LCFedConfig()
+        self.pcs = PCS(config.width * 2**config.depth, n_sites)
+        self.hc = HeadCalibration(config.width, config.out_channels, self.lcfed)
+        # Not persistent: it is fixed by (site, n_sites), and a state-dict entry would be averaged.
+        self.register_buffer("onehot", site_onehot(site, n_sites), persistent=False)  # (K,)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ModelError(f"LCFedUNet expects input (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ModelError(f"LCFedUNet expects float input in [0, 1], got dtype {x.dtype}")
+        m = 2**cfg.depth
+        if x.shape[-2] % m or x.shape[-1] % m:
+            raise ModelError(
+                f"LCFedUNet with depth={cfg.depth} needs H and W to be multiples of 2**depth={m}, "
+                f"got input shape {tuple(x.shape)}"
+            )
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._check_input(x)
+        skips = []
+        for i, block in enumerate(self.encoder):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))  # (B, width*2**i, H/2**i, W/2**i)
+            skips.append(x)
+        return skips
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder features and head logits.
+
+        Args:
+            x: Images ``(B, in_channels, H, W)``, float in [0, 1].
+
+        Returns:
+            ``(F, logits)``: F ``(B, width, H, W)`` before the head, logits
+            ``(B, out_channels, H, W)``.
+
+        Raises:
+            ModelError: On wrong rank, channels, dtype or spatial size.
+        """
+        skips = self._encode(x)
+        deep, _ = self.pcs(skips.pop(), self.onehot)  # (B, width*2**depth, H/2**depth, W/2**depth)
+        for up in self.decoder:
+            deep = up(deep, skips.pop())
+        return deep, self.head(deep)  # (B, width, H, W), (B, out_channels, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage-1 logits of the local head, ``(B, out_channels, H, W)``; see :meth:`features`."""
+        return self.features(x)[1]
+
+    def contrastive_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """PCS's contrastive loss on images ``x`` ``(B, in_channels, H, W)``; a scalar <= 0.
+
+        Raises:
+            ModelError: On a wrong input shape.
+        """
+        return self.pcs.contrastive_loss(self._encode(x)[-1], self.site)
+
+
+def gaussian_kernel(window: int, sigma: float) -> torch.Tensor:
+    """``exp(-(u^2 + v^2) / (2 sigma^2))`` on a centred ``window x window`` grid; the peak is 1.
+
+    Returns:
+        ``(1, 1, window, window)`` float32.
+    """
+    u = torch.arange(window, dtype=torch.float32) - window // 2
+    g = torch.exp(-(u**2) / (2 * sigma**2))  # (window,); separable, so the 2D peak is 1 * 1
+    return torch.outer(g, g)[None, None]
+
+
+def _head_tensors(head: HeadLike, width: int, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(head, nn.Conv2d):
+        weight = head.weight
+        bias = head.bias if head.bias is not None else torch.zeros(head.out_channels)
+    elif isinstance(head, Mapping):
+        if set(head) != {"head.weight", "head.bias"}:
+            raise ModelError(f"a head mapping needs exactly 'head.weight' and 'head.bias', got {sorted(head)}")
+        weight, bias = head["head.weight"], head["head.bias"]
+    elif isinstance(head, (tuple, list)) and len(head) == 2:
+        weight, bias = head
+    else:
+        raise ModelError(f"a head must be a 1x1 Conv2d, a (weight, bias) pair or head arrays, got {type(head).__name__}")
+    weight = torch.as_tensor(weight).detach().float()
+    bias = torch.as_tensor(bias).detach().float()
+    if tuple(weight.shape) != (n_classes, width, 1, 1) or tuple(bias.shape) != (n_classes,):
+        raise ModelError(
+            f"a head needs weight ({n_classes}, {width}, 1, 1) and bias ({n_classes},), "
+            f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    return weight, bias
+
+
+class HeadCalibration(nn.Module):
+    """Disagreement-aware head calibration for one node (only ``conv`` trains).
+
+    With ``p_j = sigmoid(h_j(F))`` for every head including the node's own ``p_k``:
+
+    * ``U = sqrt(sum_j (p_j - p_k)^2 / (K-1))``, divided by its max per image and class;
+    * ``P = 1[U == maxpool_window(U)] * 1[U > peak_threshold]``, the disagreement peaks;
+    * ``S_u = G(P)``, ``S_p = G(p_k)`` with G the fixed Gaussian (peak 1);
+    * per class c: ``F * S_u[c] + F`` and ``F * S_p[c] + F``, concatenated
+      to ``(B, 2 * width * C, H, W)``, then ``Conv3x3 -> C`` logits.
+
+    F, the heads and everything derived from them are detached.
+
+    Args:
+        width: Channels of F (the U-Net's ``width``).
+        n_classes: C, the head's output channels.
+        config: Peak threshold, Gaussian sigma and window.
+    """
+
+    def __init__(self, width: int, n_classes: int, config: LCFedConfig | None = None) -> None:
+        super().__init__()
+        self.width, self.n_classes = width, n_classes
+        self.config = config or LCFedConfig()
+        self.conv = nn.Conv2d(2 * width * n_classes, n_classes, 3, padding=1)
+        nn.init.zeros_(self.conv.bias)
+        # A fixed filter, not a parameter; not persistent, as it follows from the config.
+        kernel = gaussian_kernel(self.config.window, self.config.gaussian_sigma)  # (1, 1, window, window)
+        self.register_buffer("gaussian", kernel, persistent=False)
+
+    @staticmethod
+    def disagreement(own: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        """Normalized spread of the other heads' probabilities around the node's own.
+
+        Args:
+            own: ``p_k`` ``(B, C, H, W)``.
+            others: ``p_j`` for the J = K-1 other heads, ``(B, J, C, H, W)``.
+
+        Returns:
+            ``U`` ``(B, C, H, W)`` in [0, 1]: 1 at each image's and class's maximum;
+            all 0 where the heads agree everywhere.
+
+        Raises:
+            ModelError: On mismatched shapes or J = 0.
+        """
+        if (own.ndim != 4 or others.ndim != 5 or others.shape[1] == 0
+                or others.shape[:1] + others.shape[2:] != own.shape):
+            raise ModelError(
+                f"disagreement expects own (B, C, H, W) and others (B, J>=1, C, H, W), "
+                f"got {tuple(own.shape)} and {tuple(others.shape)}"
+            )
+        u = ((others - own[:, None]) ** 2).sum(dim=1).div(others.shape[1]).sqrt()  # (B, C, H, W)
+        peak = u.amax(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        return torch.where(peak > 0, u / peak.clamp_min(torch.finfo(u.dtype).tiny), torch.zeros_like(u))
+
+    def peak_map(self, u: torch.Tensor) -> torch.Tensor:
+        """``1[U == maxpool(U)] * 1[U > peak_threshold]`` (what the reference calls NMS).
+
+        Args:
+            u: Normalized disagreement ``(B, C, H, W)``.
+
+        Returns:
+            ``(B, C, H, W)`` float in {0, 1}.
+        """
+        w = self.config.window
+        pooled = F.max_pool2d(u, w, stride=1, padding=w // 2)  # (B, C, H, W); the padding is -inf
+        return ((u == pooled) & (u > self.config.peak_threshold)).to(u.dtype)
+
+    def smooth(self, m: torch.Tensor) -> torch.Tensor:
+        """Applies the fixed Gaussian to every channel of ``m`` ``(B, C, H, W)``; same shape."""
+        b, c, h, w = m.shape
+        out = F.conv2d(m.reshape(b * c, 1, h, w), self.gaussian.to(m.dtype), padding=self.config.window // 2)
+        return out.reshape(b, c, h, w)
+
+    def forward(self, features: torch.Tensor, own_head: HeadLike, other_heads: Sequence[HeadLike]) -> torch.Tensor:
+        """Calibrated logits.
+
+        Args:
+            features: Decoder output F ``(B, width, H, W)``.
+            own_head: This node's head h_k.
+            other_heads: The other sites' heads, at least one; see :data:`HeadLike`.
+
+        Returns:
+            Logits ``(B, C, H, W)``.
+
+        Raises:
+            ModelError: On wrong shapes or no other head.
+        """
+        if features.ndim != 4 or features.shape[1] != self.width:
+            raise ModelError(f"HeadCalibration expects features (B, {self.width}, H, W), got {tuple(features.shape)}")
+        if len(other_heads) == 0:
+            raise ModelError("HeadCalibration needs the heads of at least one other site")
+        feat = features.detach()
+        b, _, h, w = feat.shape
+        c = self.n_classes
+        with torch.no_grad():
+            own_w, own_b = (t.to(feat) for t in _head_tensors(own_head, self.width, c))
+            pairs = [_head_tensors(head, self.width, c) for head in other_heads]
+            others_w = torch.cat([p[0] for p in pairs]).to(feat)  # (J*C, width, 1, 1)
+            others_b = torch.cat([p[1] for p in pairs]).to(feat)  # (J*C,)
+            own = torch.sigmoid(F.conv2d(feat, own_w, own_b))  # (B, C, H, W)
+            others = torch.sigmoid(F.conv2d(feat, others_w, others_b)).reshape(b, len(pairs), c, h, w)
+            s_u = self.smooth(self.peak_map(self.disagreement(own, others)))  # (B, C, H, W)
+            s_p = self.smooth(own)  # (B, C, H, W)
+            maps = torch.stack([s_u, s_p], dim=2).reshape(b, 2 * c, 1, h, w)  # (B, 2C, 1, H, W): c-major
+            calibrated = (feat[:, None] * maps + feat[:, None]).reshape(b, 2 * c * self.width, h, w)
+        return self.conv(calibrated)  # (B, C, H, W)
+
+
+def lcfed_local_keys(model: LCFedUNet) -> frozenset[str]:
+    """State-dict keys that never leave the node: the ``head`` and ``hc``.
+
+    Everything else (encoder, decoder, PCS) is shared and averaged.
+    """
+    return frozenset(k for k in model.state_dict() if k.startswith(("head.", "hc.")))
+
+
+def head_arrays(model: LCFedUNet) -> dict[str, np.ndarray]:
+    """The node's head, as it travels to the other nodes for HC (the declared message).
+
+    Returns:
+        ``{"head.weight": (C, width, 1, 1), "head.bias": (C,)}`` float32 copies.
+    """
+    return {
+        f"head.{k}": np.array(v.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
+        for k, v in model.head.state_dict().items()
+    }
+
+
+class Phase(StrEnum):
+    """What a stage-1 phase trains."""
+
+    HEAD = "head"
+    SHARED = "shared"
+
+
+def lcfed_phase_keys(model: LCFedUNet, phase: Phase) -> frozenset[str]:
+    """Parameter names a stage-1 phase trains: the head, or the encoder, decoder and PCS.
+
+    HC is in neither; it trains only in stage 2.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if phase is Phase.HEAD:
+        return frozenset(n for n in names if n.startswith("head."))
+    return frozenset(n for n in names if n.startswith(("encoder.", "decoder.", "pcs.")))
+
+
+class LCFedTrainer(PhaseTrainer):
+    """One stage-1 phase: segmentation loss plus ``alpha * L_con`` when PCS trains.
+
+    Only the phase's parameters are in the optimizer. The contrastive term is
+    computed from the deepest features and attention that the forward pass hands
+    to PCS (captured with a forward hook for the duration of :meth:`train_round`),
+    so the encoder is not run twice. Loss parts: ``dice``, ``bce`` and, in the
+    shared phase, ``con`` (unweighted L_con).
+
+    Args:
+        model: The LC-Fed model to train in place.
+        config: Round hyper-parameters; ``grad_clip`` 1 is LC-Fed's setting.
+        lcfed: Supplies ``alpha``.
+        phase: Which parameters train.
+    """
+
+    def __init__(self, model: LCFedUNet, config: TrainConfig, lcfed: LCFedConfig, phase: Phase) -> None:
+        super().__init__(model, config, lcfed_phase_keys(model, phase))
+        self.lcfed = lcfed
+        self.phase = phase
+        self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._captured = (args[0], output[1])  # deepest features (B, C, h, w), A_k (B, C, 1, 1)
+
+    def compute_loss(self, logits: torch.Tensor, target: torch.Tensor) -> Losses:
+        """Segmentation loss, plus ``alpha * L_con`` in the shared phase."""
+        losses = super().compute_loss(logits, target)
+        captured, self._captured = self._captured, None
+        if captured is None:
+            return losses
+        model: LCFedUNet = self.model  # type: ignore[assignment]
+        con = model.pcs.contrastive_loss(captured[0], model.site, attention=captured[1])
+        return Losses(total=losses.total + self.lcfed.alpha * con, parts={**losses.parts, "con": con.item()})
+
+    def train_round(self, images: torch.Tensor, masks: torch.Tensor, seed: int) -> RoundResult:
+        """:meth:`LocalTrainer.train_round` with the PCS capture on in the shared phase."""
+        if self.phase is not Phase.SHARED or self.lcfed.alpha == 0:
+            return super().train_round(images, masks, seed)
+        handle = self.model.pcs.register_forward_hook(self._capture)
+        try:
+            return super().train_round(images, masks, seed)
+        finally:
+            handle.remove()
+            self._captured = None
+
+
+def lcfed_round(model: LCFedUNet, config: TrainConfig, lcfed: LCFedConfig, images: torch.Tensor,
+                masks: torch.Tensor, seed: int) -> RoundResult:
+    """One stage-1 round: the head alone on ``head_fraction`` of the samples, then the shared part.
+
+    Args:
+        model: Trained in place; HC does not move.
+        config: Round hyper-parameters; ``local_epochs`` is split between the phases.
+        lcfed: ``alpha`` and ``head_fraction``.
+        images: ``(N, C, H, W)`` uint8 or float in [0, 1].
+        masks: ``(N, 1, H, W)`` in {0, 1}.
+        seed: Seeds the head phase; the shared phase uses ``seed + 1``.
+
+    Returns:
+        The shared phase's result, with ``steps`` and ``seconds`` of both phases.
+
+    Raises:
+        ModelError: On mismatched shapes or empty data.
+    """
+    head_cfg = replace(config, local_epochs=config.local_epochs * lcfed.head_fraction)
+    shared_cfg = replace(config, local_epochs=config.local_epochs * (1 - lcfed.head_fraction))
+    first = LCFedTrainer(model, head_cfg, lcfed, Phase.HEAD).train_round(images, masks, seed)
+    second = LCFedTrainer(model, shared_cfg, lcfed, Phase.SHARED).train_round(images, masks, seed + 1)
+    return replace(second, steps=first.steps + second.steps, seconds=first.seconds + second.seconds)
+
+
+class CalibratedUNet(nn.Module):
+    """An LC-Fed model plus the other sites' heads, mapping images to HC logits.
+
+    It fits :func:`~fedseg.models.local_training.evaluate`, ``predict`` and
+    :class:`~fedseg.models.local_training.LocalTrainer` as is. The heads are copied
+    into non-persistent buffers, so they follow ``.to(device)`` and never enter a
+    state dict.
+
+    Args:
+        model: The node's stage-1 model (with the final shared parameters pulled).
+        other_heads: The other sites' heads, at least one; see :data:`HeadLike`.
+
+    Raises:
+        ModelError: If no head is given or one has the wrong shape.
+    """
+
+    def __init__(self, model: LCFedUNet, other_heads: Sequence[HeadLike]) -> None:
+        super().__init__()
+        if len(other_heads) == 0:
+            raise ModelError("CalibratedUNet needs the heads of at least one other site")
+        self.model = model
+        self.n_heads = len(other_heads)
+        self.train(model.training)  # so predict/evaluate restore the model's own mode
+        device = model.head.weight.device
+        for j, head in enumerate(other_heads):
+            weight, bias = _head_tensors(head, model.config.width, model.config.out_channels)
+            self.register_buffer(f"other_weight_{j}", weight.clone().to(device), persistent=False)
+            self.register_buffer(f"other_bias_{j}", bias.clone().to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """HC logits ``(B, out_channels, H, W)`` for images ``(B, in_channels, H, W)``."""
+        with torch.no_grad():
+            feat, _ = self.model.features(x)  # (B, width, H, W)
+        heads = [(getattr(self, f"other_weight_{j}"), getattr(self, f"other_bias_{j}")) for j in range(self.n_heads)]
+        return self.model.hc(feat, self.model.head, heads)
+
+
+def train_hc_round(model: LCFedUNet, other_heads: Sequence[HeadLike], images: torch.Tensor, masks: torch.Tensor,
+                   config: TrainConfig, seed: int) -> RoundResult:
+    """One stage-2 round: only ``model.hc`` trains, on the segmentation loss of its output.
+
+    Args:
+        model: The node's model; everything but ``hc`` stays bit-identical.
+        other_heads: The other sites' (fixed, stage-1) heads.
+        images: ``(N, C, H, W)`` uint8 or float in [0, 1].
+        masks: ``(N, 1, H, W)`` in {0, 1}.
+        config: Round hyper-parameters (loss weights, lr, clipping, ...).
+        seed: Seeds shuffling and augmentation.
+
+    Returns:
+        The round summary.
+
+    Raises:
+        ModelError: On mismatched shapes, empty data or bad heads.
+    """
+    wrapped = CalibratedUNet(model, other_heads)
+    keys = frozenset(n for n, _ in wrapped.named_parameters() if n.startswith("model.hc."))
+    return PhaseTrainer(wrapped, config, keys).train_round(images, masks, seed)
+
+
+def predict_calibrated(model: LCFedUNet, other_heads: Sequence[HeadLike], images: torch.Tensor,
+                       batch_size: int = 16) -> torch.Tensor:
+    """HC's binary masks: sigmoid of the calibrated logits thresholded at 0.5, in eval mode.
+
+    Args:
+        model: The node's model with a trained ``hc``.
+        other_heads: The other sites' heads, as used in :func:`train_hc_round`.
+        images: ``(N, C, H, W)`` uint8 or float in [0, 1].
+        batch_size: Samples per forward pass.
+
+    Returns:
+        ``(N, out_channels, H, W)`` bool on the CPU.
+
+    Raises:
+        ModelError: On a wrong input shape or bad heads.
+    """
+    return predict(CalibratedUNet(model, other_heads), images, batch_size)
