@@ -51,6 +51,8 @@ def verify(run_dir: Path, node_dirs: tuple[Path, ...]) -> None:
     except ProtocolError as exc:
         raise click.ClickException(str(exc)) from None
     findings = cross_check(coordinator, nodes, run_id=state.run_id, coordinator_name="coordinator")
+    if not any(e["run"] == state.run_id for e in coordinator):
+        findings.append(f"the coordinator's log in {run_dir} records no message of run {state.run_id}")
     described = {e["peer"]: e["schema"]["fields"].get("fingerprint") for e in coordinator
                  if e["run"] == state.run_id and e["action"] == "describe_reply"}
     for node_dir, (name, entries) in zip(node_dirs, nodes.items()):

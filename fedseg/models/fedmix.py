@@ -15,7 +15,7 @@ labels. Two independently initialised U-Nets are co-trained:
   (Dice >= tau) and, on box clients, agree with the box (Dice >= box_agreement).
 * **Co-training** (:class:`FedMixTrainer`): pixel clients train both networks on
   the ground truth; weak clients use cross pseudo-supervision (network 1 learns
-  network 2's label and vice versa). The loss is ``1 - soft Dice``.
+  network 2's label and vice versa), with the plan's Dice + BCE loss.
 * **Adaptive aggregation** (:func:`adaptive_weights`): the server weights client
   k by ``(d_k + lam * s_k) / sum_j (d_j + lam * s_j)`` from its sample share
   ``d_k`` and loss share ``s_k``.
@@ -493,8 +493,8 @@ class FedMixTrainer:
     sampling and augmentation. Optimizers are built afresh each round, like
     LocalTrainer's (the reference keeps Adam state across rounds).
 
-    The loss is ``1 - soft Dice`` (per sample, mean over the batch), as in the
-    paper; ``TrainConfig.lambda_dice``/``lambda_bce`` are not used.
+    The loss is the plan's Dice + BCE (``TrainConfig.lambda_dice``/``lambda_bce``),
+    as FedAvg's is; ``lambda_bce=0`` gives the paper's ``1 - soft Dice``.
 
     Args:
         model: The two networks, trained in place.
@@ -508,10 +508,13 @@ class FedMixTrainer:
         self.model = model
         self.config = train
         self.fedmix = fedmix
-        self.loss_fn = DiceBCELoss(lambda_dice=1.0, lambda_bce=0.0)
+        # The plan's loss, as for FedAvg, so the baselines differ only in the method; the
+        # paper's pure soft Dice is lambda_bce=0. With Dice alone an all-background target
+        # keeps a loss near 1, which inflates lesion-free nodes' adaptive weights.
+        self.loss_fn = DiceBCELoss(lambda_dice=train.lambda_dice, lambda_bce=train.lambda_bce)
 
     def compute_loss(self, logits: torch.Tensor, target: torch.Tensor) -> Losses:
-        """Loss of one network on one batch; ``total`` is ``1 - soft Dice``.
+        """Loss of one network on one batch: the plan's Dice + BCE (``TrainConfig`` lambdas).
 
         Args:
             logits: ``(B, 1, H, W)``.

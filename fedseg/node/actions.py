@@ -338,9 +338,9 @@ def handle(rt: NodeRuntime, frame: bytes) -> bytes:
     Raises:
         AuditError: Only if the audit log cannot be written; then nothing is sent.
     """
-    received = rt.audit.record(direction="received", peer=COORDINATOR, frame=frame) if rt.audit else {}
+    received = rt.audit.record(direction="received", peer=COORDINATOR, frame=frame) if rt.audit is not None else {}
     reply = _serve(rt, frame)
-    if rt.audit:
+    if rt.audit is not None:
         # An error reply carries no run or round: the log takes them from the request.
         rt.audit.record(direction="sent", peer=COORDINATOR, frame=reply, run_id=received.get("run"), round=received.get("round"))
     return reply

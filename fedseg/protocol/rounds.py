@@ -72,10 +72,10 @@ class Peer:
 
     def request(self, message: Message, expect: type[M]) -> M:
         frame = encode(message)
-        if self.audit:
+        if self.audit is not None:
             self.audit.record(direction="sent", peer=self.name, frame=frame)
         reply_frame = self.transport.exchange(frame)
-        if self.audit:
+        if self.audit is not None:
             self.audit.record(direction="received", peer=self.name, frame=reply_frame,
                               run_id=getattr(message, "run_id", None), round=getattr(message, "round", None))
         reply = decode(reply_frame, self.max_bytes)

@@ -684,3 +684,24 @@ def test_iopfl_keeps_a_running_mix_on_each_node_and_scores_it(runtimes: dict[str
     last = [r for r in rows if r["round"] == 2]
     assert all("personal_test_dice" in r and "test_dice" in r for r in last)
     assert not any("personal_test_dice" in r for r in rows if r["round"] == 0)
+
+
+def test_both_ends_log_every_message_and_the_logs_agree(tmp_path: Path, no_plots: None) -> None:
+    from fedseg.protocol.audit import check_policy, cross_check, verify_log
+    from fedseg.protocol.identity import load_or_create_identity
+
+    sites = write_federation(tmp_path / "data", n_per_site=12, size=32, seed=3)
+    runtimes = [NodeRuntime(NodeConfig(name=s.name, data=str(s), labels="pixel", workdir=str(tmp_path / "nodes" / s.name)), audit=True) for s in sites]
+    transports = [InMemoryTransport(rt) for rt in runtimes]
+    run_federation(_plan(rounds=1), transports, tmp_path / "run", Reporter())
+    for rt in runtimes:
+        rt.audit.close()
+    store = RunStore(tmp_path / "run")
+    coordinator = verify_log(store.audit, load_or_create_identity(store.identity).public_key())
+    # describe, evaluate (round 0), train and evaluate (round 1): 4 requests and 4 replies per node.
+    assert len(coordinator) == 8 * len(runtimes)
+    nodes = {rt.name: verify_log(rt.workdir / "audit.jsonl", load_or_create_identity(rt.workdir / "identity.key").public_key()) for rt in runtimes}
+    assert all(len(entries) == 8 for entries in nodes.values())
+    assert cross_check(coordinator, nodes, coordinator_name="coordinator") == []
+    declared = {k: tuple(v.shape) for k, v in store.load()[1].items()}
+    assert all(check_policy(name, entries, declared, image_size=32) == [] for name, entries in nodes.items())
