@@ -27,16 +27,13 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def federation(tmp_path_factory: pytest.TempPathFactory):
-    """Three synthetic sites, each served by a real ``fedseg node start`` process."""
+def _serve(root: Path, seed: int, extra: dict[str, list[str]]):
+    """Writes three synthetic sites under ``root`` and serves each with a real node process."""
     from fedseg.node.launcher import NodeProcess
     from fedseg.node.synthetic import write_federation
 
-    root = tmp_path_factory.mktemp("federation")
-    sites = write_federation(root / "data", n_per_site=30, size=32, seed=0)
-    # A small message limit lets the oversized-message test stay cheap.
-    nodes = {site.name: NodeProcess(site.name, site, root / "nodes" / site.name, extra=["--max-message-mb", str(NODE_MAX_MB)]) for site in sites}
+    sites = write_federation(root / "data", n_per_site=30, size=32, seed=seed)
+    nodes = {site.name: NodeProcess(site.name, site, root / "nodes" / site.name, extra=extra[site.name]) for site in sites}
     try:
         for node in nodes.values():
             node.wait_ready()
@@ -44,6 +41,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     finally:
         for node in nodes.values():
             node.stop()
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    """Three synthetic pixel-labelled sites, each served by a real ``fedseg node start`` process."""
+    # A small message limit lets the oversized-message test stay cheap.
+    small = ["--max-message-mb", str(NODE_MAX_MB)]
+    yield from _serve(tmp_path_factory.mktemp("federation"), 0, {name: small for name in ("site-a", "site-b", "site-c")})
 
 
 #: How each site of the mixed federation labels its images (weak labels derived from masks).
@@ -53,16 +58,4 @@ MIXED_LABELS = {"site-a": ["--labels", "pixel"], "site-b": ["--labels", "box", "
 @pytest.fixture(scope="session")
 def mixed_federation(tmp_path_factory: pytest.TempPathFactory):
     """Pixel, box and image-level sites, each served by a real node process."""
-    from fedseg.node.launcher import NodeProcess
-    from fedseg.node.synthetic import write_federation
-
-    root = tmp_path_factory.mktemp("mixed")
-    sites = write_federation(root / "data", n_per_site=30, size=32, seed=1)
-    nodes = {site.name: NodeProcess(site.name, site, root / "nodes" / site.name, extra=MIXED_LABELS[site.name]) for site in sites}
-    try:
-        for node in nodes.values():
-            node.wait_ready()
-        yield nodes
-    finally:
-        for node in nodes.values():
-            node.stop()
+    yield from _serve(tmp_path_factory.mktemp("mixed"), 1, MIXED_LABELS)

@@ -139,6 +139,18 @@ def _fan_out(
     return _Outcome({p.name: replies[p.name] for p in peers if p.name in replies}, failures)
 
 
+def _phase(
+    pool: ThreadPoolExecutor, peers: Sequence[Peer], call: Callable[[Peer], Any], needed: int, round_: int, phase: str, timeout_s: float, reporter: Reporter
+) -> _Outcome:
+    """One step of a round on every node, with progress, the quorum check and who was left out."""
+    reporter.step(f"round {round_}: {phase} on {len(peers)} nodes")
+    outcome = _fan_out(pool, peers, call, timeout_s, lambda text: reporter.step(f"round {round_} {phase}: {text}"))
+    _require(outcome, needed, phase, round_)
+    for name, why in outcome.failures.items():
+        reporter.info(f"round {round_}: node {name} left out of {phase}: {why}")
+    return outcome
+
+
 def _require(outcome: _Outcome, needed: int, phase: str, round_: int) -> None:
     if len(outcome.replies) < needed:
         lost = "; ".join(f"{n}: {why}" for n, why in outcome.failures.items())
@@ -218,12 +230,7 @@ def run_federation(
                         raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {request.splits}")
                     return reply
 
-                reporter.step(f"round {round_}: evaluating on {len(scorers)} nodes")
-                outcome = _fan_out(pool, scorers, call, plan.timeout_s, lambda text: reporter.step(f"round {round_} evaluation: {text}"))
-                _require(outcome, min(needed, len(scorers)), "evaluation", round_)
-                for name, why in outcome.failures.items():
-                    reporter.info(f"round {round_}: node {name} left out of evaluation: {why}")
-                return outcome
+                return _phase(pool, scorers, call, min(needed, len(scorers)), round_, "evaluation", plan.timeout_s, reporter)
 
             if start == 0:
                 t0 = time.monotonic()
@@ -241,11 +248,7 @@ def run_federation(
                     check_arrays(reply.weights, layout, f"update from node {p.name} in round {round_}")
                     return reply
 
-                reporter.step(f"round {round_}: training on {len(taking_part)} nodes")
-                trained = _fan_out(pool, taking_part, train, plan.timeout_s, lambda text: reporter.step(f"round {round_} training: {text}"))
-                _require(trained, min(needed, len(taking_part)), "training", round_)
-                for name, why in trained.failures.items():
-                    reporter.info(f"round {round_}: node {name} left out: {why}")
+                trained = _phase(pool, taking_part, train, min(needed, len(taking_part)), round_, "training", plan.timeout_s, reporter)
                 arrays, summary = strategy.aggregate(round_, trained.replies)
                 t_train = time.monotonic() - t0
                 evaluated = evaluate(round_, arrays)

@@ -22,24 +22,12 @@ from fedseg.models.fedmix import (
 )
 from fedseg.models.local_training import TrainConfig, evaluate, state_to_arrays
 from fedseg.models.unet import UNetConfig
+from squares import squares
 
 torch.set_num_threads(1)
 
 TINY = UNetConfig(width=4, depth=2, groups=2)
 CFG = FedMixConfig()
-
-
-def _squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bright squares of random size/position on dark noise: uint8 (n,3,32,32), float (n,1,32,32)."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 40, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    masks = torch.zeros(n, 1, 32, 32)
-    for i in range(n):
-        s = int(torch.randint(8, 14, (1,), generator=g))
-        r, c = torch.randint(0, 32 - s, (2,), generator=g).tolist()
-        images[i, :, r : r + s, c : c + s] += 180
-        masks[i, 0, r : r + s, c : c + s] = 1
-    return images, masks
 
 
 def _model(seed: int) -> CoTrainedUNets:
@@ -245,7 +233,7 @@ def test_cotrained_unets_keys_and_forward() -> None:
 
 
 def test_weak_node_with_no_accepted_label_trains_nothing() -> None:
-    images, masks = _squares(6, 0)
+    images, masks = squares(6, 0)
     box_masks = torch.from_numpy(synthesize_box_masks(masks.numpy(), np.random.default_rng(0), 3))
     model = _model(0)
     _force(model.net1, -20.0)  # all background
@@ -264,7 +252,7 @@ def test_weak_node_cross_pseudo_supervision() -> None:
     # tau = box_agreement = 0 accept everything. net1 says "box" (all foreground,
     # masked to the box), net2 says "nothing". Cross supervision pushes net1 toward
     # background and net2 toward the box; self-training would do the opposite.
-    images, masks = _squares(4, 1)
+    images, masks = squares(4, 1)
     box_masks = torch.from_numpy(synthesize_box_masks(masks.numpy(), np.random.default_rng(1), 3))
     model = _model(0)
     _force(model.net1, 3.0)
@@ -279,7 +267,7 @@ def test_weak_node_cross_pseudo_supervision() -> None:
 
 def test_image_level_node_learns_from_negatives() -> None:
     # Only lesion-free images: all-background labels accepted whatever the nets say.
-    images, _ = _squares(4, 2)
+    images, _ = squares(4, 2)
     model = _model(0)
     _force(model.net1, 3.0)
     _force(model.net2, 3.0)
@@ -290,7 +278,7 @@ def test_image_level_node_learns_from_negatives() -> None:
 
 
 def test_pixel_node_deterministic_and_rng_free() -> None:
-    images, masks = _squares(6, 0)
+    images, masks = squares(6, 0)
     init = _snapshot(_model(0))
     runs, results = [], []
     for r in range(2):
@@ -311,8 +299,8 @@ def test_pixel_node_deterministic_and_rng_free() -> None:
 
 
 def test_pixel_rounds_improve_net1_dice() -> None:
-    images, masks = _squares(16, 0)
-    val_images, val_masks = _squares(8, 1)
+    images, masks = squares(16, 0)
+    val_images, val_masks = squares(8, 1)
     model = _model(3)
     before = evaluate(model, val_images, val_masks)
     trainer = FedMixTrainer(model, TrainConfig(lr=5e-3, batch_size=4, local_epochs=2), CFG)
@@ -323,7 +311,7 @@ def test_pixel_rounds_improve_net1_dice() -> None:
 
 
 def test_train_round_argument_checks() -> None:
-    images, masks = _squares(2, 0)
+    images, masks = squares(2, 0)
     trainer = FedMixTrainer(_model(0), TrainConfig(), CFG)
     with pytest.raises(ModelError, match="exactly one"):
         trainer.train_round(images, seed=0)

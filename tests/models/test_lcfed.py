@@ -24,6 +24,7 @@ from fedseg.models.lcfed import (
 from fedseg.models.local_training import TrainConfig, evaluate
 from fedseg.models.personalization import pull, push
 from fedseg.models.unet import UNetConfig, build_model
+from squares import squares
 
 torch.set_num_threads(1)
 
@@ -34,19 +35,6 @@ K = 3
 def _model(site: int = 1, seed: int = 0) -> LCFedUNet:
     torch.manual_seed(seed)
     return LCFedUNet(TINY, n_sites=K, site=site)
-
-
-def _squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bright squares on dark noise: uint8 (n, 3, 32, 32), float (n, 1, 32, 32)."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 40, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    masks = torch.zeros(n, 1, 32, 32)
-    for i in range(n):
-        s = int(torch.randint(8, 14, (1,), generator=g))
-        r, c = torch.randint(0, 32 - s, (2,), generator=g).tolist()
-        images[i, :, r : r + s, c : c + s] += 180
-        masks[i, 0, r : r + s, c : c + s] = 1
-    return images, masks
 
 
 def _other_heads(seed: int = 5) -> list[dict[str, np.ndarray]]:
@@ -185,7 +173,7 @@ def test_config_and_site_validation():
 
 
 def test_stage1_phases_leave_frozen_parameters_bit_identical():
-    images, masks = _squares(8, 0)
+    images, masks = squares(8, 0)
     # Weight decay and a large lr would move any parameter that reached the optimizer.
     config = TrainConfig(batch_size=4, local_epochs=2.0, augment=False, weight_decay=0.1, lr=1e-2)
     lcfed = LCFedConfig()
@@ -211,7 +199,7 @@ def test_stage1_phases_leave_frozen_parameters_bit_identical():
 
 
 def test_contrastive_term_enters_the_shared_phase_loss():
-    images, masks = _squares(4, 0)
+    images, masks = squares(4, 0)
     config = TrainConfig(batch_size=4, augment=False)
     results = []
     for alpha in (0.0, 10.0):
@@ -223,7 +211,7 @@ def test_contrastive_term_enters_the_shared_phase_loss():
 
 
 def test_hc_training_moves_only_hc():
-    images, masks = _squares(8, 1)
+    images, masks = squares(8, 1)
     model = _model()
     before = _snapshot(model)
     config = TrainConfig(batch_size=4, augment=True, weight_decay=0.1, lr=1e-2)
@@ -233,8 +221,8 @@ def test_hc_training_moves_only_hc():
 
 
 def test_lcfed_rounds_learn_and_calibration_predicts():
-    images, masks = _squares(16, 0)
-    test_images, test_masks = _squares(8, 1)
+    images, masks = squares(16, 0)
+    test_images, test_masks = squares(8, 1)
     # Init seed fixed: with 4 head channels some inits start with a dead head (cf. test_local_training).
     model = _model(seed=8)
     config = TrainConfig(batch_size=4, local_epochs=2.0, lr=5e-3)

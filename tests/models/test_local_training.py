@@ -18,23 +18,11 @@ from fedseg.models.local_training import (
 )
 from fedseg.models.overlay import overlay_png
 from fedseg.models.unet import UNet, UNetConfig, build_model
+from squares import squares
 
 torch.set_num_threads(1)
 
 TINY = UNetConfig(width=4, depth=2, groups=2)
-
-
-def _squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bright squares of random size/position on dark noise: uint8 (n,3,32,32), float (n,1,32,32)."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 40, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    masks = torch.zeros(n, 1, 32, 32)
-    for i in range(n):
-        s = int(torch.randint(8, 14, (1,), generator=g))
-        r, c = torch.randint(0, 32 - s, (2,), generator=g).tolist()
-        images[i, :, r : r + s, c : c + s] += 180
-        masks[i, 0, r : r + s, c : c + s] = 1
-    return images, masks
 
 
 def _model(seed: int) -> UNet:
@@ -43,7 +31,7 @@ def _model(seed: int) -> UNet:
 
 
 def test_same_seed_same_weights() -> None:
-    images, masks = _squares(6, 0)
+    images, masks = squares(6, 0)
     init = _model(0).state_dict()
     runs = []
     for _ in range(2):
@@ -61,9 +49,9 @@ def test_same_seed_same_weights() -> None:
     assert not all(torch.equal(init[k], runs[0][k]) for k in init)
 
 
-def test_rounds_improve_dice_on_squares() -> None:
-    images, masks = _squares(16, 0)
-    val_images, val_masks = _squares(8, 1)
+def test_rounds_improve_dice_onsquares() -> None:
+    images, masks = squares(16, 0)
+    val_images, val_masks = squares(8, 1)
     # Init seed fixed: with only 4 head channels some inits start with every head
     # weight negative, a dead-ReLU mode that takes far longer than 3 rounds to leave.
     model = _model(3)
@@ -89,7 +77,7 @@ def test_hooks_restrict_training() -> None:
         def after_step(self, step: int) -> None:
             self.steps.append(step)
 
-    images, masks = _squares(4, 0)
+    images, masks = squares(4, 0)
     model = _model(0)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = HeadOnly(model, TrainConfig(batch_size=2, augment=False))
@@ -141,7 +129,7 @@ def test_arrays_round_trip_and_rejections() -> None:
 
 
 def test_augment_binary_and_deterministic() -> None:
-    images, masks = _squares(4, 0)
+    images, masks = squares(4, 0)
     images = images.float() / 255
     out = [augment_batch(images, masks, torch.Generator().manual_seed(s)) for s in (5, 5, 6)]
     (i1, m1), (i2, m2), (i3, m3) = out
@@ -172,7 +160,7 @@ def test_augment_moves_boxes_with_mask() -> None:
 
 
 def test_predict_and_overlay(tmp_path) -> None:
-    images, masks = _squares(3, 0)
+    images, masks = squares(3, 0)
     model = _model(0).train()
     pred = predict(model, images, batch_size=2)
     assert pred.shape == (3, 1, 32, 32) and pred.dtype == torch.bool and model.training

@@ -368,7 +368,7 @@ def test_failing_node_is_left_out_when_enough_answer(runtimes: dict[str, NodeRun
     reporter = Reporter()
     rows = run_federation(_plan(rounds=1, min_nodes=2), transports, tmp_path, reporter)
 
-    assert any("round 1: node site-c left out: node site-c did not answer" in text for text in reporter.infos)
+    assert any("round 1: node site-c left out of training: node site-c did not answer" in text for text in reporter.infos)
     _, arrays = RunStore(tmp_path).load()
     _assert_arrays_equal(arrays, _fedavg([transports[0].train_replies()[1], transports[1].train_replies()[1]]))
     round_1 = {r["site"]: r for r in rows if r["round"] == 1}
@@ -429,7 +429,7 @@ def test_node_that_times_out_is_left_out(runtimes: dict[str, NodeRuntime], tmp_p
     reporter = Releasing()
     transports = [InMemoryTransport(a), InMemoryTransport(b), _Blocked(c, release)]
     run_federation(_plan(rounds=1, min_nodes=2, timeout_s=2.0), transports, tmp_path, reporter)
-    assert any("round 1: node site-c left out: no answer within 2 s" in text for text in reporter.infos)
+    assert any("round 1: node site-c left out of training: no answer within 2 s" in text for text in reporter.infos)
     state, arrays = RunStore(tmp_path).load()
     assert state.round == 1
     _assert_arrays_equal(arrays, _fedavg([transports[0].train_replies()[1], transports[1].train_replies()[1]]))
