@@ -97,7 +97,8 @@ def pull(model: nn.Module, shared: dict[str, np.ndarray], local: frozenset[str])
             raise ModelError(f"shared array {k}: shape {tuple(shared[k].shape)}, expected {tuple(state[k].shape)}")
     with torch.no_grad():
         for k in expected:
-            state[k].copy_(torch.from_numpy(np.asarray(shared[k])))
+            # Received arrays are read-only views of the frame; copy_ copies them anyway.
+            state[k].copy_(torch.from_numpy(np.require(shared[k], requirements="W")))
 
 
 class PhaseTrainer(LocalTrainer):
