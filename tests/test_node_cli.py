@@ -60,3 +60,14 @@ def test_real_site_is_indexed_with_group_splits(tmp_path):
     index = index_site(shared_data("polyp", "CVC-ClinicDB"), limit=None)
     info = describe(index, make_splits(index, seed=0))
     assert info["group_column"] == "sequence" and info["n_images"] == 612
+
+
+def test_a_plan_with_unknown_keys_or_bad_values_is_one_clear_line(tmp_path):
+    import json
+
+    for plan, expected in (({"rounds": 3, "learning_rate": 0.1}, "unknown plan keys: ['learning_rate']"),
+                           ({"train": {"lr": -1}}, "TrainConfig.lr")):
+        path = tmp_path / "plan.json"
+        path.write_text(json.dumps(plan))
+        result = fedseg("run", "--invite", str(tmp_path / "invite.json"), "--plan", str(path), "--out", str(tmp_path / "run"), timeout=120)
+        assert result.returncode != 0 and expected in result.stderr and "Traceback" not in result.stderr
