@@ -17,7 +17,6 @@ import os
 import secrets
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
-
 from .audit import AuditLog
-from .errors import MessageError, ProtocolError, RemoteError, RoundError, TransportError
+from .errors import MessageError, ProtocolError, RemoteError, RoundError
 from .identity import load_or_create_identity
 from .messages import (
     Arrays,
