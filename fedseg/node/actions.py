@@ -50,6 +50,7 @@ from fedseg.protocol.messages import (
     encode,
 )
 from fedseg.protocol.plan import Plan
+from fedseg.protocol.syft_action import from_payload, to_payload
 from fedseg.protocol.wire import decode_frame
 
 from .config import WORKDIR_ENV, NodeConfig
@@ -397,22 +398,23 @@ def _get_runtime() -> NodeRuntime:
     return _runtime
 
 
-def handle_syft_call(site: Any, message: Any) -> dict[str, bytes]:
+def handle_syft_call(site: Any, message: Any) -> dict[str, np.ndarray]:
     """Entry point of the approved Syft function, run inside the node's server process.
 
     Args:
         site: The node's site summary asset (Syft requires one private input).
-        message: ``{"frame": bytes}`` as sent by the coordinator.
+        message: The coordinator's payload (:func:`fedseg.protocol.syft_action.to_payload`).
 
     Returns:
-        ``{"frame": reply bytes}``.
+        The reply frame as a payload.
     """
     if not isinstance(site, np.ndarray):
         # Syft runs approved code a second time against the assets' mock side (here an
         # empty pointer) and discards that result; doing no work there halves a round.
-        return {"frame": b""}
+        return to_payload(b"")
     with _lock:
         rt = _get_runtime()
-        if not isinstance(message, dict) or not isinstance(message.get("frame"), bytes):
-            return {"frame": _refuse(rt, ErrorCode.BAD_MESSAGE, "payload must be {'frame': bytes}")}
-        return {"frame": handle(rt, message["frame"])}
+        frame = from_payload(message)
+        if frame is None:
+            return to_payload(_refuse(rt, ErrorCode.BAD_MESSAGE, "payload must be {'frame': uint8 array}"))
+        return to_payload(handle(rt, frame))

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import TransportError
 from .invite import Invite
-from .syft_action import ACTION_NAME, fedseg_action
+from .syft_action import ACTION_NAME, fedseg_action, from_payload, to_payload
 
 __all__ = ["SyftTransport"]
 
@@ -113,12 +113,12 @@ class SyftTransport:
         try:
             # No output capture here: calls run on several threads, and redirecting
             # sys.stdout is process-wide.
-            pointer = sy.ActionObject.from_obj({"frame": frame}).send(self._client)
+            pointer = sy.ActionObject.from_obj(to_payload(frame)).send(self._client)
             result = getattr(self._client.code, ACTION_NAME)(site=self._site, message=pointer).get()
         except Exception as exc:
             raise TransportError(f"node {self.name} at {self.address}: call failed: {_first_line(str(exc))}") from None
-        reply = result.get("frame") if isinstance(result, dict) else None
-        if not isinstance(reply, bytes):
+        reply = from_payload(result)
+        if reply is None:
             raise TransportError(f"node {self.name} at {self.address} answered with {type(result).__name__}, not a fedseg frame")
         self.bytes_sent += len(frame)
         self.bytes_received += len(reply)
