@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import logging
 import os
 import threading
 import traceback
@@ -32,6 +31,7 @@ from fedseg.models.overlay import overlay_png
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
 from fedseg.protocol.audit import AUDIT_FILE, AuditLog
 from fedseg.protocol.errors import MessageError, PlanError
+from fedseg.protocol.files import atomic_write
 from fedseg.protocol.identity import fingerprint, load_or_create_identity
 from fedseg.protocol.messages import (
     DescribeReply,
@@ -55,11 +55,11 @@ from fedseg.protocol.wire import decode_frame
 
 from .config import WORKDIR_ENV, NodeConfig
 from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
+from .node_log import log, log_to_workdir
 from .predict import MODELS_DIR
 
-__all__ = ["COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "log_to_workdir", "round_seed"]
+__all__ = ["COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "round_seed"]
 
-log = logging.getLogger("fedseg.node")
 
 #: How a node's audit log names its peer; the coordinator logs each node by its name.
 COORDINATOR = "coordinator"
@@ -91,13 +91,17 @@ class NodeRuntime:
         identity = load_or_create_identity(self.workdir / "identity.key")
         self.fingerprint = fingerprint(identity.public_key())
         self.audit = AuditLog(self.workdir / AUDIT_FILE, identity, config.name) if audit else None
-        self.can_score = self.index.has_masks
         self._arrays: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         self._weak: dict[int, dict[str, np.ndarray]] = {}
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def can_score(self) -> bool:
+        """Whether this node holds masks to score a model with."""
+        return self.index.has_masks
 
     def _loaded(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
         key = (plan.image_size, plan.model.in_channels)
@@ -194,10 +198,7 @@ class NodeRuntime:
     def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        atomic_write(path, buf.getvalue())
 
     def _personal_path(self, run_id: str, what: str = "local") -> Path:
         return self.workdir / "personal" / f"{_safe(run_id)}.{what}.npz"
@@ -376,17 +377,6 @@ def _refuse(rt: NodeRuntime, code: ErrorCode, message: str) -> bytes:
 _runtime: NodeRuntime | None = None
 # The server may serve requests on several threads; one node trains one thing at a time.
 _lock = threading.Lock()
-
-
-def log_to_workdir(workdir: Path) -> None:
-    """Sends the node's log to ``workdir/node.log``, once per process."""
-    path = str((workdir / "node.log").resolve())
-    if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 def _get_runtime() -> NodeRuntime:

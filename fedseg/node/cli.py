@@ -69,7 +69,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
 
 
 def _serve(config, index, host: str, port: int) -> None:  # noqa: ANN001 - types live behind lazy imports
-    from .actions import log_to_workdir
+    from .node_log import log_to_workdir
     from .datasite import serve
     from .errors import NodeError
 

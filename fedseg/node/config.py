@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedseg.protocol.files import atomic_write
 
 __all__ = ["NodeConfig", "WORKDIR_ENV"]
 
@@ -50,9 +51,7 @@ class NodeConfig:
         return Path(self.workdir) / "node.json"
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(asdict(self), indent=2, sort_keys=True).encode())
 
     @classmethod
     def load(cls, workdir: Path) -> NodeConfig:

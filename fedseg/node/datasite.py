@@ -12,7 +12,6 @@ approved code runs unsandboxed in the server (PYSEC-2026-546).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import signal
@@ -23,16 +22,17 @@ from typing import Any
 import numpy as np
 
 from fedseg.protocol.invite import Invite
-from fedseg.protocol.identity import fingerprint, load_or_create_identity, write_private
+from fedseg.protocol.files import write_private
+from fedseg.protocol.identity import fingerprint, load_or_create_identity
 from fedseg.protocol.syft_action import ACTION_CODE_SHA256, ACTION_NAME, code_sha256
 
 from .config import WORKDIR_ENV, NodeConfig
 from .datasets import SiteIndex, load_arrays
 from .errors import NodeError
+from .node_log import log
 
 __all__ = ["DATASET_NAME", "SUMMARY_ASSET", "review_request", "serve"]
 
-log = logging.getLogger("fedseg.node")
 
 DATASET_NAME = "site"
 SUMMARY_ASSET = "summary"

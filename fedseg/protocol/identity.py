@@ -2,26 +2,14 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+
+from .files import write_private
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-__all__ = ["load_or_create_identity", "fingerprint", "write_private"]
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Writes a secret file atomically with mode 0600, so it is never readable by others."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+__all__ = ["load_or_create_identity", "fingerprint"]
 
 
 def load_or_create_identity(path: Path) -> Ed25519PrivateKey:

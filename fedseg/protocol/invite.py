@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import TransportError
-from .identity import write_private
+from .files import write_private
 
 __all__ = ["Invite", "load_invite"]
 

@@ -5,6 +5,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write
+
 __all__ = ["best_round", "site_table", "write_report", "plot_dice"]
 
 
@@ -62,8 +64,6 @@ def _markdown(table: list[list[str]]) -> str:
 
 def write_report(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Writes the Markdown report: the best round by validation Dice and the last round."""
-    from .run_store import atomic_write
-
     best, last = best_round(rows), max(_by_round(rows))
     text = [
         f"# {title}",
@@ -91,8 +91,6 @@ def plot_dice(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .run_store import atomic_write
 
     sites = sorted({r["site"] for r in rows if "test_dice" in r})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)

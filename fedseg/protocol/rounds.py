@@ -68,8 +68,9 @@ class Peer:
         self.max_bytes = max_bytes
         self.audit = audit
 
-    def request(self, message: Message, expect: type[M]) -> M:
-        frame = encode(message)
+    def request(self, message: Message, expect: type[M], frame: bytes | None = None) -> M:
+        """Sends ``message`` (already encoded as ``frame`` when several nodes get the same one)."""
+        frame = encode(message) if frame is None else frame
         if self.audit is not None:
             self.audit.record(direction="sent", peer=self.name, frame=frame)
         reply_frame = self.transport.exchange(frame)
@@ -221,8 +222,11 @@ def run_federation(
 
             def evaluate(round_: int, weights: Arrays) -> _Outcome:
                 request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=plan.overlays, weights=weights)
+                # Every node gets the same weights: encode them once, not once per node.
+                frame = encode(request)
+
                 def call(p: Peer) -> EvaluateReply:
-                    reply = p.request(request, EvaluateReply)
+                    reply = p.request(request, EvaluateReply, frame)
                     bases = {k.removeprefix(PERSONAL_PREFIX) for k in reply.metrics}
                     if not set(request.splits) <= set(reply.metrics) or bases != set(request.splits):
                         raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {request.splits}")
@@ -240,9 +244,10 @@ def run_federation(
                 t0 = time.monotonic()
                 requests = strategy.configure(round_, arrays, run_id, nodes)
                 taking_part = [p for p in peers if p.name in requests]
+                frames = {id(r): encode(r) for r in requests.values()}  # strategies share one request across nodes
 
                 def train(p: Peer) -> TrainReply:
-                    reply = p.request(requests[p.name], TrainReply)
+                    reply = p.request(requests[p.name], TrainReply, frames[id(requests[p.name])])
                     check_arrays(reply.weights, layout, f"update from node {p.name} in round {round_}")
                     return reply
 

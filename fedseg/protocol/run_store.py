@@ -9,7 +9,6 @@ Files:
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,21 +18,12 @@ import numpy as np
 
 from .audit import AUDIT_FILE
 from .errors import ProtocolError
+from .files import atomic_write
 from .messages import Arrays
 
-__all__ = ["RunState", "RunStore", "atomic_write"]
+__all__ = ["RunState", "RunStore"]
 
 _STATE_KEY = "__fedseg_state__"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes to a temporary file, fsyncs, then renames over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
