@@ -33,7 +33,7 @@ def test_fedavg_run_learns_and_records_everything(finished_run, federation):
     assert sorted({(r["round"], r["site"]) for r in rows}) == sorted((r, s) for r in range(4) for s in federation)
     assert len(rows) == 4 * len(federation)
     for row in rows:
-        for key in ("val_dice", "val_iou", "val_loss", "val_n", "test_dice", "test_iou", "test_loss", "test_n"):
+        for key in ("val_dice", "val_iou", "val_assd", "val_loss", "val_n", "test_dice", "test_iou", "test_assd", "test_loss", "test_n"):
             assert key in row
     # The global model learns: Dice on every site's test split rises clearly above round 0.
     assert _mean(rows, 3, "test_dice") > _mean(rows, 0, "test_dice") + 0.15

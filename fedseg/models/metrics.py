@@ -6,10 +6,10 @@ import torch
 
 from fedseg.models.errors import ModelError
 
-__all__ = ["dice_per_image", "iou_per_image"]
+__all__ = ["assd_per_image", "dice_per_image", "iou_per_image"]
 
 
-def _counts(pred: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.Tensor, ...]:
+def _binary(pred: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if pred.ndim != 4 or pred.shape[1] != 1 or pred.shape != target.shape:
         raise ModelError(
             f"{name} expects pred and target (B, 1, H, W) of equal shape, "
@@ -18,6 +18,11 @@ def _counts(pred: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.
     # Anything non-bool is read as 0/1 (or a probability) and thresholded at 0.5.
     p = pred if pred.dtype == torch.bool else pred > 0.5
     t = target if target.dtype == torch.bool else target > 0.5
+    return p, t
+
+
+def _counts(pred: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.Tensor, ...]:
+    p, t = _binary(pred, target, name)
     inter = (p & t).sum(dim=(1, 2, 3)).float()  # (B,)
     return inter, p.sum(dim=(1, 2, 3)).float(), t.sum(dim=(1, 2, 3)).float()
 
@@ -61,3 +66,49 @@ def iou_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter, np_, nt = _counts(pred, target, "iou_per_image")
     union = np_ + nt - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def _surface(mask: torch.Tensor) -> torch.Tensor:
+    """Pixel coordinates ``(M, 2)`` of a mask's boundary: foreground pixels with a
+    background 4-neighbour (or on the image border)."""
+    m = mask.float()[None, None]  # (1, 1, H, W)
+    # Erosion as a min-pool with a cross element; outside the image counts as background.
+    padded = torch.nn.functional.pad(m, (1, 1, 1, 1))
+    inner = torch.minimum(
+        torch.minimum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]),
+        torch.minimum(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]),
+    )
+    edge = (m > 0) & (inner < 1)
+    return edge[0, 0].nonzero().float()
+
+
+def assd_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Average symmetric surface distance, in pixels, per image.
+
+    The mean over both boundaries of each boundary pixel's Euclidean distance to the
+    other mask's boundary. Both masks empty gives 0 (nothing to find, nothing found);
+    exactly one empty gives the image diagonal, the largest distance possible, so a
+    missed or hallucinated lesion is penalized instead of silently dropped.
+
+    Args:
+        pred: Predicted mask ``(B, 1, H, W)``, bool or 0/1.
+        target: Ground-truth mask ``(B, 1, H, W)``, bool or 0/1.
+
+    Returns:
+        ``(B,)`` float32, >= 0; lower is better.
+
+    Raises:
+        ModelError: If the shapes are not both ``(B, 1, H, W)`` and equal.
+    """
+    p, t = _binary(pred, target, "assd_per_image")
+    h, w = p.shape[-2:]
+    worst = float((h**2 + w**2) ** 0.5)
+    out = torch.empty(p.shape[0], dtype=torch.float32)
+    for i in range(p.shape[0]):
+        sp, st = _surface(p[i, 0].cpu()), _surface(t[i, 0].cpu())
+        if len(sp) == 0 or len(st) == 0:
+            out[i] = 0.0 if len(sp) == len(st) else worst
+            continue
+        d = torch.cdist(sp, st)  # (|Sp|, |St|)
+        out[i] = (d.min(dim=1).values.sum() + d.min(dim=0).values.sum()) / (len(sp) + len(st))
+    return out

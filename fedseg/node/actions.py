@@ -41,6 +41,7 @@ from fedseg.protocol.messages import (
     EvaluateReply,
     EvaluateRequest,
     Message,
+    METRIC_KEYS,
     MessageKind,
     PERSONAL_PREFIX,
     TrainReply,
@@ -288,7 +289,7 @@ def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
             images, masks = rt.images(split, plan), rt.masks(split, plan)
             for prefix, scored in models.items():
                 m = evaluate(scored, images, masks, batch_size=plan.eval_batch_size)
-                metrics[prefix + split] = {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
+                metrics[prefix + split] = {k: int(m[k]) if k == "n" else float(m[k]) for k in METRIC_KEYS}
             if msg.overlays:
                 _write_overlays(rt, models.get(PERSONAL_PREFIX, model), images[: msg.overlays], masks[: msg.overlays], msg, split)
     finally:

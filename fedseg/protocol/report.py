@@ -13,9 +13,11 @@ __all__ = ["best_round", "site_table", "write_report", "plot_dice"]
 _COLUMNS = {
     "test_dice": "test Dice",
     "test_iou": "test IoU",
+    "test_assd": "test ASSD (px)",
     "val_dice": "val Dice",
     "personal_test_dice": "personal test Dice",
     "personal_test_iou": "personal test IoU",
+    "personal_test_assd": "personal test ASSD (px)",
 }
 
 
@@ -45,9 +47,7 @@ def site_table(rows: list[dict[str, Any]], round_: int) -> list[list[str]]:
     """Header plus one row per site, then the mean over sites and the image-weighted mean."""
     at = sorted(_by_round(rows)[round_], key=lambda r: r["site"])
     # Personalized methods also score each node's own model: shown beside the global one.
-    keys = ["test_dice", "test_iou", "val_dice"]
-    if all("personal_test_dice" in r for r in at):
-        keys += ["personal_test_dice", "personal_test_iou"]
+    keys = [k for k in _COLUMNS if all(k in r for r in at)]
     table = [["site", "test n", *(_COLUMNS[k] for k in keys)]]
     for r in at:
         table.append([r["site"], str(r["test_n"]), *(f"{r[k]:.4f}" for k in keys)])
@@ -76,7 +76,9 @@ def write_report(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         "",
         _markdown(site_table(rows, last)),
         "",
-        "Dice and IoU count the foreground only, per image, then per site. Curves: `dice.png`.",
+        "Dice and IoU count the foreground only, per image, then per site. ASSD is the average symmetric "
+        "surface distance in pixels (lower is better; a lesion missed or invented entirely counts as the image diagonal). "
+        "Curves: `dice.png`.",
         "",
     ]
     atomic_write(path, "\n".join(text).encode())

@@ -5,7 +5,7 @@ import torch
 
 from fedseg.models.errors import ModelError
 from fedseg.models.losses import DiceBCELoss
-from fedseg.models.metrics import dice_per_image, iou_per_image
+from fedseg.models.metrics import assd_per_image, dice_per_image, iou_per_image
 
 torch.set_num_threads(1)
 
@@ -71,3 +71,32 @@ def test_loss_shape_mismatch_and_bad_options_raise() -> None:
         DiceBCELoss(lambda_dice=0, lambda_bce=0)
     with pytest.raises(ModelError, match="smooth"):
         DiceBCELoss(smooth=0)
+
+
+def test_assd_hand_made_cases() -> None:
+    size = 32
+    masks = torch.zeros(5, 1, size, size, dtype=torch.bool)
+    preds = torch.zeros_like(masks)
+    # 0: a perfect prediction.
+    masks[0, 0, 8:20, 8:20] = preds[0, 0, 8:20, 8:20] = True
+    # 1: two one-pixel-wide vertical lines three columns apart: every boundary pixel is 3 px from the other line.
+    masks[1, 0, 5:25, 10] = True
+    preds[1, 0, 5:25, 13] = True
+    # 2: nothing to find, nothing found.
+    # 3: a lesion missed entirely; 4: a lesion invented on an empty image.
+    masks[3, 0, 4:9, 4:9] = True
+    preds[4, 0, 4:9, 4:9] = True
+    assd = assd_per_image(preds, masks)
+    diagonal = (2 * size**2) ** 0.5
+    assert assd.tolist() == pytest.approx([0.0, 3.0, 0.0, diagonal, diagonal])
+
+
+def test_assd_is_symmetric_and_grows_with_the_offset() -> None:
+    target = torch.zeros(1, 1, 48, 48, dtype=torch.bool)
+    target[..., 10:30, 10:30] = True
+    shifted = [torch.roll(target, shifts=s, dims=-1) for s in (1, 2, 4, 8)]
+    values = [assd_per_image(p, target).item() for p in shifted]
+    assert values == sorted(values) and values[0] > 0
+    assert assd_per_image(target, shifted[2]).item() == pytest.approx(values[2])
+    with pytest.raises(ModelError, match="assd_per_image expects"):
+        assd_per_image(target[:, :, :10], target)

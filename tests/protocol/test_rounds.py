@@ -47,7 +47,7 @@ TINY = {
     "model": {"width": 4, "depth": 2, "groups": 2},
     "train": {"batch_size": 4, "local_epochs": 1.0, "augment": False},
 }
-METRIC_COLUMNS = {f"{split}_{k}" for split in ("val", "test") for k in ("dice", "iou", "loss", "n")}
+METRIC_COLUMNS = {f"{split}_{k}" for split in ("val", "test") for k in ("dice", "iou", "assd", "loss", "n")}
 SITES = ("site-a", "site-b", "site-c")
 
 
