@@ -34,6 +34,9 @@ def _load(run_dir: Path, node_dirs: tuple[Path, ...]):  # noqa: ANN202 - lazy im
             raise click.ClickException(f"{node_dir} holds no identity key: not a fedseg node workdir")
         nodes[config.name] = verify_log(node_dir / AUDIT_FILE, load_or_create_identity(key).public_key())
     declared = {k: tuple(v.shape) for k, v in arrays.items()}
+    if plan.algorithm == "lcfed":
+        # LC-Fed's calibration declares one more exchange: each node's 1x1 head.
+        declared.update(plan.head_layout())
     return state, plan, coordinator, nodes, declared
 
 

@@ -48,7 +48,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     """Three synthetic pixel-labelled sites, each served by a real ``fedseg node start`` process."""
     # A small message limit lets the oversized-message test stay cheap.
     small = ["--max-message-mb", str(NODE_MAX_MB)]
-    yield from _serve(tmp_path_factory.mktemp("federation"), 0, {name: small for name in ("site-a", "site-b", "site-c")})
+    # site-c's owner keeps its LC-Fed head to itself; every other algorithm ignores the flag.
+    extra = {"site-a": small, "site-b": small, "site-c": [*small, "--no-share-head"]}
+    yield from _serve(tmp_path_factory.mktemp("federation"), 0, extra)
 
 
 #: How each site of the mixed federation labels its images (weak labels derived from masks).

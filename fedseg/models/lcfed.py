@@ -20,10 +20,10 @@ rather than the paper's FedDG backbone. Two parts calibrate a shared model to a 
   with a fixed Gaussian, re-weights F by both maps and predicts with a 3x3 conv.
   Only that conv trains.
 
-Shared and local parameters (:func:`lcfed_local_keys`): the encoder, decoder and
-PCS are shared and averaged; the 1x1 ``head`` and ``hc`` stay on the node. Each
-stage-1 round trains the head alone on the first ``head_fraction`` of its
-samples, then the shared parameters alone (:func:`lcfed_round`).
+Shared and local parameters (``local_keys(model, LocalPart.HEAD)``): the encoder,
+decoder and PCS are shared and averaged; the 1x1 ``head`` and ``hc`` stay on the
+node. Each stage-1 round trains the head alone on the first ``head_fraction`` of
+its samples, then the shared parameters alone (:func:`lcfed_round`).
 
 Where the reference code is wrong or silent, fedseg decides (METHODS.md §4): PCS is
 a registered, shared module; the contrastive loss is on (alpha = 0.1) with gradient
@@ -68,7 +68,8 @@ __all__ = [
     "Phase",
     "gaussian_kernel",
     "head_arrays",
-    "lcfed_local_keys",
+    "join_heads",
+    "split_heads",
     "lcfed_phase_keys",
     "lcfed_round",
     "predict_calibrated",
@@ -104,22 +105,23 @@ class LCFedConfig(DictConfig):
     Attributes:
         alpha: Weight of the contrastive PCS loss in stage 1 (the reference code
             ships 0; its author's later reimplementation and fedseg use 0.1).
-        head_fraction: Share of each stage-1 round's samples spent training the
-            local head only (10 of 50 iterations in the paper: 0.2).
+        hc_epochs: Stage 2: local epochs that train HC once the heads are
+            distributed. The heads and the shared body no longer change then, so
+            one distribution and one local run equal the reference's repeated rounds.
         peak_threshold: HC keeps disagreement peaks whose normalized value is above this.
         gaussian_sigma: Standard deviation, in pixels, of HC's fixed Gaussian filter.
         window: Odd side of HC's peak (max-pool) window and Gaussian filter.
     """
 
     alpha: float = 0.1
-    head_fraction: float = 0.2
+    hc_epochs: float = 5.0
     peak_threshold: float = 0.2
     gaussian_sigma: float = 6.0
     window: int = 31
 
     def __post_init__(self) -> None:
         _check_field("alpha", self.alpha, lo=0)
-        _check_field("head_fraction", self.head_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+        _check_field("hc_epochs", self.hc_epochs, lo=0, lo_open=True)
         _check_field("peak_threshold", self.peak_threshold, lo=0, hi=1, hi_open=True)
         _check_field("gaussian_sigma", self.gaussian_sigma, lo=0, lo_open=True)
         _check_field("window", self.window, lo=1, integer=True)
@@ -370,8 +372,9 @@ def _head_tensors(head: HeadLike, width: int, n_classes: int) -> tuple[torch.Ten
         weight, bias = head
     else:
         raise ModelError(f"a head must be a 1x1 Conv2d, a (weight, bias) pair or head arrays, got {type(head).__name__}")
-    weight = torch.as_tensor(weight).detach().float()
-    bias = torch.as_tensor(bias).detach().float()
+    # Received arrays are read-only views of a frame; torch wants writable memory.
+    weight, bias = (torch.as_tensor(np.require(t, requirements="W") if isinstance(t, np.ndarray) else t).detach().float()
+                    for t in (weight, bias))
     if tuple(weight.shape) != (n_classes, width, 1, 1) or tuple(bias.shape) != (n_classes,):
         raise ModelError(
             f"a head needs weight ({n_classes}, {width}, 1, 1) and bias ({n_classes},), "
@@ -488,14 +491,6 @@ class HeadCalibration(nn.Module):
         return self.conv(calibrated)  # (B, C, H, W)
 
 
-def lcfed_local_keys(model: LCFedUNet) -> frozenset[str]:
-    """State-dict keys that never leave the node: the ``head`` and ``hc``.
-
-    Everything else (encoder, decoder, PCS) is shared and averaged.
-    """
-    return frozenset(k for k in model.state_dict() if k.startswith(("head.", "hc.")))
-
-
 def head_arrays(model: LCFedUNet) -> dict[str, np.ndarray]:
     """The node's head, as it travels to the other nodes for HC (the declared message).
 
@@ -506,6 +501,30 @@ def head_arrays(model: LCFedUNet) -> dict[str, np.ndarray]:
         f"head.{k}": np.array(v.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
         for k, v in model.head.state_dict().items()
     }
+
+
+def join_heads(heads: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several sites' heads as one flat mapping, ``"<site>/head.weight"`` etc., to travel together."""
+    return {f"{site}/{k}": v for site, head in heads.items() for k, v in head.items()}
+
+
+def split_heads(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Inverse of :func:`join_heads`.
+
+    Raises:
+        ModelError: Naming a key that is not ``<site>/head.weight`` or ``<site>/head.bias``,
+            or a site without both.
+    """
+    heads: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        site, _, name = key.rpartition("/")
+        if not site or name not in ("head.weight", "head.bias"):
+            raise ModelError(f"head arrays are keyed '<site>/head.weight' or '<site>/head.bias', got {key!r}")
+        heads.setdefault(site, {})[name] = value
+    incomplete = sorted(site for site, head in heads.items() if len(head) != 2)
+    if incomplete:
+        raise ModelError(f"the heads of {incomplete} lack head.weight or head.bias")
+    return heads
 
 
 class Phase(StrEnum):
@@ -573,14 +592,16 @@ class LCFedTrainer(PhaseTrainer):
             self._captured = None
 
 
-def lcfed_round(model: LCFedUNet, config: TrainConfig, lcfed: LCFedConfig, images: torch.Tensor,
-                masks: torch.Tensor, seed: int) -> RoundResult:
+def lcfed_round(model: LCFedUNet, config: TrainConfig, lcfed: LCFedConfig, head_fraction: float,
+                images: torch.Tensor, masks: torch.Tensor, seed: int) -> RoundResult:
     """One stage-1 round: the head alone on ``head_fraction`` of the samples, then the shared part.
 
     Args:
         model: Trained in place; HC does not move.
         config: Round hyper-parameters; ``local_epochs`` is split between the phases.
-        lcfed: ``alpha`` and ``head_fraction``.
+        lcfed: Supplies ``alpha``.
+        head_fraction: Share of the samples for the head phase, in (0, 1) (10 of 50
+            iterations in the paper: 0.2); the same setting as FedRep's.
         images: ``(N, C, H, W)`` uint8 or float in [0, 1].
         masks: ``(N, 1, H, W)`` in {0, 1}.
         seed: Seeds the head phase; the shared phase uses ``seed + 1``.
@@ -591,8 +612,8 @@ def lcfed_round(model: LCFedUNet, config: TrainConfig, lcfed: LCFedConfig, image
     Raises:
         ModelError: On mismatched shapes or empty data.
     """
-    head_cfg = replace(config, local_epochs=config.local_epochs * lcfed.head_fraction)
-    shared_cfg = replace(config, local_epochs=config.local_epochs * (1 - lcfed.head_fraction))
+    head_cfg = replace(config, local_epochs=config.local_epochs * head_fraction)
+    shared_cfg = replace(config, local_epochs=config.local_epochs * (1 - head_fraction))
     first = LCFedTrainer(model, head_cfg, lcfed, Phase.HEAD).train_round(images, masks, seed)
     second = LCFedTrainer(model, shared_cfg, lcfed, Phase.SHARED).train_round(images, masks, seed + 1)
     return replace(second, steps=first.steps + second.steps, seconds=first.seconds + second.seconds)
@@ -608,24 +629,37 @@ class CalibratedUNet(nn.Module):
 
     Args:
         model: The node's stage-1 model (with the final shared parameters pulled).
-        other_heads: The other sites' heads, at least one; see :data:`HeadLike`.
+        other_heads: The other sites' heads, at least one, by site name (or in a
+            sequence, named by position); see :data:`HeadLike`.
 
     Raises:
         ModelError: If no head is given or one has the wrong shape.
     """
 
-    def __init__(self, model: LCFedUNet, other_heads: Sequence[HeadLike]) -> None:
+    def __init__(self, model: LCFedUNet, other_heads: Mapping[str, HeadLike] | Sequence[HeadLike]) -> None:
         super().__init__()
         if len(other_heads) == 0:
             raise ModelError("CalibratedUNet needs the heads of at least one other site")
+        named = dict(other_heads) if isinstance(other_heads, Mapping) else {str(j): h for j, h in enumerate(other_heads)}
         self.model = model
-        self.n_heads = len(other_heads)
+        self.sites = list(named)
+        self.n_heads = len(named)
         self.train(model.training)  # so predict/evaluate restore the model's own mode
         device = model.head.weight.device
-        for j, head in enumerate(other_heads):
+        for j, head in enumerate(named.values()):
             weight, bias = _head_tensors(head, model.config.width, model.config.out_channels)
             self.register_buffer(f"other_weight_{j}", weight.clone().to(device), persistent=False)
             self.register_buffer(f"other_bias_{j}", bias.clone().to(device), persistent=False)
+
+    def heads_arrays(self) -> dict[str, np.ndarray]:
+        """The other sites' heads as :func:`join_heads` keys them, float32 copies."""
+        return join_heads({
+            site: {
+                "head.weight": getattr(self, f"other_weight_{j}").detach().cpu().numpy().copy(),
+                "head.bias": getattr(self, f"other_bias_{j}").detach().cpu().numpy().copy(),
+            }
+            for j, site in enumerate(self.sites)
+        })
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """HC logits ``(B, out_channels, H, W)`` for images ``(B, in_channels, H, W)``."""
@@ -635,7 +669,7 @@ class CalibratedUNet(nn.Module):
         return self.model.hc(feat, self.model.head, heads)
 
 
-def train_hc_round(model: LCFedUNet, other_heads: Sequence[HeadLike], images: torch.Tensor, masks: torch.Tensor,
+def train_hc_round(model: LCFedUNet, other_heads: Mapping[str, HeadLike] | Sequence[HeadLike], images: torch.Tensor, masks: torch.Tensor,
                    config: TrainConfig, seed: int) -> RoundResult:
     """One stage-2 round: only ``model.hc`` trains, on the segmentation loss of its output.
 
@@ -658,7 +692,7 @@ def train_hc_round(model: LCFedUNet, other_heads: Sequence[HeadLike], images: to
     return PhaseTrainer(wrapped, config, keys).train_round(images, masks, seed)
 
 
-def predict_calibrated(model: LCFedUNet, other_heads: Sequence[HeadLike], images: torch.Tensor,
+def predict_calibrated(model: LCFedUNet, other_heads: Mapping[str, HeadLike] | Sequence[HeadLike], images: torch.Tensor,
                        batch_size: int = 16) -> torch.Tensor:
     """HC's binary masks: sigmoid of the calibrated logits thresholded at 0.5, in eval mode.
 

@@ -70,7 +70,8 @@ def local_keys(model: nn.Module, part: LocalPart) -> frozenset[str]:
     if part is LocalPart.ALL:
         return frozenset(keys)
     if part is LocalPart.HEAD:
-        return frozenset(k for k in keys if k == "head" or k.startswith("head.") or ".head." in k)
+        # The head and, where a model has one, LC-Fed's calibration of it ("hc").
+        return frozenset(k for k in keys if k.startswith(("head.", "hc.")) or ".head." in k or ".hc." in k)
     norm_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, _NORMS))
     return frozenset(k for k in keys if k.startswith(norm_prefixes))
 

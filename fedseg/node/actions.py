@@ -25,23 +25,27 @@ import torch
 
 from fedseg.models.errors import ModelError
 from fedseg.models.iopfl import running_mix
+from fedseg.models.lcfed import CalibratedUNet, lcfed_round, split_heads, train_hc_round
 from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays
 from fedseg.models.personalization import LocalPart, fedrep_round, local_keys, pull, push
 from fedseg.models.overlay import overlay_png
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
 from fedseg.protocol.audit import AUDIT_FILE, AuditLog
-from fedseg.protocol.errors import MessageError, PlanError
+from fedseg.protocol.errors import DeclinedError, MessageError, PlanError
 from fedseg.protocol.files import atomic_write
 from fedseg.protocol.identity import fingerprint, load_or_create_identity
 from fedseg.protocol.messages import (
+    CalibrateRequest,
     DescribeReply,
     DescribeRequest,
     ErrorCode,
     ErrorReply,
     EvaluateReply,
     EvaluateRequest,
-    Message,
+    HeadsReply,
+    HeadsRequest,
     METRIC_KEYS,
+    Message,
     MessageKind,
     PERSONAL_PREFIX,
     TrainReply,
@@ -57,7 +61,7 @@ from fedseg.protocol.wire import decode_frame
 from .config import WORKDIR_ENV, NodeConfig
 from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
 from .node_log import log, log_to_workdir
-from .predict import MODELS_DIR
+from .predict import HEADS_FILE, MODELS_DIR
 
 __all__ = ["COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "round_seed"]
 
@@ -153,43 +157,47 @@ class NodeRuntime:
         dtype); the local part comes from the node's personal state for this run, or
         from the plan's seeded initialisation before the node's first round.
         """
-        model = plan.build_model()
+        model = plan.build_model(self.name)
         local = local_keys(model, plan.local_part)
         check_arrays(weights, {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in local}, what)
-        state = self._personal_path(run_id)
-        if local and state.exists():
-            with np.load(state) as saved:
-                # The saved file holds exactly the local keys: load them as the "shared" set
-                # of the complementary split.
-                pull(model, {k: saved[k] for k in saved.files}, frozenset(model.state_dict()) - local)
+        saved = self.personal(run_id) if local else None
+        if saved is not None:
+            # The saved file holds exactly the local keys: load them as the "shared" set
+            # of the complementary split.
+            pull(model, saved, frozenset(model.state_dict()) - local)
         pull(model, weights, local)
         return model
 
     def keep_personal(self, plan: Plan, run_id: str, model: torch.nn.Module) -> None:
         """Saves what this node keeps for itself after training; none of it leaves the node.
 
-        That is the model's local part (FedBN, FedRep, Local) and, for IOP-FL, the running
-        mix of the models it trained.
+        That is the model's local part (FedBN, FedRep, Local; LC-Fed's head and HC) and,
+        for IOP-FL, the running mix of the models it trained.
         """
         local = local_keys(model, plan.local_part)
         if local:
             self._save(self._personal_path(run_id), {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in local})
         if plan.algorithm == "iopfl":
-            mix = running_mix(self.personal_mix(run_id), state_to_arrays(model), plan.personal.alpha)
+            mix = running_mix(self.personal(run_id, "mix"), state_to_arrays(model), plan.personal.alpha)
             self._save(self._personal_path(run_id, "mix"), mix)
 
     def keep_models(self, plan: Plan, run_id: str, models: dict[str, torch.nn.Module]) -> None:
         """Keeps the models just scored, so ``fedseg node predict`` can use them locally."""
         folder = self.workdir / MODELS_DIR / _safe(run_id)
         for prefix, model in models.items():
-            # With a local part (FedBN, FedRep, Local) the model a node runs is already its own.
+            # With a local part (FedBN, FedRep, Local, LC-Fed) the model a node runs is already its own.
             personal = prefix or plan.local_part is not LocalPart.NONE
+            if isinstance(model, CalibratedUNet):
+                # Its state is the LC-Fed model's (HC included); the other sites' heads go beside it.
+                self._save(folder / HEADS_FILE, model.heads_arrays())
+                model = model.model
             self._save(folder / ("personalized.npz" if personal else "global.npz"), state_to_arrays(model))
         (folder / "plan.json").write_text(json.dumps(plan.to_dict(), sort_keys=True))
 
-    def personal_mix(self, run_id: str) -> dict[str, np.ndarray] | None:
-        """IOP-FL's running mix for this run, or None before the node's first round."""
-        path = self._personal_path(run_id, "mix")
+    def personal(self, run_id: str, what: str = "local") -> dict[str, np.ndarray] | None:
+        """What this node keeps of a run: its local part ("local") or IOP-FL's running mix
+        ("mix"); None before the node's first round."""
+        path = self._personal_path(run_id, what)
         if not path.exists():
             return None
         with np.load(path) as saved:
@@ -238,6 +246,8 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     if plan.algorithm == "fedmix":
         result = FedMixTrainer(model, plan.train, plan.fedmix).train_round(images, **labels, seed=seed)
         accepted, candidates = result.accepted, result.candidates
+    elif plan.algorithm == "lcfed":
+        result = lcfed_round(model, plan.train, plan.lcfed, plan.personal.head_fraction, images, labels["masks"], seed)
     elif plan.algorithm == "fedrep":
         result = fedrep_round(model, plan.train, images, labels["masks"], seed, plan.personal.head_fraction)
     else:
@@ -266,9 +276,9 @@ def _personal_model(rt: NodeRuntime, plan: Plan, msg: EvaluateRequest, global_mo
         LocalTrainer(model, tune).train_round(rt.images("train", plan), rt.masks("train", plan), seed=round_seed(plan.seed, msg.round, rt.name) + 1)
         return model
     if plan.algorithm == "iopfl":
-        mix = rt.personal_mix(msg.run_id)
+        mix = rt.personal(msg.run_id, "mix")
         if mix is not None:
-            model = plan.build_model()
+            model = plan.build_model(rt.name)
             arrays_to_state(model, mix)
             return model
     return None
@@ -281,27 +291,73 @@ def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
     personal = _personal_model(rt, plan, msg, model)
     if personal is not None:
         models[PERSONAL_PREFIX] = personal
+    return _score(rt, plan, msg.run_id, msg.round, msg.splits, msg.overlays, models)
+
+
+def _score(rt: NodeRuntime, plan: Plan, run_id: str, round_: int, splits: list[str], overlays: int,
+           models: dict[str, torch.nn.Module]) -> EvaluateReply:
+    """Scores each model (keyed by its metrics prefix) on the splits, keeps them, and answers
+    with aggregate figures only."""
     metrics: dict[str, Any] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.train.threads)
     try:
-        for split in msg.splits:
+        for split in splits:
             images, masks = rt.images(split, plan), rt.masks(split, plan)
             for prefix, scored in models.items():
                 m = evaluate(scored, images, masks, batch_size=plan.eval_batch_size)
                 metrics[prefix + split] = {k: int(m[k]) if k == "n" else float(m[k]) for k in METRIC_KEYS}
-            if msg.overlays:
-                _write_overlays(rt, models.get(PERSONAL_PREFIX, model), images[: msg.overlays], masks[: msg.overlays], msg, split)
+            if overlays:
+                _write_overlays(rt, models.get(PERSONAL_PREFIX, models[""]), images[:overlays], masks[:overlays], run_id, round_, split)
     finally:
         torch.set_num_threads(threads)
-    rt.keep_models(plan, msg.run_id, models)
-    log.info("round %d node %s: evaluated %s", msg.round, rt.name, metrics)
-    return EvaluateReply(run_id=msg.run_id, round=msg.round, metrics=metrics)
+    rt.keep_models(plan, run_id, models)
+    log.info("round %d node %s: evaluated %s", round_, rt.name, metrics)
+    return EvaluateReply(run_id=run_id, round=round_, metrics=metrics)
 
 
-def _write_overlays(rt: NodeRuntime, model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, msg: EvaluateRequest, split: str) -> None:
+def _lcfed_plan(message: HeadsRequest | CalibrateRequest) -> Plan:
+    plan = Plan.from_dict(message.plan)
+    if plan.algorithm != "lcfed":
+        raise PlanError(f"{message.KIND} belongs to lcfed's calibration stage, not to {plan.algorithm}")
+    return plan
+
+
+def _heads(rt: NodeRuntime, msg: HeadsRequest) -> HeadsReply:
+    _lcfed_plan(msg)
+    if not rt.config.share_head:
+        raise DeclinedError(f"node {rt.name} does not share its head (its owner started it with --no-share-head)")
+    local = rt.personal(msg.run_id)
+    if local is None:
+        raise PlanError(f"node {rt.name} has not trained in run {msg.run_id}: it has no head to share")
+    log.info("round %d node %s: sent its segmentation head for calibration", msg.round, rt.name)
+    return HeadsReply(run_id=msg.run_id, round=msg.round, weights={k: local[k] for k in ("head.weight", "head.bias")})
+
+
+def _calibrate(rt: NodeRuntime, msg: CalibrateRequest) -> EvaluateReply:
+    """LC-Fed stage 2: trains HC on the other sites' heads, then scores the stage-1 model and,
+    as the personalized one, the calibrated model."""
+    plan = _lcfed_plan(msg)
+    model = rt.model(plan, msg.run_id, msg.weights, f"weights of calibrate request round {msg.round}")
+    heads = split_heads(msg.heads)
+    strangers = sorted((set(heads) - set(plan.sites)) | (set(heads) & {rt.name}))
+    if strangers:
+        raise PlanError(f"calibration heads must come from the other sites of plan.sites, got heads of {strangers}")
+    personal: torch.nn.Module = model
+    if heads:
+        calibrate = replace(plan.train, local_epochs=plan.lcfed.hc_epochs)
+        seed = round_seed(plan.seed, msg.round, rt.name)
+        result = train_hc_round(model, heads, rt.images("train", plan), rt.masks("train", plan), calibrate, seed)
+        rt.keep_personal(plan, msg.run_id, model)
+        personal = CalibratedUNet(model, heads)
+        log.info("round %d node %s: trained HC on the heads of %s, loss %.4f, %.1f s",
+                 msg.round, rt.name, sorted(heads), result.mean_loss, result.seconds)
+    return _score(rt, plan, msg.run_id, msg.round, msg.splits, 0, {"": model, PERSONAL_PREFIX: personal})
+
+
+def _write_overlays(rt: NodeRuntime, model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, run_id: str, round_: int, split: str) -> None:
     # Overlays show patients' images, so they are written only inside the node's own workdir.
-    out = rt.workdir / "overlays" / _safe(msg.run_id) / f"round_{msg.round:04d}"
+    out = rt.workdir / "overlays" / _safe(run_id) / f"round_{round_:04d}"
     out.mkdir(parents=True, exist_ok=True)
     preds = predict(model, images)
     for i in range(images.shape[0]):
@@ -325,6 +381,8 @@ ACTIONS: dict[str, Action] = {
     MessageKind.DESCRIBE.value: Action(DescribeRequest, _describe),
     MessageKind.TRAIN.value: Action(TrainRequest, _train),
     MessageKind.EVALUATE.value: Action(EvaluateRequest, _evaluate),
+    MessageKind.HEADS.value: Action(HeadsRequest, _heads),
+    MessageKind.CALIBRATE.value: Action(CalibrateRequest, _calibrate),
 }
 
 
@@ -365,6 +423,8 @@ def _serve(rt: NodeRuntime, frame: bytes) -> bytes:
         return _refuse(rt, ErrorCode.BAD_WEIGHTS, str(exc))
     except PlanError as exc:
         return _refuse(rt, ErrorCode.BAD_PLAN, str(exc))
+    except DeclinedError as exc:
+        return _refuse(rt, ErrorCode.DECLINED, str(exc))
     except Exception as exc:  # the node must keep serving whatever one request does
         log.error("node %s: internal error\n%s", rt.name, traceback.format_exc())
         return encode(ErrorReply(code=ErrorCode.INTERNAL.value, message=f"node {rt.name}: internal error: {type(exc).__name__}: {exc}"))

@@ -31,6 +31,8 @@ class NodeConfig:
         boxes: Absolute path of boxes.csv (box labels from a file).
         image_labels: Absolute path of labels.csv (image-level labels from a file).
         labels_from_masks: Weak labels derived from the masks (benchmarks only).
+        share_head: LC-Fed: whether this node's segmentation head may be sent to the other
+            sites for their calibration (its owner's choice, ``--no-share-head``).
     """
 
     name: str
@@ -45,6 +47,7 @@ class NodeConfig:
     boxes: str | None = None
     image_labels: str | None = None
     labels_from_masks: bool = False
+    share_head: bool = True
 
     @property
     def path(self) -> Path:

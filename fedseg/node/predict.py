@@ -18,9 +18,11 @@ from PIL import Image
 from .datasets import LabelKind, index_site, load_arrays
 from .errors import NodeError
 
-__all__ = ["MODELS_DIR", "latest_run", "predict_folder"]
+__all__ = ["HEADS_FILE", "MODELS_DIR", "latest_run", "predict_folder"]
 
 MODELS_DIR = "models"
+#: LC-Fed: the other sites' heads a node calibrated its personalized model with.
+HEADS_FILE = "heads.npz"
 
 
 def latest_run(workdir: Path) -> str:
@@ -53,9 +55,12 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
     """
     import torch
 
+    from fedseg.models.lcfed import CalibratedUNet, split_heads
     from fedseg.models.local_training import arrays_to_state, predict
     from fedseg.models.overlay import overlay_png
     from fedseg.protocol.plan import Plan
+
+    from .config import NodeConfig
 
     folder = workdir / MODELS_DIR / run
     model_file = folder / f"{which}.npz"
@@ -63,9 +68,12 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
         kept = sorted(p.stem for p in folder.glob("*.npz"))
         raise NodeError(f"run {run} on this node has no {which} model (it has: {', '.join(kept) or 'none'})")
     plan = Plan.from_dict(json.loads((folder / "plan.json").read_text()))
-    model = plan.build_model()
+    model = plan.build_model(NodeConfig.load(workdir).name)
     with np.load(model_file) as saved:
         arrays_to_state(model, {k: saved[k] for k in saved.files})
+    if which == "personalized" and (folder / HEADS_FILE).exists():
+        with np.load(folder / HEADS_FILE) as saved:
+            model = CalibratedUNet(model, split_heads({k: saved[k] for k in saved.files}))
     with tempfile.TemporaryDirectory() as tmp:
         root = images
         if not (images / "images").is_dir():

@@ -15,6 +15,8 @@ _MODEL = ("width", "depth", "in_channels")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
 _FEDMIX = ("lam", "beta", "tau", "adaptive")
 _PERSONAL = ("alpha", "head_fraction", "finetune_epochs")
+#: LC-Fed option name -> its key in plan.lcfed ("alpha" there is the contrastive weight).
+_LCFED = {"contrastive_weight": "alpha", "hc_epochs": "hc_epochs"}
 
 
 def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -25,10 +27,12 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
             plan[key] = options[key]
     if options.get("full_masks"):
         plan["full_masks"] = True
-    for section, keys in (("model", _MODEL), ("train", _TRAIN), ("fedmix", _FEDMIX), ("personal", _PERSONAL)):
-        for key in keys:
-            if options.get(key) is not None:
-                plan.setdefault(section, {})[key] = options[key]
+    sections = [("model", _MODEL), ("train", _TRAIN), ("fedmix", _FEDMIX), ("personal", _PERSONAL), ("lcfed", _LCFED)]
+    for section, keys in sections:
+        names = keys if isinstance(keys, dict) else {k: k for k in keys}
+        for option, key in names.items():
+            if options.get(option) is not None:
+                plan.setdefault(section, {})[key] = options[option]
     if options.get("algorithm"):
         plan["algorithm"] = options["algorithm"]
     width = plan.get("model", {}).get("width")
@@ -39,10 +43,11 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 
 @click.command()
 @click.option("--invite", "invites", multiple=True, type=click.Path(path_type=Path), help="A node's invite.json (repeat per node).")
-@click.option("--algorithm", type=click.Choice(["fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl"]), default=None,
-              help="fedavg (pixel-labelled nodes train), fedmix (every label kind trains), or a personalized baseline: "
+@click.option("--algorithm", type=click.Choice(["fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl", "lcfed"]), default=None,
+              help="fedavg (pixel-labelled nodes train), fedmix (every label kind trains), or a personalized method: "
                    "local (nothing shared), ft (FedAvg, scored after local fine-tuning), fedbn (norm layers stay local), "
-                   "fedrep (head stays local), iopfl (each node also keeps a running mix of its models) [default: fedavg].")
+                   "fedrep (head stays local), iopfl (each node also keeps a running mix of its models), "
+                   "lcfed (site channel selection and a local head, then head calibration) [default: fedavg].")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory for checkpoints, metrics, report and plot.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue the run in this directory from its last completed round.")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Plan JSON; options below override it.")
@@ -64,7 +69,9 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @click.option("--tau", type=float, default=None, help="FedMix τ: agreement needed to accept a pseudo-label.")
 @click.option("--adaptive/--no-adaptive", default=None, help="FedMix adaptive aggregation weights (--no-adaptive: plain n_k, the ablation).")
 @click.option("--alpha", type=float, default=None, help="IOP-FL: weight of the previous running mix (default 0.1).")
-@click.option("--head-fraction", type=float, default=None, help="FedRep: share of each round spent on the head (default 0.2).")
+@click.option("--head-fraction", type=float, default=None, help="FedRep, LC-Fed: share of each round spent on the head (default 0.2).")
+@click.option("--contrastive-weight", type=float, default=None, help="LC-Fed: weight of the contrastive site loss (default 0.1; 0 = the ablation).")
+@click.option("--hc-epochs", type=float, default=None, help="LC-Fed: local epochs that train the calibration head (default 5).")
 @click.option("--finetune-epochs", type=float, default=None, help="FT: local fine-tuning epochs before scoring (default 1).")
 @click.option("--full-masks", is_flag=True, default=False, help="Benchmark upper bound: nodes whose weak labels came from masks train on the masks.")
 def run(invites: tuple[Path, ...], out: Path | None, resume: Path | None, plan_file: Path | None, **options: Any) -> None:

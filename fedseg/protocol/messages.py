@@ -30,6 +30,9 @@ __all__ = [
     "TrainReply",
     "EvaluateRequest",
     "EvaluateReply",
+    "HeadsRequest",
+    "HeadsReply",
+    "CalibrateRequest",
     "ErrorReply",
     "METRIC_KEYS",
     "SPLITS",
@@ -56,6 +59,9 @@ class MessageKind(StrEnum):
     TRAIN_REPLY = "train_reply"
     EVALUATE = "evaluate"
     EVALUATE_REPLY = "evaluate_reply"
+    HEADS = "heads"
+    HEADS_REPLY = "heads_reply"
+    CALIBRATE = "calibrate"
     ERROR = "error"
 
 
@@ -64,6 +70,8 @@ class ErrorCode(StrEnum):
     NOT_EXPOSED = "not_exposed"
     BAD_PLAN = "bad_plan"
     BAD_WEIGHTS = "bad_weights"
+    #: The node's owner chose not to send what was asked (e.g. ``--no-share-head``).
+    DECLINED = "declined"
     INTERNAL = "internal"
 
 
@@ -87,6 +95,11 @@ def _schema(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
     """Field name to annotated type, and the names of the tensor fields."""
     hints = {f.name: get_type_hints(cls, globals())[f.name] for f in fields(cls)}
     return hints, frozenset(n for n, t in hints.items() if t == Arrays)
+
+
+def _check_splits(kind: str, splits: list) -> None:
+    if not splits or any(s not in SPLITS for s in splits) or len(set(splits)) != len(splits):
+        raise MessageError(f"{kind}: field splits must be distinct names from {SPLITS}, got {splits}")
 
 
 def _check_finite(kind: str, name: str, value: float) -> None:
@@ -181,8 +194,7 @@ class EvaluateRequest(Message):
         super().validate()
         if self.round < 0:
             raise MessageError(f"{self.KIND}: field round must be >= 0, got {self.round}")
-        if not self.splits or any(s not in SPLITS for s in self.splits) or len(set(self.splits)) != len(self.splits):
-            raise MessageError(f"{self.KIND}: field splits must be distinct names from {SPLITS}, got {self.splits}")
+        _check_splits(self.KIND, self.splits)
         if not 0 <= self.overlays <= 64:
             raise MessageError(f"{self.KIND}: field overlays must be in [0, 64], got {self.overlays}")
 
@@ -205,6 +217,47 @@ class EvaluateReply(Message):
 
 
 @dataclass(frozen=True)
+class HeadsRequest(Message):
+    """LC-Fed stage 2: asks a node for its segmentation head, to calibrate the others."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.HEADS
+    run_id: str
+    round: int
+    plan: dict
+
+
+@dataclass(frozen=True)
+class HeadsReply(Message):
+    """A node's 1x1 head (``head.weight``, ``head.bias``): the one local part that may leave
+    it, and only under LC-Fed; never features or predictions."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.HEADS_REPLY
+    run_id: str
+    round: int
+    weights: Arrays
+
+
+@dataclass(frozen=True)
+class CalibrateRequest(Message):
+    """LC-Fed stage 2: the final shared weights plus the other sites' heads, keyed
+    ``<site>/head.weight`` and ``<site>/head.bias``. The node trains its HC on them, keeps
+    it, and answers with an :class:`EvaluateReply`. No heads means HC runs without this
+    node (it declined to share its own): it scores its stage-1 model as its personalized one."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.CALIBRATE
+    run_id: str
+    round: int
+    plan: dict
+    splits: list
+    weights: Arrays
+    heads: Arrays
+
+    def validate(self) -> None:
+        super().validate()
+        _check_splits(self.KIND, self.splits)
+
+
+@dataclass(frozen=True)
 class ErrorReply(Message):
     KIND: ClassVar[MessageKind] = MessageKind.ERROR
     code: str
@@ -217,7 +270,8 @@ class ErrorReply(Message):
 
 #: Every declared message type.
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    DescribeRequest, DescribeReply, TrainRequest, TrainReply, EvaluateRequest, EvaluateReply, ErrorReply,
+    DescribeRequest, DescribeReply, TrainRequest, TrainReply, EvaluateRequest, EvaluateReply,
+    HeadsRequest, HeadsReply, CalibrateRequest, ErrorReply,
 )
 _TYPES: dict[str, type[Message]] = {cls.KIND.value: cls for cls in MESSAGE_TYPES}
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from fedseg.models.errors import ModelError
 from fedseg.models.fedmix import CoTrainedUNets, FedMixConfig
+from fedseg.models.lcfed import LCFedConfig, LCFedUNet, head_arrays
 from fedseg.models.personalization import LocalPart, PersonalConfig
 from fedseg.models.local_training import TrainConfig
 from fedseg.models.unet import UNet, UNetConfig, build_model
@@ -15,11 +16,11 @@ from .errors import PlanError
 
 __all__ = ["ALGORITHMS", "PERSONAL_MODELS", "Plan"]
 
-ALGORITHMS = ("fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl")
+ALGORITHMS = ("fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl", "lcfed")
 #: Algorithms whose nodes also score a personalized model of their own beside the global one.
-PERSONAL_MODELS = ("ft", "iopfl")
+PERSONAL_MODELS = ("ft", "iopfl", "lcfed")
 #: What stays on each node per algorithm; the rest is shared and averaged.
-_LOCAL_PARTS = {"local": LocalPart.ALL, "fedbn": LocalPart.NORM, "fedrep": LocalPart.HEAD}
+_LOCAL_PARTS = {"local": LocalPart.ALL, "fedbn": LocalPart.NORM, "fedrep": LocalPart.HEAD, "lcfed": LocalPart.HEAD}
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,11 @@ class Plan:
         fedmix: FedMix settings (λ, β, τ, box agreement, adaptive weights); used by "fedmix".
         full_masks: Benchmark upper bound only: nodes whose weak labels were derived from
             masks train on those masks. Nodes with real weak labels refuse it.
-        personal: Settings of the personalized baselines (FedRep's head phase, FT's fine-tuning).
+        personal: Settings of the personalized baselines (FedRep's and LC-Fed's head phase,
+            FT's fine-tuning, IOP-FL's running mix).
+        lcfed: LC-Fed settings (contrastive weight, HC); used by "lcfed".
+        sites: The federation's node names in a fixed order; LC-Fed's site index k of a
+            node is its position here. The coordinator fills it from the invites.
     """
 
     algorithm: str = "fedavg"
@@ -58,6 +63,8 @@ class Plan:
     fedmix: FedMixConfig = field(default_factory=FedMixConfig)
     full_masks: bool = False
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    lcfed: LCFedConfig = field(default_factory=LCFedConfig)
+    sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -79,6 +86,10 @@ class Plan:
             raise PlanError(f"plan.timeout_s must be a positive number, got {self.timeout_s!r}")
         if not isinstance(self.full_masks, bool):
             raise PlanError(f"plan.full_masks must be true or false, got {self.full_masks!r}")
+        if not isinstance(self.sites, tuple) or not all(isinstance(n, str) and n for n in self.sites) or len(set(self.sites)) != len(self.sites):
+            raise PlanError(f"plan.sites must be distinct node names, got {self.sites!r}")
+        if self.algorithm == "lcfed" and len(self.sites) == 1:
+            raise PlanError("lcfed needs at least 2 sites: its contrastive loss and HC compare sites")
         if self.image_size % 2**self.model.depth:
             raise PlanError(
                 f"plan.image_size {self.image_size} must be a multiple of 2**model.depth = {2**self.model.depth}"
@@ -106,12 +117,17 @@ class Plan:
                 values["personal"] = PersonalConfig.from_dict(_obj(values["personal"], "personal"))
             if "fedmix" in values:
                 values["fedmix"] = FedMixConfig.from_dict(_obj(values["fedmix"], "fedmix"))
+            if "lcfed" in values:
+                values["lcfed"] = LCFedConfig.from_dict(_obj(values["lcfed"], "lcfed"))
+            if isinstance(values.get("sites"), list):
+                values["sites"] = tuple(values["sites"])
             return cls(**values)
         except ModelError as exc:
             raise PlanError(f"plan: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The plan as JSON would give it back (lists, not tuples), so a saved plan compares equal."""
+        return {**asdict(self), "sites": list(self.sites)}
 
     @property
     def max_message_bytes(self) -> int:
@@ -122,16 +138,35 @@ class Plan:
         """The parameters that never leave a node under this plan's algorithm."""
         return _LOCAL_PARTS.get(self.algorithm, LocalPart.NONE)
 
-    def build_model(self) -> UNet | CoTrainedUNets:
+    def head_layout(self) -> dict[str, tuple[int, ...]]:
+        """LC-Fed: name and shape of the head a node sends for the others' calibration."""
+        return {k: v.shape for k, v in head_arrays(self.build_model()).items()}
+
+    def build_model(self, node: str | None = None) -> UNet | CoTrainedUNets:
         """The network this plan's algorithm trains, initialised from ``plan.seed``.
 
         Every node and the coordinator build the same initial weights, so parameters that
         stay local start where the shared ones do.
+
+        Args:
+            node: The node that builds it; LC-Fed's site code depends on it. The
+                coordinator passes none (the shared weights do not depend on it).
+
+        Raises:
+            PlanError: For LC-Fed, if ``sites`` is empty or does not name ``node``.
         """
         import torch
 
         torch.manual_seed(self.seed)
-        return CoTrainedUNets(self.model) if self.algorithm == "fedmix" else build_model(self.model)
+        if self.algorithm == "fedmix":
+            return CoTrainedUNets(self.model)
+        if self.algorithm == "lcfed":
+            if not self.sites:
+                raise PlanError("lcfed needs plan.sites, the federation's node names in order (the coordinator fills it)")
+            if node is not None and node not in self.sites:
+                raise PlanError(f"node {node} is not among plan.sites {list(self.sites)}")
+            return LCFedUNet(self.model, len(self.sites), self.sites.index(node) if node else 0, self.lcfed)
+        return build_model(self.model)
 
 
 def _obj(value: Any, name: str) -> dict[str, Any]:

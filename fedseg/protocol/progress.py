@@ -43,6 +43,10 @@ class ConsoleReporter:
         self._clear()
         per_site = "  ".join(f"{r['site']} {r['val_dice']:.3f}" for r in rows)
         loss = f"train loss {summary['train_loss']:.3f}  " if "train_loss" in summary else ""
+        if summary.get("stage") == "calibration":
+            calibrated = "  ".join(f"{r['site']} {r['personal_val_dice']:.3f}" for r in rows if "personal_val_dice" in r)
+            self.console.print(f"calibration  {summary['seconds']:6.1f} s  val Dice calibrated: {calibrated}")
+            return
         self.console.print(
             f"round {round_:>3}/{self.rounds}  {summary['seconds']:6.1f} s  {loss}val Dice: {per_site}"
         )

@@ -12,20 +12,25 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+from fedseg.models.lcfed import join_heads
 
 from .audit import AuditLog
 from .errors import MessageError, ProtocolError, RemoteError, RoundError
 from .identity import load_or_create_identity
 from .messages import (
     Arrays,
+    CalibrateRequest,
     DescribeReply,
     DescribeRequest,
     ErrorReply,
     EvaluateReply,
     EvaluateRequest,
+    HeadsReply,
+    HeadsRequest,
     PERSONAL_PREFIX,
     Message,
     TrainReply,
@@ -41,6 +46,8 @@ from .strategies import Strategy, make_strategy
 __all__ = ["Transport", "Peer", "Reporter", "initial_arrays", "run_federation"]
 
 M = TypeVar("M", bound=Message)
+#: The splits every node scores each round; the test split is reported, never selected on.
+SCORED_SPLITS = ("val", "test")
 #: How the coordinator signs its own audit log.
 COORDINATOR_WRITER = "coordinator"
 
@@ -183,14 +190,20 @@ def run_federation(
         RoundError: If fewer nodes answer than the plan requires.
         TransportError: If a node cannot be reached or logged into.
     """
+    names = [t.name for t in transports]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"node names must be distinct, got {names}")
+    if plan.algorithm == "lcfed":
+        # LC-Fed's site codes index the nodes: fixed once, in the plan every node receives.
+        if not plan.sites:
+            plan = replace(plan, sites=tuple(names))
+        elif set(plan.sites) != set(names):
+            raise ProtocolError(f"plan.sites {list(plan.sites)} do not match the invited nodes {names}")
     store = RunStore(out)
     store.root.mkdir(parents=True, exist_ok=True)
     strategy = strategy or make_strategy(plan)
     audit = AuditLog(store.audit, load_or_create_identity(store.identity), COORDINATOR_WRITER)
     peers = [Peer(t, plan.max_message_bytes, audit) for t in transports]
-    names = [p.name for p in peers]
-    if len(set(names)) != len(names):
-        raise ProtocolError(f"node names must be distinct, got {names}")
     needed = plan.min_nodes or len(peers)
     if needed > len(peers):
         raise ProtocolError(f"plan.min_nodes is {needed} but only {len(peers)} nodes were given")
@@ -221,18 +234,45 @@ def run_federation(
                 reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {d.label_kind} labels, key {d.fingerprint[7:19]}")
 
             def evaluate(round_: int, weights: Arrays) -> _Outcome:
-                request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=plan.overlays, weights=weights)
+                request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=list(SCORED_SPLITS), overlays=plan.overlays, weights=weights)
                 # Every node gets the same weights: encode them once, not once per node.
                 frame = encode(request)
 
                 def call(p: Peer) -> EvaluateReply:
-                    reply = p.request(request, EvaluateReply, frame)
-                    bases = {k.removeprefix(PERSONAL_PREFIX) for k in reply.metrics}
-                    if not set(request.splits) <= set(reply.metrics) or bases != set(request.splits):
-                        raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {request.splits}")
-                    return reply
+                    return _scores(p, p.request(request, EvaluateReply, frame))
 
                 return _phase(pool, scorers, call, min(needed, len(scorers)), round_, "evaluation", plan.timeout_s, reporter)
+
+            def calibrate(round_: int, weights: Arrays) -> _Outcome:
+                """LC-Fed stage 2: gather the heads of the nodes that share them, send each sharing
+                node the others' heads, and let every scorer score its calibrated model."""
+                ask = HeadsRequest(run_id=run_id, round=round_, plan=plan.to_dict())
+                frame = encode(ask)
+                head_layout = plan.head_layout()
+
+                def fetch(p: Peer) -> HeadsReply:
+                    reply = p.request(ask, HeadsReply, frame)
+                    check_arrays(reply.weights, head_layout, f"head from node {p.name}")
+                    return reply
+
+                trainers = [p for p in peers if p.name in strategy.participants(nodes)]
+                shared = _fan_out(pool, trainers, fetch, plan.timeout_s, lambda text: reporter.step(f"calibration heads: {text}"))
+                heads = {name: reply.weights for name, reply in shared.replies.items()}
+                for name, why in shared.failures.items():
+                    reporter.info(f"calibration: node {name}'s head stays on it, so HC runs without it: {why}")
+                # Only a node that shares its head receives the others'.
+                requests = {
+                    p.name: CalibrateRequest(
+                        run_id=run_id, round=round_, plan=plan.to_dict(), splits=list(SCORED_SPLITS), weights=weights,
+                        heads=join_heads({n: h for n, h in heads.items() if n != p.name}) if p.name in heads else {},
+                    )
+                    for p in scorers
+                }
+
+                def call(p: Peer) -> EvaluateReply:
+                    return _scores(p, p.request(requests[p.name], EvaluateReply))
+
+                return _phase(pool, scorers, call, min(needed, len(scorers)), round_, "calibration", plan.timeout_s, reporter)
 
             if start == 0:
                 t0 = time.monotonic()
@@ -260,9 +300,23 @@ def run_federation(
                 _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
                 summary.update(seconds=time.monotonic() - t0, train_seconds=t_train)
                 reporter.round_done(round_, new_rows, summary)
+            if plan.algorithm == "lcfed" and start <= plan.rounds + 1:
+                t0, round_ = time.monotonic(), plan.rounds + 1
+                new_rows = _rows(round_, calibrate(round_, arrays), None)
+                rows += new_rows
+                _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
+                reporter.round_done(round_, new_rows, {"seconds": time.monotonic() - t0, "stage": "calibration"})
     finally:
         audit.close()
     return rows
+
+
+def _scores(p: Peer, reply: EvaluateReply) -> EvaluateReply:
+    """Checks that a node scored exactly the splits asked for (each maybe also as ``personal_``)."""
+    bases = {k.removeprefix(PERSONAL_PREFIX) for k in reply.metrics}
+    if not set(SCORED_SPLITS) <= set(reply.metrics) or bases != set(SCORED_SPLITS):
+        raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {list(SCORED_SPLITS)}")
+    return reply
 
 
 def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None) -> list[dict[str, Any]]:

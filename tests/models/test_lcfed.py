@@ -15,14 +15,13 @@ from fedseg.models.lcfed import (
     LCFedUNet,
     Phase,
     head_arrays,
-    lcfed_local_keys,
     lcfed_round,
     predict_calibrated,
     site_onehot,
     train_hc_round,
 )
 from fedseg.models.local_training import TrainConfig, evaluate
-from fedseg.models.personalization import pull, push
+from fedseg.models.personalization import LocalPart, local_keys, pull, push
 from fedseg.models.unet import UNetConfig, build_model
 from squares import squares
 
@@ -88,7 +87,7 @@ def test_state_dict_keys_and_declared_local_keys():
     assert pcs and hc and keys - pcs - hc == plain_keys
     # Same seed, same U-Net weights: PCS and HC are built after the U-Net.
     assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.state_dict().items())
-    local = lcfed_local_keys(model)
+    local = local_keys(model, LocalPart.HEAD)
     assert local == {"head.weight", "head.bias"} | hc
     shared = push(model, local)
     assert set(shared) == keys - local and pcs <= set(shared)
@@ -99,9 +98,9 @@ def test_state_dict_keys_and_declared_local_keys():
 
 def test_pull_shares_pcs_between_sites_and_keeps_head_and_hc():
     a, b = _model(site=0, seed=0), _model(site=2, seed=1)
-    local = lcfed_local_keys(b)
+    local = local_keys(b, LocalPart.HEAD)
     before = _snapshot(b)
-    pull(b, push(a, lcfed_local_keys(a)), local)
+    pull(b, push(a, local_keys(a, LocalPart.HEAD)), local)
     for k, v in b.state_dict().items():
         assert torch.equal(v, before[k] if k in local else a.state_dict()[k]), k
     assert not torch.equal(b.head.weight, a.head.weight)
@@ -163,7 +162,7 @@ def test_features_and_forward():
 
 def test_config_and_site_validation():
     assert LCFedConfig.from_dict({"alpha": 0.5}).alpha == 0.5
-    for bad in ({"window": 30}, {"head_fraction": 1.0}, {"gaussian_sigma": 0}, {"peak_threshold": 1.0},
+    for bad in ({"window": 30}, {"hc_epochs": 0}, {"gaussian_sigma": 0}, {"peak_threshold": 1.0},
                 {"alpha": -1}, {"window": True}, {"oops": 1}):
         with pytest.raises(ModelError):
             LCFedConfig.from_dict(bad)
@@ -193,7 +192,7 @@ def test_stage1_phases_leave_frozen_parameters_bit_identical():
     assert set(result.parts) == {"dice", "bce", "con"} and result.parts["con"] <= 0
 
     before = _snapshot(model)
-    result = lcfed_round(model, config, lcfed, images, masks, seed=2)
+    result = lcfed_round(model, config, lcfed, 0.2, images, masks, seed=2)
     assert result.steps == 1 + 4  # ceil(0.2 * 2 * 8 / 4) + ceil(0.8 * 2 * 8 / 4)
     assert not _changed(model, before) & hc
 
@@ -228,7 +227,7 @@ def test_lcfed_rounds_learn_and_calibration_predicts():
     config = TrainConfig(batch_size=4, local_epochs=2.0, lr=5e-3)
     start = evaluate(model, test_images, test_masks)["dice"]
     for r in range(3):
-        result = lcfed_round(model, config, LCFedConfig(), images, masks, seed=r)
+        result = lcfed_round(model, config, LCFedConfig(), 0.2, images, masks, seed=r)
     assert result.parts["con"] < 0
     trained = evaluate(model, test_images, test_masks)["dice"]
     assert trained > start + 0.4 and trained > 0.8

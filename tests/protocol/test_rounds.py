@@ -30,6 +30,8 @@ from fedseg.protocol.messages import (
     ErrorReply,
     EvaluateReply,
     EvaluateRequest,
+    CalibrateRequest,
+    HeadsReply,
     Message,
     TrainReply,
     TrainRequest,
@@ -573,6 +575,7 @@ NOT_EXPOSED: dict[str, Message | bytes] = {
     "error": ErrorReply(code="internal", message="x"),
     "train_reply": TrainReply(run_id="r", round=1, n_samples=1, mean_loss=0.0, seconds=0.0, accepted=0, candidates=0, weights={}),
     "evaluate_reply": EvaluateReply(run_id="r", round=1, metrics={}),
+    "heads_reply": HeadsReply(run_id="r", round=1, weights={}),
     "shutdown": encode_frame("shutdown", 1, {}, {}),
 }
 
@@ -583,7 +586,7 @@ def test_action_not_exposed_is_refused_and_node_keeps_serving(runtimes: dict[str
     item = NOT_EXPOSED[action]
     reply = _refusal(rt, item if isinstance(item, bytes) else encode(item))
     assert reply.code == ErrorCode.NOT_EXPOSED.value
-    assert f"action {action!r} is not exposed by node site-b (exposed: describe, evaluate, train)" in reply.message
+    assert f"action {action!r} is not exposed by node site-b (exposed: calibrate, describe, evaluate, heads, train)" in reply.message
     if isinstance(item, Message):  # the engine's Peer surfaces it as a RemoteError
         with pytest.raises(RemoteError, match=f"node site-b refused \\(not_exposed\\): action {action!r}") as info:
             Peer(_connected(rt), 2**20).request(item, DescribeReply)
@@ -677,13 +680,59 @@ def test_iopfl_keeps_a_running_mix_on_each_node_and_scores_it(runtimes: dict[str
     for t in transports:
         trained = [r.weights for r in t.replies if isinstance(r, TrainReply)]
         expected = running_mix(running_mix(None, trained[0], 0.1), trained[1], 0.1)
-        mix = t.runtime.personal_mix(run_id)
+        mix = t.runtime.personal(run_id, "mix")
         _assert_arrays_equal(mix, expected)
         # Only the node's trained weights travelled; the mix itself never did.
         assert all(set(r.weights) == set(mix) for r in t.replies if isinstance(r, TrainReply))
     last = [r for r in rows if r["round"] == 2]
     assert all("personal_test_dice" in r and "test_dice" in r for r in last)
     assert not any("personal_test_dice" in r for r in rows if r["round"] == 0)
+
+
+def test_lcfed_shares_only_heads_and_only_with_consent(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    from fedseg.models.personalization import LocalPart, local_keys
+
+    # site-c's owner keeps its head: it neither sends it nor receives the others'.
+    nodes = dict(runtimes, **{"site-c": NodeRuntime(replace(runtimes["site-c"].config, share_head=False))})
+    transports = [InMemoryTransport(rt) for rt in nodes.values()]
+    plan = _plan(algorithm="lcfed", rounds=2, lcfed={"hc_epochs": 2.0})
+    rows = run_federation(plan, transports, tmp_path, Reporter())
+    state, _ = RunStore(tmp_path).load()
+    assert state.round == 3 and state.plan["sites"] == list(SITES)
+    model = Plan.from_dict(state.plan).build_model()
+    local = local_keys(model, LocalPart.HEAD)
+    assert {k.split(".")[0] for k in local} == {"head", "hc"}
+    by_name = {t.name: t for t in transports}
+    for t in transports:
+        for message in t.requests + t.replies:
+            if isinstance(message, (TrainRequest, TrainReply, EvaluateRequest, CalibrateRequest)):
+                assert not set(message.weights) & local, f"{t.name} {message.KIND} carried local tensors"
+    heads_sent = {t.name: r for t in transports for r in t.replies if isinstance(r, HeadsReply)}
+    assert set(heads_sent) == {"site-a", "site-b"}
+    assert all(set(r.weights) == {"head.weight", "head.bias"} for r in heads_sent.values())
+    refused = [r for r in by_name["site-c"].replies if isinstance(r, ErrorReply)]
+    assert [r.code for r in refused] == [ErrorCode.DECLINED.value] and "--no-share-head" in refused[0].message
+    calibrations = {t.name: [m for m in t.requests if isinstance(m, CalibrateRequest)] for t in transports}
+    assert {k.split("/")[0] for k in calibrations["site-a"][0].heads} == {"site-b"}
+    assert {k.split("/")[0] for k in calibrations["site-b"][0].heads} == {"site-a"}
+    assert calibrations["site-c"][0].heads == {}
+    np.testing.assert_array_equal(calibrations["site-a"][0].heads["site-b/head.weight"], heads_sent["site-b"].weights["head.weight"])
+    # The calibration row scores both the stage-1 model and the calibrated one.
+    final = {r["site"]: r for r in rows if r["round"] == 3}
+    assert set(final) == set(SITES) and all("personal_test_dice" in r for r in final.values())
+    assert final["site-c"]["personal_val_loss"] == final["site-c"]["val_loss"]  # no HC without heads
+    assert all(final[s]["personal_val_loss"] != final[s]["val_loss"] for s in ("site-a", "site-b"))
+    # HC is kept on the node, with the heads it was trained on beside the model.
+    kept = nodes["site-a"].personal(state.run_id)
+    assert set(kept) == local and np.abs(kept["hc.conv.weight"]).sum() > 0
+    assert (nodes["site-a"].workdir / "models" / state.run_id / "heads.npz").exists()
+    assert not (nodes["site-c"].workdir / "models" / state.run_id / "heads.npz").exists()
+
+
+def test_lcfed_sites_must_match_the_invited_nodes(runtimes: dict[str, NodeRuntime], tmp_path: Path) -> None:
+    plan = _plan(algorithm="lcfed", sites=["site-a", "site-x"])
+    with pytest.raises(ProtocolError, match=r"plan.sites \['site-a', 'site-x'\] do not match"):
+        run_federation(plan, [InMemoryTransport(rt) for rt in list(runtimes.values())[:2]], tmp_path, Reporter())
 
 
 def test_both_ends_log_every_message_and_the_logs_agree(tmp_path: Path, no_plots: None) -> None:

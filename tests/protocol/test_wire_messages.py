@@ -18,12 +18,15 @@ from hypothesis import strategies as st
 
 from fedseg.protocol.errors import MessageError
 from fedseg.protocol.messages import (
+    CalibrateRequest,
     DescribeReply,
     DescribeRequest,
     ErrorCode,
     ErrorReply,
     EvaluateReply,
     EvaluateRequest,
+    HeadsReply,
+    HeadsRequest,
     Message,
     MessageKind,
     TrainReply,
@@ -79,6 +82,14 @@ MESSAGES: dict[str, Message] = {
         run_id="run-1", round=0, plan=PLAN, splits=["val", "test"], overlays=2, weights=_weights()
     ),
     "evaluate_reply": EvaluateReply(run_id="run-1", round=1, metrics=METRICS),
+    "heads": HeadsRequest(run_id="run-1", round=3, plan=PLAN),
+    "heads_reply": HeadsReply(
+        run_id="run-1", round=3, weights={"head.weight": np.ones((1, 4, 1, 1), np.float32), "head.bias": np.zeros(1, np.float32)}
+    ),
+    "calibrate": CalibrateRequest(
+        run_id="run-1", round=3, plan=PLAN, splits=["val", "test"], weights=_weights(),
+        heads={"site-b/head.weight": np.ones((1, 4, 1, 1), np.float32), "site-b/head.bias": np.zeros(1, np.float32)},
+    ),
     "error": ErrorReply(code=ErrorCode.NOT_EXPOSED.value, message="action 'shutdown' is not exposed"),
 }
 
