@@ -22,24 +22,18 @@ the run directories ``<out>/runs/<task>/<method>/seed<k>``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
-import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-NODE_START_TIMEOUT_S = 240.0
+from benchlib import DATA, REPO, Site, commit_label, git_commit, machine_info, mean_std, run_plan, say, start_nodes, stop_nodes
+
 GOAL_GAIN = 0.05  # FedMix mean Dice - FedAvg-pixel mean Dice, at least
 GOAL_GAP_CLOSED = 0.60  # (FedMix - FedAvg-pixel) / (FedAvg-full - FedAvg-pixel), at least
 
@@ -80,103 +74,6 @@ DEFAULTS = {"rounds": 10, "limit": 160, "seeds": 2, "image_size": 64, "width": 8
 FULL = {"rounds": 30, "limit": 400, "seeds": 3, "image_size": 128, "width": 16, "depth": 4}
 
 
-def say(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-# --------------------------------------------------------------------- site subsets
-
-
-def make_subset(src: Path, dst: Path, limit: int, where: tuple[str, str] | None, seed: int) -> dict[str, Any]:
-    """A seeded random subset of a site as a folder of symlinks plus the matching meta.csv rows.
-
-    ``fedseg node start --limit`` keeps the first N names in sorted order, which for BUSI is
-    benign images only (no normal, no malignant) and for CVC-ClinicDB the first videos only;
-    a random sample keeps each site's mix. Nothing is copied: images and masks are symlinks.
-    """
-    with open(src / "meta.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        columns, rows = reader.fieldnames or [], list(reader)
-    if where:
-        rows = [r for r in rows if r[where[0]].startswith(where[1])]
-    if limit and len(rows) > limit:
-        rows = sorted(random.Random(seed).sample(rows, limit), key=lambda r: r["name"])
-    shutil.rmtree(dst, ignore_errors=True)
-    for sub in ("images", "masks"):
-        (dst / sub).mkdir(parents=True)
-        files = {p.stem: p for p in (src / sub).iterdir()}
-        for r in rows:
-            p = files[r["name"]]
-            (dst / sub / p.name).symlink_to(p.resolve())
-    with open(dst / "meta.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lesion = sum(float(r.get("fg_frac") or 0) > 0 for r in rows)
-    return {"source": str(src), "where": where, "images": len(rows), "with_lesion": lesion}
-
-
-# ---------------------------------------------------------------------------- nodes
-
-
-def start_nodes(task: str, args: argparse.Namespace, out: Path, nodes: dict[str, Any]) -> tuple[dict[str, Path], dict[str, Any]]:
-    from fedseg.node.errors import NodeError
-    from fedseg.node.launcher import NodeProcess
-
-    subsets = {}
-    for name, folder, labels, where in TASKS[task]["sites"]:
-        data = out / "data" / task / name
-        subsets[name] = make_subset(args.data / folder, data, args.limit, where, args.split_seed)
-        extra = [*LABEL_ARGS[labels], "--split-seed", str(args.split_seed)]
-        if where:
-            extra += ["--where", f"{where[0]}={where[1]}"]
-        nodes[name] = NodeProcess(name, data, out / "nodes" / task / name, extra=extra)
-        say(f"{task}: started node {name} ({labels} labels, {subsets[name]['images']} images, "
-            f"{subsets[name]['with_lesion']} with a lesion; pid {nodes[name].process.pid})")
-    invites = {}
-    for name, node in nodes.items():
-        try:
-            invites[name] = node.wait_ready(NODE_START_TIMEOUT_S)
-        except NodeError as exc:
-            raise SystemExit(f"error: {exc}") from None
-    say(f"{task}: all nodes serving")
-    return invites, subsets
-
-
-def stop_nodes(nodes: dict[str, Any]) -> None:
-    for name, node in list(nodes.items()):
-        node.stop(timeout_s=10)
-        nodes.pop(name)
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-class Reporter:
-    """Prints one line per round with the run's task, method and seed; keeps the node descriptions."""
-
-    def __init__(self, label: str, rounds: int) -> None:
-        self.label, self.rounds = label, rounds
-        self.lines: list[str] = []
-        self.round_seconds: dict[int, float] = {}
-
-    def info(self, text: str) -> None:
-        self.lines.append(text)
-        if not text.startswith("connecting"):
-            say(f"{self.label}: {text}")
-
-    def step(self, text: str) -> None:
-        pass
-
-    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-        self.round_seconds[round_] = summary["seconds"]
-        dice = "  ".join(f"{r['site']} {r['val_dice']:.3f}" for r in rows if "val_dice" in r)
-        pseudo = "  ".join(f"{r['site']} {r['pseudo_accepted']}/{r['pseudo_candidates']}" for r in rows if "pseudo_candidates" in r)
-        loss = f"  loss {summary['train_loss']:.3f}" if "train_loss" in summary else ""
-        say(f"{self.label}: round {round_:>2}/{self.rounds} {summary['seconds']:5.1f} s{loss}  val Dice {dice}"
-            + (f"  pseudo-labels accepted {pseudo}" if pseudo else ""))
-
-
 def make_plan(args: argparse.Namespace, task: str, method: str, seed: int) -> Any:
     from fedseg.protocol.plan import Plan
 
@@ -193,26 +90,12 @@ def make_plan(args: argparse.Namespace, task: str, method: str, seed: int) -> An
 
 
 def run_one(args: argparse.Namespace, task: str, method: str, seed: int, invites: dict[str, Path], out: Path) -> dict[str, Any]:
-    from fedseg.protocol.invite import load_invite
-    from fedseg.protocol.rounds import run_federation
-    from fedseg.protocol.syft_transport import SyftTransport
-
     plan = make_plan(args, task, method, seed)
-    run_dir = out / "runs" / task / method / f"seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    transports = [SyftTransport(load_invite(p), approval_timeout_s=120) for p in invites.values()]
-    reporter = Reporter(f"{task} {method} seed {seed}", plan.rounds)
-    t0 = time.monotonic()
-    rows = run_federation(plan, transports, run_dir, reporter, invites=[str(p) for p in invites.values()])
-    return {"task": task, "method": method, "seed": seed, "plan": plan.to_dict(), "seconds": time.monotonic() - t0,
-            "round_seconds": reporter.round_seconds, "node_info": reporter.lines, "run_dir": str(run_dir), "rows": rows}
+    run = run_plan(plan, invites, out / "runs" / task / method / f"seed{seed}", f"{task} {method} seed {seed}")
+    return {"task": task, "method": method, "seed": seed, **run}
 
 
 # -------------------------------------------------------------------------- results
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(runs: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
@@ -342,24 +225,12 @@ def markdown(res: dict[str, Any], runs: list[dict[str, Any]], config: dict[str, 
         "",
         "- Each task's three sites run as real `fedseg node start` datasites, started once and shared by every method and seed; "
         "the plan's seed changes the initial weights and the shuffling, the node splits (`--split-seed`) stay fixed.",
-        "- Each site is a seeded random subset (symlinks, `<out>/data`) of at most `limit` images, because `--limit` keeps the "
+        "- Each site is a seeded random subset (symlinks, `<out>/<task>/data`) of at most `limit` images, because `--limit` keeps the "
         "first N sorted names (BUSI: benign only). Box and image-level labels are derived from the masks on the node.",
         "- FedAvg-pixel: only the pixel node trains; FedAvg-full: every node trains on its masks (upper bound); FedMix-noadapt: "
         "FedMix with plain n_k weights. All four use the same `run_federation`; every node is scored on val and test each round.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def git_commit() -> dict[str, Any]:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty_files": len(git("status", "--porcelain").splitlines())}
-
-
-def machine_info() -> dict[str, Any]:
-    return {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "torch": metadata.version("torch"), "syft": metadata.version("syft"), "loadavg_start": os.getloadavg()[0]}
 
 
 # ----------------------------------------------------------------------------- main
@@ -404,7 +275,7 @@ def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
     out = args.out.resolve()
-    for sub in ("runs", "nodes", "data"):
+    for sub in ("runs", *TASKS):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -420,7 +291,8 @@ def main() -> None:
     nodes: dict[str, Any] = {}
     try:
         for task in args.tasks:
-            invites, subsets[task] = start_nodes(task, args, out, nodes)
+            sites = [Site(name, folder, where, tuple(LABEL_ARGS[labels])) for name, folder, labels, where in TASKS[task]["sites"]]
+            invites, subsets[task] = start_nodes(sites, args.data, out / task, args.limit, args.split_seed, nodes)
             try:
                 for method in order:
                     for seed in range(args.seeds):
@@ -444,7 +316,7 @@ def main() -> None:
     machine["loadavg_end"] = os.getloadavg()[0]
     res = summarize(runs, args.tasks)
     pngs = [name for task in args.tasks for name in plot(runs, task, out)]
-    md = markdown(res, runs, config, commit["commit"][:12] + (" (dirty)" if commit["dirty_files"] else ""), wall, args.budget_note)
+    md = markdown(res, runs, config, commit_label(commit), wall, args.budget_note)
     record = {"config": config, "git": commit, "machine": machine, "wall_seconds": wall, "subsets": subsets,
               "results": res, "plots": pngs, "runs": runs}
     (out / "bench_fedmix.json").write_text(json.dumps(record, indent=2, default=str))

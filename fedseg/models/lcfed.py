@@ -105,6 +105,7 @@ class LCFedConfig(DictConfig):
     Attributes:
         alpha: Weight of the contrastive PCS loss in stage 1 (the reference code
             ships 0; its author's later reimplementation and fedseg use 0.1).
+        pcs: Whether the model has PCS at all (False: the "HC only" ablation).
         hc_epochs: Stage 2: local epochs that train HC once the heads are
             distributed. The heads and the shared body no longer change then, so
             one distribution and one local run equal the reference's repeated rounds.
@@ -114,6 +115,7 @@ class LCFedConfig(DictConfig):
     """
 
     alpha: float = 0.1
+    pcs: bool = True
     hc_epochs: float = 5.0
     peak_threshold: float = 0.2
     gaussian_sigma: float = 6.0
@@ -122,6 +124,8 @@ class LCFedConfig(DictConfig):
     def __post_init__(self) -> None:
         _check_field("alpha", self.alpha, lo=0)
         _check_field("hc_epochs", self.hc_epochs, lo=0, lo_open=True)
+        if not isinstance(self.pcs, bool):
+            raise ModelError(f"LCFedConfig.pcs must be true or false, got {self.pcs!r}")
         _check_field("peak_threshold", self.peak_threshold, lo=0, hi=1, hi_open=True)
         _check_field("gaussian_sigma", self.gaussian_sigma, lo=0, lo_open=True)
         _check_field("window", self.window, lo=1, integer=True)
@@ -291,7 +295,7 @@ class LCFedUNet(UNet):
         super().__init__(config)
         self.n_sites, self.site = n_sites, site
         self.lcfed = lcfed or LCFedConfig()
-        self.pcs = PCS(config.width * 2**config.depth, n_sites)
+        self.pcs = PCS(config.width * 2**config.depth, n_sites) if self.lcfed.pcs else None
         self.hc = HeadCalibration(config.width, config.out_channels, self.lcfed)
         # Not persistent: it is fixed by (site, n_sites), and a state-dict entry would be averaged.
         self.register_buffer("onehot", site_onehot(site, n_sites), persistent=False)  # (K,)
@@ -331,7 +335,9 @@ class LCFedUNet(UNet):
             ModelError: On wrong rank, channels, dtype or spatial size.
         """
         skips = self._encode(x)
-        deep, _ = self.pcs(skips.pop(), self.onehot)  # (B, width*2**depth, H/2**depth, W/2**depth)
+        deep = skips.pop()  # (B, width*2**depth, H/2**depth, W/2**depth)
+        if self.pcs is not None:
+            deep, _ = self.pcs(deep, self.onehot)
         for up in self.decoder:
             deep = up(deep, skips.pop())
         return deep, self.head(deep)  # (B, width, H, W), (B, out_channels, H, W)
@@ -344,8 +350,10 @@ class LCFedUNet(UNet):
         """PCS's contrastive loss on images ``x`` ``(B, in_channels, H, W)``; a scalar <= 0.
 
         Raises:
-            ModelError: On a wrong input shape.
+            ModelError: On a wrong input shape, or if the model has no PCS.
         """
+        if self.pcs is None:
+            raise ModelError("this LC-Fed model was built without PCS (lcfed.pcs = false): it has no contrastive loss")
         return self.pcs.contrastive_loss(self._encode(x)[-1], self.site)
 
 
@@ -582,7 +590,7 @@ class LCFedTrainer(PhaseTrainer):
 
     def train_round(self, images: torch.Tensor, masks: torch.Tensor, seed: int) -> RoundResult:
         """:meth:`LocalTrainer.train_round` with the PCS capture on in the shared phase."""
-        if self.phase is not Phase.SHARED or self.lcfed.alpha == 0:
+        if self.phase is not Phase.SHARED or self.lcfed.alpha == 0 or self.model.pcs is None:
             return super().train_round(images, masks, seed)
         handle = self.model.pcs.register_forward_hook(self._capture)
         try:

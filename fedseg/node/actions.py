@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import os
 import threading
 import traceback
@@ -174,6 +175,7 @@ class NodeRuntime:
         That is the model's local part (FedBN, FedRep, Local; LC-Fed's head and HC) and,
         for IOP-FL, the running mix of the models it trained.
         """
+        _require_finite(model, f"the model trained in run {run_id}")
         local = local_keys(model, plan.local_part)
         if local:
             self._save(self._personal_path(run_id), {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in local})
@@ -211,6 +213,13 @@ class NodeRuntime:
 
     def _personal_path(self, run_id: str, what: str = "local") -> Path:
         return self.workdir / "personal" / f"{_safe(run_id)}.{what}.npz"
+
+
+def _require_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuses to keep or send a model with NaN or Inf values (e.g. trained from absurd weights)."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelError(f"{what} has NaN or Inf values in {bad[:3]}; nothing was kept or sent")
 
 
 def _path(value: str | None) -> Path | None:
@@ -311,6 +320,10 @@ def _score(rt: NodeRuntime, plan: Plan, run_id: str, round_: int, splits: list[s
                 _write_overlays(rt, models.get(PERSONAL_PREFIX, models[""]), images[:overlays], masks[:overlays], run_id, round_, split)
     finally:
         torch.set_num_threads(threads)
+    bad = sorted(f"{split}.{k}" for split, values in metrics.items() for k, v in values.items() if not math.isfinite(v))
+    if bad:
+        # Nothing is kept from weights that cannot even be scored.
+        raise ModelError(f"the received weights give non-finite {', '.join(bad)}; nothing was kept")
     rt.keep_models(plan, run_id, models)
     log.info("round %d node %s: evaluated %s", round_, rt.name, metrics)
     return EvaluateReply(run_id=run_id, round=round_, metrics=metrics)

@@ -239,3 +239,19 @@ def test_lcfed_rounds_learn_and_calibration_predicts():
     assert pred.shape == (8, 1, 32, 32) and pred.dtype == torch.bool and model.training
     calibrated = evaluate(CalibratedUNet(model, others), test_images, test_masks)["dice"]
     assert calibrated > 0.8
+
+
+def test_hc_only_ablation_has_no_pcs_and_still_trains_both_stages():
+    images, masks = squares(8, 0)
+    torch.manual_seed(0)
+    model = LCFedUNet(TINY, n_sites=3, site=1, lcfed=LCFedConfig(pcs=False))
+    assert model.pcs is None and not any(k.startswith("pcs.") for k in model.state_dict())
+    config = TrainConfig(batch_size=4, local_epochs=1.0, augment=False)
+    result = lcfed_round(model, config, model.lcfed, 0.2, images, masks, seed=0)
+    assert "con" not in result.parts
+    with pytest.raises(ModelError, match="without PCS"):
+        model.contrastive_loss(images.float() / 255)
+    other = {"site-0": head_arrays(_model(site=0, seed=3))}
+    before = _snapshot(model)
+    train_hc_round(model, other, images, masks, config, seed=1)
+    assert {k.split(".")[0] for k in _changed(model, before)} == {"hc"}

@@ -1,0 +1,164 @@
+"""What every benchmark script shares: real-site subsets, real node processes, one run, provenance.
+
+Each benchmark starts its sites as real ``fedseg node start`` datasites and drives them
+through the same :func:`~fedseg.protocol.rounds.run_federation` that ``fedseg run`` uses.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+NODE_START_TIMEOUT_S = 240.0
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def make_subset(src: Path, dst: Path, limit: int, where: tuple[str, str] | None, seed: int) -> dict[str, Any]:
+    """A seeded random subset of a site as a folder of symlinks plus the matching meta.csv rows.
+
+    ``fedseg node start --limit`` keeps the first N names in sorted order, which for BUSI is
+    benign images only (no normal, no malignant) and for CVC-ClinicDB the first videos only;
+    a random sample keeps each site's mix. Nothing is copied: images and masks are symlinks.
+    """
+    with open(src / "meta.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames or [], list(reader)
+    if where:
+        rows = [r for r in rows if r[where[0]].startswith(where[1])]
+    if limit and len(rows) > limit:
+        rows = sorted(random.Random(seed).sample(rows, limit), key=lambda r: r["name"])
+    shutil.rmtree(dst, ignore_errors=True)
+    for sub in ("images", "masks"):
+        (dst / sub).mkdir(parents=True)
+        files = {p.stem: p for p in (src / sub).iterdir()}
+        for r in rows:
+            p = files[r["name"]]
+            (dst / sub / p.name).symlink_to(p.resolve())
+    with open(dst / "meta.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lesion = sum(float(r.get("fg_frac") or 0) > 0 for r in rows)
+    return {"source": str(src), "where": where, "images": len(rows), "with_lesion": lesion}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One benchmark site: its name, folder under the data root, optional meta.csv filter and node flags."""
+
+    name: str
+    folder: str
+    where: tuple[str, str] | None = None
+    extra: tuple[str, ...] = ()
+
+
+def start_nodes(sites: list[Site], data: Path, out: Path, limit: int, split_seed: int, nodes: dict[str, Any]) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Subsets each site and starts its node; fills ``nodes`` as they start, so the caller can stop them.
+
+    Returns:
+        Invite path and subset description per site.
+    """
+    from fedseg.node.errors import NodeError
+    from fedseg.node.launcher import NodeProcess
+
+    subsets = {}
+    for site in sites:
+        folder = out / "data" / site.name
+        subsets[site.name] = make_subset(data / site.folder, folder, limit, site.where, split_seed)
+        extra = [*site.extra, "--split-seed", str(split_seed)]
+        if site.where:
+            extra += ["--where", f"{site.where[0]}={site.where[1]}"]
+        nodes[site.name] = NodeProcess(site.name, folder, out / "nodes" / site.name, extra=extra)
+        say(f"started node {site.name} ({subsets[site.name]['images']} images, "
+            f"{subsets[site.name]['with_lesion']} with a lesion; pid {nodes[site.name].process.pid})")
+    invites = {}
+    for name, node in nodes.items():
+        try:
+            invites[name] = node.wait_ready(NODE_START_TIMEOUT_S)
+        except NodeError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    say("all nodes serving")
+    return invites, subsets
+
+
+def stop_nodes(nodes: dict[str, Any]) -> None:
+    for name, node in list(nodes.items()):
+        node.stop(timeout_s=10)
+        nodes.pop(name)
+
+
+@dataclass
+class Reporter:
+    """Prints one line per round with the run's label; keeps the node descriptions and round times."""
+
+    label: str
+    rounds: int
+    lines: list[str] = field(default_factory=list)
+    round_seconds: dict[int, float] = field(default_factory=dict)
+
+    def info(self, text: str) -> None:
+        self.lines.append(text)
+        if not text.startswith("connecting"):
+            say(f"{self.label}: {text}")
+
+    def step(self, text: str) -> None:
+        pass
+
+    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        self.round_seconds[round_] = summary["seconds"]
+        key = "personal_val_dice" if summary.get("stage") == "calibration" else "val_dice"
+        dice = "  ".join(f"{r['site']} {r[key]:.3f}" for r in rows if key in r)
+        pseudo = "  ".join(f"{r['site']} {r['pseudo_accepted']}/{r['pseudo_candidates']}" for r in rows if "pseudo_candidates" in r)
+        loss = f"  loss {summary['train_loss']:.3f}" if "train_loss" in summary else ""
+        stage = summary.get("stage") or f"round {round_:>2}/{self.rounds}"
+        say(f"{self.label}: {stage} {summary['seconds']:5.1f} s{loss}  val Dice {dice}"
+            + (f"  pseudo-labels accepted {pseudo}" if pseudo else ""))
+
+
+def run_plan(plan: Any, invites: dict[str, Path], run_dir: Path, label: str) -> dict[str, Any]:
+    """One federated run over the nodes' Syft datasites, recorded in ``run_dir``."""
+    from fedseg.protocol.invite import load_invite
+    from fedseg.protocol.rounds import run_federation
+    from fedseg.protocol.syft_transport import SyftTransport
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    transports = [SyftTransport(load_invite(p), approval_timeout_s=120) for p in invites.values()]
+    reporter = Reporter(label, plan.rounds)
+    t0 = time.monotonic()
+    rows = run_federation(plan, transports, run_dir, reporter, invites=[str(p) for p in invites.values()])
+    return {"plan": plan.to_dict(), "seconds": time.monotonic() - t0, "round_seconds": reporter.round_seconds,
+            "node_info": reporter.lines, "run_dir": str(run_dir), "rows": rows}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty_files": len(git("status", "--porcelain").splitlines())}
+
+
+def commit_label(commit: dict[str, Any]) -> str:
+    return commit["commit"][:12] + (" (dirty)" if commit["dirty_files"] else "")
+
+
+def machine_info() -> dict[str, Any]:
+    return {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "torch": metadata.version("torch"), "syft": metadata.version("syft"), "loadavg_start": os.getloadavg()[0]}
