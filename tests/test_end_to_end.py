@@ -43,7 +43,7 @@ def test_fedavg_run_learns_and_records_everything(finished_run, federation):
     assert (run / "checkpoint.npz").exists()
     assert "Per-site test figures" in result.stdout
     for site in federation:
-        assert f"round   3/3" in result.stdout and site in result.stdout
+        assert "round   3/3" in result.stdout and site in result.stdout
 
 
 def test_overlays_stay_on_the_node(finished_run, federation):

@@ -27,7 +27,6 @@ from fedseg.protocol.messages import (
     ErrorReply,
     EvaluateReply,
     EvaluateRequest,
-    Message,
     TrainReply,
     TrainRequest,
     check_arrays,
