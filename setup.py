@@ -23,7 +23,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # psutil measures memory and file descriptors in the soak test (scripts/soak.py).
+        "test": ["pytest>=8", "hypothesis>=6.100", "psutil"],
     },
     entry_points={"console_scripts": ["fedseg=fedseg.cli:main"]},
 )

@@ -44,9 +44,13 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--share-head/--no-share-head", default=True, show_default=True,
               help="LC-Fed: let this site's 1x1 segmentation head go to the other sites for their calibration "
                    "(--no-share-head: it stays here, and calibration runs without this site).")
+@click.option("--new-credentials", is_flag=True,
+              help="On a restart: issue new coordinator credentials, so the previous invite stops working "
+                   "(by default a restarted node keeps them, and its coordinator reconnects by itself).")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
           image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
-          group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_head: bool) -> None:
+          group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_head: bool,
+          new_credentials: bool) -> None:
     """Validate the data, start the datasite and write the coordinator's invite."""
     from .config import NodeConfig
     from .datasets import LabelKind, index_site
@@ -69,10 +73,10 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         share_head=share_head,
     )
     config.save()
-    _serve(config, index, host, port)
+    _serve(config, index, host, port, new_credentials)
 
 
-def _serve(config, index, host: str, port: int) -> None:  # noqa: ANN001 - types live behind lazy imports
+def _serve(config, index, host: str, port: int, new_credentials: bool) -> None:  # noqa: ANN001 - types live behind lazy imports
     from .node_log import log_to_workdir
     from .datasite import serve
     from .errors import NodeError
@@ -87,7 +91,7 @@ def _serve(config, index, host: str, port: int) -> None:  # noqa: ANN001 - types
     os.dup2(log_fd, 2)
     log_to_workdir(Path(config.workdir))
     try:
-        serve(config, index, host, port, say=lambda line: print(line, file=terminal, flush=True))
+        serve(config, index, host, port, say=lambda line: print(line, file=terminal, flush=True), new_credentials=new_credentials)
     except NodeError as exc:
         print(f"Error: {exc}", file=terminal, flush=True)
         sys.exit(1)

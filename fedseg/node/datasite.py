@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.protocol.invite import Invite
+from fedseg.protocol.errors import TransportError
+from fedseg.protocol.invite import Invite, load_invite
 from fedseg.protocol.files import write_private
 from fedseg.protocol.identity import fingerprint, load_or_create_identity
 from fedseg.protocol.syft_action import ACTION_CODE_SHA256, ACTION_NAME, code_sha256
@@ -88,8 +89,15 @@ def _mock_like(images: np.ndarray, seed: int) -> np.ndarray:
     return rng.integers(0, 256, size=images.shape, dtype=np.uint8)
 
 
-def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, stop: threading.Event | None = None) -> None:
+def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, stop: threading.Event | None = None,
+          new_credentials: bool = False) -> None:
     """Launches the datasite, issues the coordinator's invite, and serves until stopped.
+
+    A node restarted on the same workdir keeps its identity key, its personal state and,
+    unless ``new_credentials``, the coordinator credentials of its last invite: the
+    coordinator's invite stays valid, so it reconnects by itself. Syft's own database
+    starts afresh each time (its credentials are re-registered), so no stale session,
+    approval or job survives a restart.
 
     Args:
         config: The node's settings (already saved in its workdir).
@@ -98,6 +106,7 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
         port: Port to bind.
         say: Prints one line to the data owner's terminal.
         stop: Set to shut down; SIGINT and SIGTERM also set it.
+        new_credentials: Issue new coordinator credentials (the old invite stops working).
 
     Raises:
         NodeError: If the port is taken or the server does not come up.
@@ -105,7 +114,8 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
     workdir = Path(config.workdir)
     if not _port_free(host, port):
         raise NodeError(f"port {port} on {host} is already in use; choose another with --port")
-    # A stale invite would point a coordinator (or a launcher waiting for this node) at old credentials.
+    previous = _previous_invite(workdir / "invite.json", config.name) if not new_credentials else None
+    # Until the node serves, no invite: a launcher waiting for this node must not find the last one.
     (workdir / "invite.json").unlink(missing_ok=True)
     identity = load_or_create_identity(workdir / "identity.key")
     owner_password = secrets.token_urlsafe(24)
@@ -139,16 +149,31 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
         summary_asset.no_mock()
         dataset.add_asset(summary_asset)
         do.upload_dataset(dataset)
-        coordinator_email = f"coordinator-{secrets.token_hex(4)}@fedseg.org"
-        password = secrets.token_urlsafe(24)
+        if previous is not None:
+            coordinator_email, password = previous.email, previous.password
+        else:
+            coordinator_email, password = f"coordinator-{secrets.token_hex(4)}@fedseg.org", secrets.token_urlsafe(24)
         do.register(name="coordinator", email=coordinator_email, password=password, password_verify=password)
         invite = Invite(url=url, port=port, node=config.name, email=coordinator_email, password=password, fingerprint=fingerprint(identity.public_key()))
         invite.save(workdir / "invite.json")
-        say(f"node {config.name} serving {len(index)} images at {url}:{port}; invite: {workdir / 'invite.json'}")
+        again = "the same invite as before" if previous is not None else "a new invite"
+        say(f"node {config.name} serving {len(index)} images at {url}:{port}; {again}: {workdir / 'invite.json'}")
         _review_loop(do, coordinator_email, stop)
     finally:
         say(f"node {config.name} shutting down")
         handle.land()
+
+
+def _previous_invite(path: Path, name: str) -> Invite | None:
+    """The node's last invite, if it has one that is readable and its own."""
+    if not path.exists():
+        return None
+    try:
+        invite = load_invite(path)
+    except TransportError as exc:
+        log.warning("not reusing the previous invite: %s", exc)
+        return None
+    return invite if invite.node == name else None
 
 
 def _review_loop(do: Any, coordinator_email: str, stop: threading.Event) -> None:

@@ -103,13 +103,29 @@ class SyftTransport:
     def exchange(self, frame: bytes) -> bytes:
         """Sends one request frame and returns the node's reply frame.
 
-        Raises:
-            TransportError: If the call fails at the Syft level.
-        """
-        import syft as sy
+        A node restarted since the last call (same workdir, same invite) has a fresh Syft
+        database, so this session no longer exists there. After a failed call the transport
+        logs in again with the invite and retries once; a node that is down fails that
+        login, and the error says it is not reachable.
 
+        Raises:
+            TransportError: If the call fails at the Syft level, or the node is unreachable.
+        """
         if self._client is None:
             self.connect()
+        try:
+            reply = self._call(frame)
+        except TransportError:
+            self._client = None
+            self.connect()
+            reply = self._call(frame)
+        self.bytes_sent += len(frame)
+        self.bytes_received += len(reply)
+        return reply
+
+    def _call(self, frame: bytes) -> bytes:
+        import syft as sy
+
         try:
             # No output capture here: calls run on several threads, and redirecting
             # sys.stdout is process-wide.
@@ -120,8 +136,6 @@ class SyftTransport:
         reply = from_payload(result)
         if reply is None:
             raise TransportError(f"node {self.name} at {self.address} answered with {type(result).__name__}, not a fedseg frame")
-        self.bytes_sent += len(frame)
-        self.bytes_received += len(reply)
         return reply
 
 
