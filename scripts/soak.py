@@ -11,7 +11,9 @@ sockets in flight).
 Writes ``<out>/soak.json`` (every sample) and ``<out>/soak.md``; exits 1 if a check fails.
 
     python scripts/soak.py                          # 8 nodes, 30 rounds (the issue's load test)
-    python scripts/soak.py --nodes 3 --rounds 8     # what the test suite runs
+    python scripts/soak.py --nodes 3 --rounds 8     # a short run
+    python scripts/soak.py --invite a/invite.json --invite b/invite.json --rounds 8
+                                                    # nodes already serving (what the test suite does)
 """
 from __future__ import annotations
 
@@ -32,6 +34,16 @@ RSS_TOLERANCE = 0.10
 FD_SLACK = 4
 
 
+def node_pid(invite: Path) -> int:
+    """The ``fedseg node start`` process serving from the invite's workdir."""
+    workdir = str(invite.resolve().parent)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "start" in cmd and "--workdir" in cmd and str(Path(cmd[cmd.index("--workdir") + 1]).resolve()) == workdir:
+            return proc.pid
+    raise SystemExit(f"error: no running node serves from {workdir}")
+
+
 def group_usage(pid: int) -> tuple[int, int]:
     """RSS bytes and open file descriptors summed over the process group led by ``pid``."""
     rss = fds = 0
@@ -48,9 +60,9 @@ def group_usage(pid: int) -> tuple[int, int]:
 class SamplingReporter(Reporter):
     """Records RSS and fds of the coordinator and every node after each round."""
 
-    def __init__(self, label: str, rounds: int, nodes: dict[str, Any]) -> None:
+    def __init__(self, label: str, rounds: int, pids: dict[str, int]) -> None:
         super().__init__(label, rounds)
-        self.nodes = nodes
+        self.pids = pids
         self.samples: list[dict[str, Any]] = []
         self.sites_per_round: dict[int, set[str]] = {}
 
@@ -58,8 +70,8 @@ class SamplingReporter(Reporter):
         super().round_done(round_, rows, summary)
         me = psutil.Process()
         sample: dict[str, Any] = {"round": round_, "coordinator": {"rss": me.memory_info().rss, "fds": me.num_fds()}}
-        for name, node in self.nodes.items():
-            rss, fds = group_usage(node.process.pid)
+        for name, pid in self.pids.items():
+            rss, fds = group_usage(pid)
             sample[name] = {"rss": rss, "fds": fds}
         self.samples.append(sample)
         self.sites_per_round[round_] = {r["site"] for r in rows if "train_n" in r}
@@ -82,7 +94,7 @@ def markdown(checks: dict[str, Any], config: dict[str, Any], commit: str, wall: 
     ok = lambda b: "pass" if b else "FAIL"  # noqa: E731
     lines = [
         "# Soak test", "",
-        f"Commit {commit}; {config['nodes']} nodes, {config['rounds']} rounds, {config['images']} images per site at 32 px, "
+        f"Commit {commit}; {config['n_nodes']} nodes, {config['rounds']} rounds, images at 32 px, "
         f"U-Net width 4; RSS and file descriptors at round {config['reference']} against round {config['rounds']}; {wall / 60:.1f} min.", "",
         f"- every round completed with every node: **{ok(checks['rounds_complete'])}**",
         f"- RSS within ±{100 * RSS_TOLERANCE:.0f}%: **{ok(checks['rss_pass'])}**",
@@ -101,6 +113,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--reference", type=int, default=None, help="round whose RSS is the baseline (default: 5, or 2 for short runs)")
     p.add_argument("--images", type=int, default=24, help="synthetic images per site")
+    p.add_argument("--invite", dest="invites", type=Path, action="append", default=[],
+                   help="use nodes already serving (repeat); then --nodes and --images are ignored")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "soak")
     args = p.parse_args()
     args.reference = args.reference or (5 if args.rounds >= 10 else 2)
@@ -119,24 +133,30 @@ def main() -> int:
     out.mkdir(parents=True)
     # The synthetic generator has a few site styles; more nodes reuse them with other seeds.
     sites = []
-    for i in range((args.nodes + len(DEFAULT_SITES) - 1) // len(DEFAULT_SITES)):
+    for i in range(0 if args.invites else (args.nodes + len(DEFAULT_SITES) - 1) // len(DEFAULT_SITES)):
         sites += write_federation(out / "data" / f"batch{i}", n_per_site=args.images, size=32, seed=i)
     nodes: dict[str, Any] = {}
     t0 = time.monotonic()
     try:
-        for i, site in enumerate(sites[: args.nodes]):
-            nodes[f"node-{i:02d}"] = NodeProcess(f"node-{i:02d}", site, out / "nodes" / f"node-{i:02d}")
-        invites = {name: node.wait_ready(300) for name, node in nodes.items()}
-        say(f"{len(nodes)} nodes serving")
+        if args.invites:
+            invites = {load_invite(path).node: path for path in args.invites}
+            pids = {name: node_pid(path) for name, path in invites.items()}
+        else:
+            for i, site in enumerate(sites[: args.nodes]):
+                nodes[f"node-{i:02d}"] = NodeProcess(f"node-{i:02d}", site, out / "nodes" / f"node-{i:02d}")
+            invites = {name: node.wait_ready(300) for name, node in nodes.items()}
+            pids = {name: node.process.pid for name, node in nodes.items()}
+        say(f"{len(invites)} nodes serving")
         plan = Plan.from_dict({"rounds": args.rounds, "image_size": 32, "model": {"width": 4, "depth": 2, "groups": 2},
                                "train": {"batch_size": 8, "local_epochs": 1.0, "augment": False}, "timeout_s": 300.0})
-        reporter = SamplingReporter("soak", args.rounds, nodes)
+        reporter = SamplingReporter("soak", args.rounds, pids)
         transports = [SyftTransport(load_invite(path), approval_timeout_s=300) for path in invites.values()]
         run_federation(plan, transports, out / "run", reporter, invites=[str(p) for p in invites.values()])
     finally:
         stop_nodes(nodes)
     wall = time.monotonic() - t0
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config["n_nodes"] = len(invites)
     checks = verdict(reporter.samples, args.reference, args.rounds, reporter.sites_per_round, sorted(invites))
     commit = git_commit()
     (out / "soak.json").write_text(json.dumps({"config": config, "git": commit, "machine": machine_info(), "wall_seconds": wall,

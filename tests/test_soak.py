@@ -16,8 +16,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
 
 
 @pytest.mark.soak
-def test_short_soak_completes_every_round_without_leaks(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--nodes", "3", "--rounds", "8", "--out", str(tmp_path)],
+def test_short_soak_completes_every_round_without_leaks(federation, tmp_path):
+    # The session's nodes, already serving: the suite pays for the rounds, not for starting nodes.
+    invites = [arg for node in federation.values() for arg in ("--invite", str(node.invite))]
+    result = subprocess.run([sys.executable, str(SCRIPT), *invites, "--rounds", "8", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=1200)
     report = json.loads((tmp_path / "soak.json").read_text())
     checks = report["checks"]
