@@ -43,6 +43,10 @@ from fedseg.protocol.messages import (
     Message,
     MessageKind,
     PERSONAL_PREFIX,
+    SecAggKeysRequest,
+    SecAggMaskRequest,
+    SecAggTrainRequest,
+    SecAggUnmaskRequest,
     TrainReply,
     TrainRequest,
     check_arrays,
@@ -50,6 +54,7 @@ from fedseg.protocol.messages import (
     encode,
 )
 from fedseg.protocol.plan import Plan
+from fedseg.protocol.secure_aggregation import NodeRound
 from fedseg.protocol.syft_action import from_payload, to_payload
 from fedseg.protocol.wire import decode_frame
 
@@ -57,6 +62,7 @@ from .config import WORKDIR_ENV, NodeConfig
 from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
 from .node_log import log, log_to_workdir
 from .predict import MODELS_DIR
+from .secure_actions import secure_keys, secure_mask, secure_train, secure_unmask
 
 __all__ = ["COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "round_seed"]
 
@@ -88,9 +94,11 @@ class NodeRuntime:
             boxes=_path(config.boxes), image_labels=_path(config.image_labels), labels_from_masks=config.labels_from_masks,
         )
         self.splits: Splits = make_splits(self.index, config.split_seed)
-        identity = load_or_create_identity(self.workdir / "identity.key")
-        self.fingerprint = fingerprint(identity.public_key())
-        self.audit = AuditLog(self.workdir / AUDIT_FILE, identity, config.name) if audit else None
+        self.identity = load_or_create_identity(self.workdir / "identity.key")
+        self.fingerprint = fingerprint(self.identity.public_key())
+        #: This round's secure-aggregation secrets; in memory only, gone on restart.
+        self.secure_round: NodeRound | None = None
+        self.audit = AuditLog(self.workdir / AUDIT_FILE, self.identity, config.name) if audit else None
         self._arrays: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         self._weak: dict[int, dict[str, np.ndarray]] = {}
 
@@ -324,6 +332,10 @@ ACTIONS: dict[str, Action] = {
     MessageKind.DESCRIBE.value: Action(DescribeRequest, _describe),
     MessageKind.TRAIN.value: Action(TrainRequest, _train),
     MessageKind.EVALUATE.value: Action(EvaluateRequest, _evaluate),
+    MessageKind.SECAGG_KEYS.value: Action(SecAggKeysRequest, secure_keys),
+    MessageKind.SECAGG_TRAIN.value: Action(SecAggTrainRequest, lambda rt, msg: secure_train(rt, msg, _train)),
+    MessageKind.SECAGG_MASK.value: Action(SecAggMaskRequest, secure_mask),
+    MessageKind.SECAGG_UNMASK.value: Action(SecAggUnmaskRequest, secure_unmask),
 }
 
 

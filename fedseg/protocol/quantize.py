@@ -56,8 +56,8 @@ def scale_bits(clip: float, n_nodes: int, bits: int = 0) -> int:
 
 
 def flatten(arrays: Mapping[str, np.ndarray], layout: Layout) -> np.ndarray:
-    """The arrays in name order as one float32 vector ``(d,)``."""
-    return np.concatenate([np.asarray(arrays[name], dtype=np.float32).ravel() for name in sorted(layout)])
+    """The arrays in name order as one vector ``(d,)`` of their dtype (float32 updates, uint32 masked ones)."""
+    return np.concatenate([np.asarray(arrays[name]).ravel() for name in sorted(layout)])
 
 
 def unflatten(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:

@@ -129,6 +129,7 @@ class NodeRound:
         self._held: dict[str, bytes] = {}
         self._update: np.ndarray | None = None
         self._layout: Layout = {}
+        self._clip, self._bits = 0.0, 0
         self._u1: set[str] = set()
 
     @property
@@ -173,21 +174,26 @@ class NodeRound:
         self.stage = Stage.SHARED
         return commit(self._b, self.run_id, self.round, self.node), sealed
 
-    def hold(self, update: Mapping[str, np.ndarray]) -> None:
-        """Keeps the trained update (shared parameters) in memory until it is masked."""
+    def hold(self, update: Mapping[str, np.ndarray], clip: float, bits: int) -> None:
+        """Keeps the trained update (shared parameters) in memory until it is masked.
+
+        Args:
+            update: Parameter name to float32 array.
+            clip: Clip bound of the plan.
+            bits: Fixed-point fraction bits for the round's roster (:func:`.quantize.scale_bits`).
+        """
         self._expect(Stage.SHARED, "holding the update")
         self._layout = {k: tuple(v.shape) for k, v in update.items()}
         self._update = flatten(update, self._layout)
+        self._clip, self._bits = clip, bits
 
-    def mask(self, survivors: Sequence[str], sealed: Mapping[str, str], weight: float, clip: float, bits: int) -> tuple[dict[str, np.ndarray], int]:
+    def mask(self, survivors: Sequence[str], sealed: Mapping[str, str], weight: float) -> tuple[dict[str, np.ndarray], int]:
         """Opens the shares sent to this node and masks its weighted update.
 
         Args:
             survivors: ``U1``, the nodes that shared (this one included).
             sealed: Sender to the shares it sealed to this node, for every other node of ``U1``.
             weight: This node's normalised weight ``ω_u``.
-            clip: Clip bound of the plan.
-            bits: Fixed-point fraction bits.
 
         Returns:
             ``y_u`` as uint32 arrays of the update's names and shapes, and the clip count.
@@ -210,7 +216,7 @@ class NodeRound:
                 raise AuthenticationFailed(f"node {self.node}: shares from node {sender} are not for this node")
             self._held[sender] = plain
         self._held[self.node] = self._own
-        y, clipped = quantize(self._update, weight, clip, bits)
+        y, clipped = quantize(self._update, weight, self._clip, self._bits)
         add_mask(y, self._b, +1)
         for peer in sorted(u1 - {self.node}):
             add_mask(y, pairwise_seed(self.keys.s, self._peers[peer][1], self.run_id, self.round, self.node, peer), pair_sign(self.node, peer))
