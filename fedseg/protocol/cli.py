@@ -15,6 +15,7 @@ _MODEL = ("width", "depth", "in_channels")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
 _FEDMIX = ("lam", "beta", "tau", "adaptive")
 _PERSONAL = ("alpha", "head_fraction", "finetune_epochs")
+_SECAGG = {"secagg_threshold": "threshold", "secagg_clip": "clip"}
 
 
 def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -23,8 +24,12 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
     for key in _TOP:
         if options.get(key) is not None:
             plan[key] = options[key]
-    if options.get("full_masks"):
-        plan["full_masks"] = True
+    for flag in ("full_masks", "secure_aggregation"):
+        if options.get(flag):
+            plan[flag] = True
+    for option, key in _SECAGG.items():
+        if options.get(option) is not None:
+            plan.setdefault("secagg", {})[key] = options[option]
     for section, keys in (("model", _MODEL), ("train", _TRAIN), ("fedmix", _FEDMIX), ("personal", _PERSONAL)):
         for key in keys:
             if options.get(key) is not None:
@@ -67,6 +72,10 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @click.option("--head-fraction", type=float, default=None, help="FedRep: share of each round spent on the head (default 0.2).")
 @click.option("--finetune-epochs", type=float, default=None, help="FT: local fine-tuning epochs before scoring (default 1).")
 @click.option("--full-masks", is_flag=True, default=False, help="Benchmark upper bound: nodes whose weak labels came from masks train on the masks.")
+@click.option("--secure-aggregation", is_flag=True, default=False,
+              help="The coordinator learns only the weighted sum of the updates (masked, t-of-n recoverable from dropouts).")
+@click.option("--secagg-threshold", type=int, default=None, help="Secure aggregation: nodes that must survive to unmask (default: a majority).")
+@click.option("--secagg-clip", type=float, default=None, help="Secure aggregation: clip bound of update values (default 8); clipped values are counted and reported.")
 def run(invites: tuple[Path, ...], out: Path | None, resume: Path | None, plan_file: Path | None, **options: Any) -> None:
     """Run federated rounds across the nodes in the invites."""
     from fedseg.protocol.errors import ProtocolError
