@@ -116,7 +116,8 @@ class SecureRounds:
     def _step(self, peers: Sequence[Peer], call: Any, needed: int, round_: int, name: str, timeout_s: float) -> _Outcome:
         return _phase(self.pool, peers, call, needed, round_, name, timeout_s, self.reporter)
 
-    def _run(self, round_: int, requests: Mapping[str, TrainRequest], layout: Layout, taking_part: list[Peer], t: int, needed: int):  # noqa: ANN202
+    def _run(self, round_: int, requests: Mapping[str, TrainRequest], layout: Layout, taking_part: list[Peer], t: int, needed: int
+             ) -> tuple[Arrays, dict[str, Any], _Outcome]:
         plan, run_id, wait = self.plan, self.run_id, self.plan.secagg.timeout_s
         stale = [p for p in taking_part if self._keys.get(p.name, {}).get("round") != round_]
         if stale:
