@@ -314,3 +314,21 @@ def test_threshold_defaults_to_a_majority_and_refuses_nonsense() -> None:
     for requested, n in ((1, 3), (4, 3), (0, 1)):
         with pytest.raises(PlanError, match="threshold"):
             threshold(requested, n)
+
+
+# --- plan and CLI -------------------------------------------------------------------
+
+
+def test_plan_carries_secure_aggregation_and_refuses_bad_settings() -> None:
+    from fedseg.protocol.cli import plan_from_options
+    from fedseg.protocol.plan import Plan
+
+    d = plan_from_options({}, {"secure_aggregation": True, "secagg_threshold": 3, "secagg_clip": 4.0})
+    plan = Plan.from_dict(d)
+    assert plan.secure_aggregation and plan.secagg.threshold == 3 and plan.secagg.clip == 4.0
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert not Plan().secure_aggregation
+    for bad, pattern in (({"algorithm": "local"}, "algorithm 'local' shares none"), ({"secagg": {"clip": -1}}, "secagg.clip must be a positive"),
+                         ({"secagg": {"threshold": 1.5}}, "secagg.threshold must be an integer"), ({"secagg": {"salt": 1}}, "unknown SecAggConfig keys")):
+        with pytest.raises(PlanError, match=pattern):
+            Plan.from_dict({"secure_aggregation": True, **bad})
