@@ -245,6 +245,8 @@ def e2e_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     round_times = {mode: [s for run in runs for s in run["rounds"].values()] for mode, runs in results.items()}
     medians = {mode: statistics.median(v) for mode, v in round_times.items()}
     node_cpu = {mode: statistics.median(c for run in runs for c in run["node_cpu"].values()) for mode, runs in results.items()}
+    # Each secure run against the plain run just before it: the fairest view when load drifts.
+    pairs = [statistics.mean(s["rounds"].values()) / statistics.mean(p["rounds"].values()) for p, s in zip(results["plain"], results["secure"])]
     secure_calls = [c for run in results["secure"] for calls in run["calls"].values() for c in calls]
     plain_calls = [c for run in results["plain"] for calls in run["calls"].values() for c in calls]
     per_kind = {}
@@ -254,7 +256,7 @@ def e2e_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                           "median_node_cpu_seconds": statistics.median(c["node_cpu_seconds"] for c in calls),
                           "median_sent": statistics.median(c["sent"] for c in calls), "median_received": statistics.median(c["received"] for c in calls)}
     return {"plans": {k: p.to_dict() for k, p in plans.items()}, "runs": results, "round_seconds": round_times,
-            "median_round_seconds": medians, "ratio": medians["secure"] / medians["plain"],
+            "median_round_seconds": medians, "ratio": medians["secure"] / medians["plain"], "pair_ratios": pairs,
             "median_round_node_cpu_seconds": node_cpu, "node_cpu_ratio": node_cpu["secure"] / node_cpu["plain"], "per_kind": per_kind}
 
 
@@ -293,7 +295,8 @@ def markdown(crypto: list[dict[str, Any]], e2e: dict[str, Any] | None, machine: 
         lines += ["", "## (b) End to end over Syft (three polyp sites)", "",
                   f"Median round wall time: plain {med['plain']:.1f} s, secure {med['secure']:.1f} s, ratio {e2e['ratio']:.3f} "
                   f"(goal ≤ {GOAL_E2E_RATIO}: {'met' if e2e['ratio'] <= GOAL_E2E_RATIO else 'NOT met'}).", "",
-                  f"Rounds: plain {[round(s, 1) for s in e2e['round_seconds']['plain']]}, secure {[round(s, 1) for s in e2e['round_seconds']['secure']]}.", "",
+                  f"Rounds: plain {[round(s, 1) for s in e2e['round_seconds']['plain']]}, secure {[round(s, 1) for s in e2e['round_seconds']['secure']]}; "
+                  f"each secure run ÷ the plain run before it: {[round(r, 3) for r in e2e['pair_ratios']]}.", "",
                   f"Median CPU seconds the three nodes spent per round: plain {e2e['median_round_node_cpu_seconds']['plain']:.1f}, "
                   f"secure {e2e['median_round_node_cpu_seconds']['secure']:.1f}, ratio {e2e['node_cpu_ratio']:.3f}.", "",
                   "| call | calls | median s | median node CPU s | median sent (MB) | median received (MB) |", "|---|---|---|---|---|---|"]

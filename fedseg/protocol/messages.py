@@ -89,6 +89,8 @@ class Message:
 
     KIND: ClassVar[MessageKind]
     SCHEMA_VERSION: ClassVar[int] = 1
+    #: Declared fields that carry key material; the audit log records only their size.
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def validate(self) -> None:
         """Checks constraints beyond field types; raises MessageError naming the field."""
@@ -359,7 +361,10 @@ class SecAggUnmaskRequest(Message):
 
 @dataclass(frozen=True)
 class SecAggUnmaskReply(Message):
+    """The revealed Shamir shares (key material: never logged) and the next round's keys."""
+
     KIND: ClassVar[MessageKind] = MessageKind.SECAGG_UNMASK_REPLY
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset({"shares"})
     run_id: str
     round: int
     shares: dict

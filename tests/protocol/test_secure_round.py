@@ -86,6 +86,9 @@ def test_coordinator_never_receives_an_unmasked_update(tmp_path: Path, no_plots:
     assert "train_reply" not in {s["kind"] for s in received}
     # The only tensors that reach the coordinator are masked uint32 vectors.
     assert {dtype for s in received for _, dtype, _ in s["tensors"]} == {"uint32"}
+    # Revealed shares are key material: the log keeps their size, never their value.
+    unmasked = [s for s in received if s["kind"] == "secagg_unmask_reply"]
+    assert len(unmasked) == 3 and all("shares" not in s["fields"] and s["secret"]["shares"]["bytes"] > 0 for s in unmasked)
     logs = {rt.name: verify_log(rt.workdir / "audit.jsonl", load_or_create_identity(rt.workdir / "identity.key").public_key()) for rt in nodes}
     assert cross_check(coordinator, logs, coordinator_name="coordinator") == []
     declared = {k: tuple(v.shape) for k, v in store.load()[1].items()}
