@@ -33,11 +33,11 @@ Threat model and what each piece buys:
   signing key against the fingerprint pinned in the node's invite. A relay (or a
   tampered transport) therefore cannot swap a key to read shares or set masks, and an
   advertisement from another round cannot be replayed. Each node checks every peer's
-  signature and that its own keys came back unchanged. A node pins its peers only
-  through the coordinator's roster, whose fingerprints go into the node's own audit
-  log, so a coordinator that made up identities would be caught by comparing logs. An
-  actively malicious coordinator is out of scope, as it is for Bonawitz's semi-honest
-  protocol.
+  signature and that its own keys came back unchanged. A node knows its peers'
+  identity keys only from the coordinator's roster, which its own audit log records
+  (up to about 40 nodes, beyond which the field is logged by size), so a coordinator
+  that made up identities would show in the logs. An actively malicious coordinator is
+  out of scope, as it is for Bonawitz's semi-honest protocol.
 * AES-GCM with ``(run, round, sender, recipient)`` as associated data: the coordinator
   routes shares it cannot read, and cannot alter, reorder or replay them.
 * Consistency of the survivor set: a node answers at most one unmask per round (the

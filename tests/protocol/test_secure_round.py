@@ -154,3 +154,15 @@ def test_plan_that_could_overflow_is_refused_before_any_round(runtimes: dict[str
         run_federation(_plan(rounds=1, secagg={"clip": 8.0, "scale_bits": 28}, **SECURE),
                        [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path, Reporter())
     assert not (tmp_path / "checkpoint.npz").exists()
+
+
+def test_node_whose_identity_differs_from_its_invite_is_refused(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    from types import SimpleNamespace
+
+    from fedseg.protocol.round_keys import AuthenticationFailed
+
+    a, b, c = runtimes.values()
+    impostor = InMemoryTransport(c)
+    impostor.invite = SimpleNamespace(fingerprint="sha256:" + "00" * 32)  # what the coordinator pinned for site-c
+    with pytest.raises(AuthenticationFailed, match="node site-c describes identity sha256:.*but its invite pins sha256:0000"):
+        run_federation(_plan(rounds=1, **SECURE), [InMemoryTransport(a), InMemoryTransport(b), impostor], tmp_path, Reporter())
