@@ -264,6 +264,13 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     )
 
 
+def _plain_train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
+    if rt.config.require_secure_aggregation:
+        raise PlanError(f"node {rt.name} trains only under secure aggregation (its update never leaves unmasked); "
+                        "run with fedseg run --secure-aggregation")
+    return _train(rt, msg)
+
+
 def _personal_model(rt: NodeRuntime, plan: Plan, msg: EvaluateRequest, global_model: torch.nn.Module) -> torch.nn.Module | None:
     """The node's own model beside the global one, where the algorithm has one (else None)."""
     if plan.algorithm == "ft" and msg.round > 0:
@@ -330,7 +337,7 @@ class Action:
 #: The whitelist. Adding an action means one entry here plus one test.
 ACTIONS: dict[str, Action] = {
     MessageKind.DESCRIBE.value: Action(DescribeRequest, _describe),
-    MessageKind.TRAIN.value: Action(TrainRequest, _train),
+    MessageKind.TRAIN.value: Action(TrainRequest, _plain_train),
     MessageKind.EVALUATE.value: Action(EvaluateRequest, _evaluate),
     MessageKind.SECAGG_KEYS.value: Action(SecAggKeysRequest, secure_keys),
     MessageKind.SECAGG_TRAIN.value: Action(SecAggTrainRequest, lambda rt, msg: secure_train(rt, msg, _train)),

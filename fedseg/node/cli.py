@@ -41,9 +41,10 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--where", multiple=True, help="Keep images whose meta.csv COLUMN starts with PREFIX (COLUMN=PREFIX).")
 @click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the local train/val/test split.")
 @click.option("--max-message-mb", default=256, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--require-secure-aggregation", is_flag=True, help="Train only in secure-aggregation rounds: no coordinator ever gets this node's update unmasked.")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
           image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
-          group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int) -> None:
+          group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, require_secure_aggregation: bool) -> None:
     """Validate the data, start the datasite and write the coordinator's invite."""
     from .config import NodeConfig
     from .datasets import LabelKind, index_site
@@ -63,6 +64,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         group_by=None if group_by == "none" else group_by, where=_parse_where(where), split_seed=split_seed,
         max_message_mb=max_message_mb, boxes=str(boxes.resolve()) if boxes else None,
         image_labels=str(image_labels.resolve()) if image_labels else None, labels_from_masks=from_masks,
+        require_secure_aggregation=require_secure_aggregation,
     )
     config.save()
     _serve(config, index, host, port)

@@ -31,6 +31,8 @@ class NodeConfig:
         boxes: Absolute path of boxes.csv (box labels from a file).
         image_labels: Absolute path of labels.csv (image-level labels from a file).
         labels_from_masks: Weak labels derived from the masks (benchmarks only).
+        require_secure_aggregation: Refuse plain train requests, so no coordinator ever
+            receives this node's update unmasked.
     """
 
     name: str
@@ -45,6 +47,7 @@ class NodeConfig:
     boxes: str | None = None
     image_labels: str | None = None
     labels_from_masks: bool = False
+    require_secure_aggregation: bool = False
 
     @property
     def path(self) -> Path:

@@ -44,6 +44,14 @@ def test_any_t_shares_recover_the_secret_and_fewer_do_not() -> None:
         combine(list(shares.values())[:2], 2)
 
 
+def test_every_share_count_and_threshold_works_even_or_odd() -> None:
+    secret = bytes(range(100, 132))
+    for n in range(2, 9):
+        for t in range(2, n + 1):
+            shares = list(split(secret, t, list(range(1, n + 1))).values())
+            assert combine(shares[n - t :], t) == secret, (n, t)
+
+
 def test_shamir_refuses_bad_parameters() -> None:
     with pytest.raises(ShareError, match="32 bytes"):
         split(b"short", 2, [1, 2])

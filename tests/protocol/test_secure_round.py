@@ -166,3 +166,39 @@ def test_node_whose_identity_differs_from_its_invite_is_refused(runtimes: dict[s
     impostor.invite = SimpleNamespace(fingerprint="sha256:" + "00" * 32)  # what the coordinator pinned for site-c
     with pytest.raises(AuthenticationFailed, match="node site-c describes identity sha256:.*but its invite pins sha256:0000"):
         run_federation(_plan(rounds=1, **SECURE), [InMemoryTransport(a), InMemoryTransport(b), impostor], tmp_path, Reporter())
+
+
+def test_node_requiring_secure_aggregation_refuses_plain_training(tmp_path: Path, no_plots: None) -> None:
+    sites = write_federation(tmp_path / "data", n_per_site=12, size=32, seed=4)
+    nodes = [NodeRuntime(NodeConfig(name=s.name, data=str(s), labels="pixel", workdir=str(tmp_path / "nodes" / s.name),
+                                    require_secure_aggregation=True)) for s in sites]
+    with pytest.raises(RoundError, match=r"node site-a refused \(bad_plan\): node site-a trains only under secure aggregation"):
+        run_federation(_plan(rounds=1), [InMemoryTransport(rt) for rt in nodes], tmp_path / "plain", Reporter())
+    run_federation(_plan(rounds=1, **SECURE), [InMemoryTransport(rt) for rt in nodes], tmp_path / "secure", Reporter())
+    assert RunStore(tmp_path / "secure").load()[0].round == 1
+
+
+def test_replayed_messages_are_refused_and_the_round_goes_on(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    from fedseg.node.actions import handle
+    from fedseg.protocol.messages import ErrorReply, SecAggMaskReply, decode
+
+    a, b, c = runtimes.values()
+    first_reply: list[Message] = []
+
+    def replay_round_1(reply: Message) -> bytes:
+        # site-c's round-2 masked update is swapped for the one it sent in round 1.
+        if reply.round == 1:
+            first_reply.append(reply)
+        return encode(first_reply[0])
+
+    reporter = Reporter()
+    transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, _is(SecAggMaskRequest), replay_round_1)]
+    run_federation(_plan(rounds=2, **SECURE), transports, tmp_path, reporter)
+    assert any("node site-c left out of masking" in t and "answered for round=1, expected 2" in t for t in reporter.infos)
+    assert reporter.rounds[-1][2]["secagg"]["dropped"] == ["site-c"]
+    assert isinstance(first_reply[0], SecAggMaskReply)
+
+    # A request replayed to a node after its round is over is refused, naming what it holds.
+    old = next(m for m in transports[0].requests if isinstance(m, SecAggMaskRequest) and m.round == 1)
+    reply = decode(handle(a, encode(old)))
+    assert isinstance(reply, ErrorReply) and "holds no secure-aggregation keys for run" in reply.message
