@@ -49,6 +49,10 @@ from fedseg.protocol.messages import (
     Message,
     MessageKind,
     PERSONAL_PREFIX,
+    SecAggKeysRequest,
+    SecAggMaskRequest,
+    SecAggTrainRequest,
+    SecAggUnmaskRequest,
     TrainReply,
     TrainRequest,
     check_arrays,
@@ -56,6 +60,7 @@ from fedseg.protocol.messages import (
     encode,
 )
 from fedseg.protocol.plan import Plan
+from fedseg.protocol.secure_aggregation import NodeRound
 from fedseg.protocol.syft_action import from_payload, to_payload
 from fedseg.protocol.wire import decode_frame
 
@@ -63,6 +68,7 @@ from .config import WORKDIR_ENV, NodeConfig
 from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
 from .node_log import log, log_to_workdir
 from .predict import HEADS_FILE, MODELS_DIR
+from .secure_actions import secure_keys, secure_mask, secure_train, secure_unmask
 
 __all__ = ["COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "round_seed"]
 
@@ -94,9 +100,11 @@ class NodeRuntime:
             boxes=_path(config.boxes), image_labels=_path(config.image_labels), labels_from_masks=config.labels_from_masks,
         )
         self.splits: Splits = make_splits(self.index, config.split_seed)
-        identity = load_or_create_identity(self.workdir / "identity.key")
-        self.fingerprint = fingerprint(identity.public_key())
-        self.audit = AuditLog(self.workdir / AUDIT_FILE, identity, config.name) if audit else None
+        self.identity = load_or_create_identity(self.workdir / "identity.key")
+        self.fingerprint = fingerprint(self.identity.public_key())
+        #: This round's secure-aggregation secrets; in memory only, gone on restart.
+        self.secure_round: NodeRound | None = None
+        self.audit = AuditLog(self.workdir / AUDIT_FILE, self.identity, config.name) if audit else None
         self._arrays: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         self._weak: dict[int, dict[str, np.ndarray]] = {}
 
@@ -261,6 +269,8 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
         result = fedrep_round(model, plan.train, images, labels["masks"], seed, plan.personal.head_fraction)
     else:
         result = LocalTrainer(model, plan.train).train_round(images, labels["masks"], seed=seed)
+    if not math.isfinite(result.mean_loss):
+        raise ModelError(f"training from the weights of round {msg.round} gave a non-finite loss ({result.mean_loss}); nothing was kept or sent")
     rt.keep_personal(plan, msg.run_id, model)
     log.info("round %d node %s: trained %d samples (%d/%d pseudo-labels), loss %.4f, %.1f s",
              msg.round, rt.name, result.n_samples, accepted, candidates, result.mean_loss, result.seconds)
@@ -274,6 +284,13 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
         candidates=candidates,
         weights=push(model, local_keys(model, plan.local_part)),
     )
+
+
+def _plain_train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
+    if rt.config.require_secure_aggregation:
+        raise PlanError(f"node {rt.name} trains only under secure aggregation (its update never leaves unmasked); "
+                        "run with fedseg run --secure-aggregation")
+    return _train(rt, msg)
 
 
 def _personal_model(rt: NodeRuntime, plan: Plan, msg: EvaluateRequest, global_model: torch.nn.Module) -> torch.nn.Module | None:
@@ -392,10 +409,14 @@ class Action:
 #: The whitelist. Adding an action means one entry here plus one test.
 ACTIONS: dict[str, Action] = {
     MessageKind.DESCRIBE.value: Action(DescribeRequest, _describe),
-    MessageKind.TRAIN.value: Action(TrainRequest, _train),
+    MessageKind.TRAIN.value: Action(TrainRequest, _plain_train),
     MessageKind.EVALUATE.value: Action(EvaluateRequest, _evaluate),
     MessageKind.HEADS.value: Action(HeadsRequest, _heads),
     MessageKind.CALIBRATE.value: Action(CalibrateRequest, _calibrate),
+    MessageKind.SECAGG_KEYS.value: Action(SecAggKeysRequest, secure_keys),
+    MessageKind.SECAGG_TRAIN.value: Action(SecAggTrainRequest, lambda rt, msg: secure_train(rt, msg, _train)),
+    MessageKind.SECAGG_MASK.value: Action(SecAggMaskRequest, secure_mask),
+    MessageKind.SECAGG_UNMASK.value: Action(SecAggUnmaskRequest, secure_unmask),
 }
 
 

@@ -47,10 +47,11 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--new-credentials", is_flag=True,
               help="On a restart: issue new coordinator credentials, so the previous invite stops working "
                    "(by default a restarted node keeps them, and its coordinator reconnects by itself).")
+@click.option("--require-secure-aggregation", is_flag=True, help="Train only in secure-aggregation rounds: no coordinator ever gets this node's update unmasked.")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
           image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
           group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_head: bool,
-          new_credentials: bool) -> None:
+          new_credentials: bool, require_secure_aggregation: bool) -> None:
     """Validate the data, start the datasite and write the coordinator's invite."""
     from .config import NodeConfig
     from .datasets import LabelKind, index_site
@@ -71,6 +72,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         max_message_mb=max_message_mb, boxes=str(boxes.resolve()) if boxes else None,
         image_labels=str(image_labels.resolve()) if image_labels else None, labels_from_masks=from_masks,
         share_head=share_head,
+        require_secure_aggregation=require_secure_aggregation,
     )
     config.save()
     _serve(config, index, host, port, new_credentials)

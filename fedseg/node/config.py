@@ -33,6 +33,8 @@ class NodeConfig:
         labels_from_masks: Weak labels derived from the masks (benchmarks only).
         share_head: LC-Fed: whether this node's segmentation head may be sent to the other
             sites for their calibration (its owner's choice, ``--no-share-head``).
+        require_secure_aggregation: Refuse plain train requests, so no coordinator ever
+            receives this node's update unmasked.
     """
 
     name: str
@@ -48,6 +50,7 @@ class NodeConfig:
     image_labels: str | None = None
     labels_from_masks: bool = False
     share_head: bool = True
+    require_secure_aggregation: bool = False
 
     @property
     def path(self) -> Path:

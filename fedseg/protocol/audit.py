@@ -22,7 +22,9 @@ A message is logged through its schema only (:func:`frame_schema`): its kind, it
 declared scalar fields, and each tensor's name, dtype and shape. Tensor values (weights,
 masks, predictions) are never logged. Scalar fields that the kind does not declare, and
 oversized ones, are logged by name, type and size only, because an undeclared field may
-carry data that must not be copied into the log.
+carry data that must not be copied into the log. Declared fields that carry key material
+(a kind's ``SECRET_FIELDS``, such as the Shamir shares revealed in secure aggregation) are
+logged by size only, under ``secret``.
 
 Limit: if entries are dropped from the *end* of a log, that log alone cannot show it.
 :func:`cross_check` finds it by comparing the log with the peer's.
@@ -121,6 +123,7 @@ class Direction(StrEnum):
 
 _DECLARED: dict[str, tuple[frozenset[str], frozenset[str]]] = {cls.KIND.value: declared_fields(cls) for cls in MESSAGE_TYPES}
 _TYPES: dict[str, type[Message]] = {cls.KIND.value: cls for cls in MESSAGE_TYPES}
+_SECRET: dict[str, frozenset[str]] = {cls.KIND.value: cls.SECRET_FIELDS for cls in MESSAGE_TYPES}
 
 
 def _short(name: str) -> str:
@@ -139,7 +142,8 @@ def frame_schema(frame: bytes) -> dict[str, Any]:
 
     Returns:
         ``{"kind", "schema_version", "fields", "tensors"}``. ``fields`` holds the header's
-        scalar fields that the kind declares. ``tensors`` is ``[[name, dtype, shape], ...]``
+        scalar fields that the kind declares, except its ``SECRET_FIELDS``, which are
+        listed under ``"secret"`` as ``{name: {"bytes"}}``. ``tensors`` is ``[[name, dtype, shape], ...]``
         in wire order. If some scalar fields are undeclared, not JSON-safe, or larger than
         :data:`MAX_FIELD_BYTES`, they are listed under ``"redacted"`` as
         ``{name: {"type", "bytes", "why"}}`` and their values are left out. A frame
@@ -157,8 +161,10 @@ def frame_schema(frame: bytes) -> dict[str, Any]:
     except Exception as exc:  # never raise: the message must be logged even if it is garbage
         return _undecodable(f"{type(exc).__name__}: {exc}")
     declared = _DECLARED.get(decoded.kind, (frozenset(), frozenset()))[0]
+    secret_fields = _SECRET.get(decoded.kind, frozenset())
     fields: dict[str, Any] = {}
     redacted: dict[str, dict[str, Any]] = {}
+    secret: dict[str, dict[str, int]] = {}
     for name, value in sorted(decoded.fields.items()):
         try:
             size = len(canonical_json(value))
@@ -167,6 +173,8 @@ def frame_schema(frame: bytes) -> dict[str, Any]:
             continue
         if name not in declared:
             redacted[_short(name)] = {"type": type(value).__name__, "bytes": size, "why": f"not declared by {_short(decoded.kind)!r}"}
+        elif name in secret_fields:
+            secret[name] = {"bytes": size}
         elif size > MAX_FIELD_BYTES:
             redacted[name] = {"type": type(value).__name__, "bytes": size, "why": f"larger than {MAX_FIELD_BYTES} bytes"}
         else:
@@ -179,6 +187,8 @@ def frame_schema(frame: bytes) -> dict[str, Any]:
     }
     if redacted:
         schema["redacted"] = redacted
+    if secret:
+        schema["secret"] = secret
     return schema
 
 

@@ -17,6 +17,7 @@ _FEDMIX = ("lam", "beta", "tau", "adaptive")
 _PERSONAL = ("alpha", "head_fraction", "finetune_epochs")
 #: LC-Fed option name -> its key in plan.lcfed ("alpha" there is the contrastive weight).
 _LCFED = {"contrastive_weight": "alpha", "hc_epochs": "hc_epochs"}
+_SECAGG = {"secagg_threshold": "threshold", "secagg_clip": "clip"}
 
 
 def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -25,9 +26,10 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
     for key in _TOP:
         if options.get(key) is not None:
             plan[key] = options[key]
-    if options.get("full_masks"):
-        plan["full_masks"] = True
-    sections = [("model", _MODEL), ("train", _TRAIN), ("fedmix", _FEDMIX), ("personal", _PERSONAL), ("lcfed", _LCFED)]
+    for flag in ("full_masks", "secure_aggregation"):
+        if options.get(flag):
+            plan[flag] = True
+    sections = [("model", _MODEL), ("train", _TRAIN), ("fedmix", _FEDMIX), ("personal", _PERSONAL), ("lcfed", _LCFED), ("secagg", _SECAGG)]
     for section, keys in sections:
         names = keys if isinstance(keys, dict) else {k: k for k in keys}
         for option, key in names.items():
@@ -74,6 +76,10 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @click.option("--hc-epochs", type=float, default=None, help="LC-Fed: local epochs that train the calibration head (default 5).")
 @click.option("--finetune-epochs", type=float, default=None, help="FT: local fine-tuning epochs before scoring (default 1).")
 @click.option("--full-masks", is_flag=True, default=False, help="Benchmark upper bound: nodes whose weak labels came from masks train on the masks.")
+@click.option("--secure-aggregation", is_flag=True, default=False,
+              help="The coordinator learns only the weighted sum of the updates (masked, t-of-n recoverable from dropouts).")
+@click.option("--secagg-threshold", type=int, default=None, help="Secure aggregation: nodes that must survive to unmask (default: a majority).")
+@click.option("--secagg-clip", type=float, default=None, help="Secure aggregation: clip bound of update values (default 8); clipped values are counted and reported.")
 def run(invites: tuple[Path, ...], out: Path | None, resume: Path | None, plan_file: Path | None, **options: Any) -> None:
     """Run federated rounds across the nodes in the invites."""
     from fedseg.protocol.errors import ProtocolError

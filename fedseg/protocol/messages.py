@@ -34,6 +34,14 @@ __all__ = [
     "HeadsReply",
     "CalibrateRequest",
     "ErrorReply",
+    "SecAggKeysRequest",
+    "SecAggKeysReply",
+    "SecAggTrainRequest",
+    "SecAggTrainReply",
+    "SecAggMaskRequest",
+    "SecAggMaskReply",
+    "SecAggUnmaskRequest",
+    "SecAggUnmaskReply",
     "METRIC_KEYS",
     "SPLITS",
     "PERSONAL_PREFIX",
@@ -62,6 +70,14 @@ class MessageKind(StrEnum):
     HEADS = "heads"
     HEADS_REPLY = "heads_reply"
     CALIBRATE = "calibrate"
+    SECAGG_KEYS = "secagg_keys"
+    SECAGG_KEYS_REPLY = "secagg_keys_reply"
+    SECAGG_TRAIN = "secagg_train"
+    SECAGG_TRAIN_REPLY = "secagg_train_reply"
+    SECAGG_MASK = "secagg_mask"
+    SECAGG_MASK_REPLY = "secagg_mask_reply"
+    SECAGG_UNMASK = "secagg_unmask"
+    SECAGG_UNMASK_REPLY = "secagg_unmask_reply"
     ERROR = "error"
 
 
@@ -81,6 +97,8 @@ class Message:
 
     KIND: ClassVar[MessageKind]
     SCHEMA_VERSION: ClassVar[int] = 1
+    #: Declared fields that carry key material; the audit log records only their size.
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def validate(self) -> None:
         """Checks constraints beyond field types; raises MessageError naming the field."""
@@ -172,12 +190,17 @@ class TrainReply(Message):
 
     def validate(self) -> None:
         super().validate()
-        if self.n_samples < 0:
-            raise MessageError(f"{self.KIND}: field n_samples must be >= 0, got {self.n_samples}")
-        if not 0 <= self.accepted <= self.candidates:
-            raise MessageError(f"{self.KIND}: need 0 <= accepted <= candidates, got {self.accepted} of {self.candidates}")
-        _check_finite(self.KIND, "mean_loss", self.mean_loss)
-        _check_finite(self.KIND, "seconds", self.seconds)
+        _check_declared_round(self)
+
+
+def _check_declared_round(reply: TrainReply | SecAggTrainReply) -> None:
+    """The scalars a node declares about its training round, plain or secure."""
+    if reply.n_samples < 0:
+        raise MessageError(f"{reply.KIND}: field n_samples must be >= 0, got {reply.n_samples}")
+    if not 0 <= reply.accepted <= reply.candidates:
+        raise MessageError(f"{reply.KIND}: need 0 <= accepted <= candidates, got {reply.accepted} of {reply.candidates}")
+    _check_finite(reply.KIND, "mean_loss", reply.mean_loss)
+    _check_finite(reply.KIND, "seconds", reply.seconds)
 
 
 @dataclass(frozen=True)
@@ -268,10 +291,148 @@ class ErrorReply(Message):
             raise MessageError(f"{self.KIND}: unknown error code {self.code!r}")
 
 
+# Secure aggregation (fedseg.protocol.secure_aggregation has the protocol). Keys, sealed
+# shares and revealed shares travel as base64 strings in declared fields; the only
+# tensors are the masked uint32 updates, under the shared parameters' names and shapes.
+
+
+def _check_names(kind: str, name: str, values: Any) -> None:
+    if not isinstance(values, (list, dict)) or not all(isinstance(v, str) and v for v in values) or len(set(values)) != len(values):
+        raise MessageError(f"{kind}: field {name} must hold distinct node names")
+
+
+def _check_texts(kind: str, name: str, mapping: dict) -> None:
+    _check_names(kind, name, mapping)
+    if not all(isinstance(v, str) for v in mapping.values()):
+        raise MessageError(f"{kind}: field {name} must map node names to base64 strings")
+
+
+@dataclass(frozen=True)
+class SecAggKeysRequest(Message):
+    """Asks a node for fresh signed round keys (its first secure round in a session)."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SECAGG_KEYS
+    run_id: str
+    round: int
+
+
+@dataclass(frozen=True)
+class SecAggKeysReply(Message):
+    KIND: ClassVar[MessageKind] = MessageKind.SECAGG_KEYS_REPLY
+    run_id: str
+    round: int
+    keys: dict
+
+
+@dataclass(frozen=True)
+class SecAggTrainRequest(TrainRequest):
+    """A train request that also hands every node the round's signed keys and threshold."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SECAGG_TRAIN
+    roster: dict
+    threshold: int
+
+    def validate(self) -> None:
+        super().validate()
+        _check_names(self.KIND, "roster", self.roster)
+        if not 2 <= self.threshold <= len(self.roster):
+            raise MessageError(f"{self.KIND}: field threshold must be in [2, {len(self.roster)}], got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class SecAggTrainReply(Message):
+    """A train reply without the update: the declared scalars, the commitment to the
+    self-mask seed, and the shares sealed to each peer."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SECAGG_TRAIN_REPLY
+    run_id: str
+    round: int
+    n_samples: int
+    mean_loss: float
+    seconds: float
+    accepted: int
+    candidates: int
+    commitment: str
+    shares: dict
+
+    def validate(self) -> None:
+        _check_declared_round(self)
+        _check_texts(self.KIND, "shares", self.shares)
+
+
+@dataclass(frozen=True)
+class SecAggMaskRequest(Message):
+    KIND: ClassVar[MessageKind] = MessageKind.SECAGG_MASK
+    run_id: str
+    round: int
+    survivors: list
+    weight: float
+    shares: dict
+
+    def validate(self) -> None:
+        _check_names(self.KIND, "survivors", self.survivors)
+        _check_texts(self.KIND, "shares", self.shares)
+        if not 0 <= self.weight <= 1:
+            raise MessageError(f"{self.KIND}: field weight must be in [0, 1], got {self.weight}")
+
+
+@dataclass(frozen=True)
+class SecAggMaskReply(Message):
+    """The masked update ``y_u`` (uint32) and how many values the node clipped."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SECAGG_MASK_REPLY
+    run_id: str
+    round: int
+    clipped: int
+    masked: Arrays
+
+    def validate(self) -> None:
+        if self.clipped < 0:
+            raise MessageError(f"{self.KIND}: field clipped must be >= 0, got {self.clipped}")
+        for name, arr in self.masked.items():
+            if arr.dtype != np.uint32:
+                raise MessageError(f"{self.KIND}: tensor masked/{name} must be uint32, got {arr.dtype}")
+
+
+@dataclass(frozen=True)
+class SecAggUnmaskRequest(Message):
+    """Who survived and who dropped; ``next_round`` > 0 also asks for that round's keys."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SECAGG_UNMASK
+    run_id: str
+    round: int
+    survivors: list
+    dropped: list
+    next_round: int
+
+    def validate(self) -> None:
+        _check_names(self.KIND, "survivors", self.survivors)
+        _check_names(self.KIND, "dropped", self.dropped)
+        if self.next_round not in (0, self.round + 1):
+            raise MessageError(f"{self.KIND}: field next_round must be 0 or {self.round + 1}, got {self.next_round}")
+
+
+@dataclass(frozen=True)
+class SecAggUnmaskReply(Message):
+    """The revealed Shamir shares (key material: never logged) and the next round's keys."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SECAGG_UNMASK_REPLY
+    SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset({"shares"})
+    run_id: str
+    round: int
+    shares: dict
+    next_keys: dict
+
+    def validate(self) -> None:
+        _check_texts(self.KIND, "shares", self.shares)
+
+
 #: Every declared message type.
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     DescribeRequest, DescribeReply, TrainRequest, TrainReply, EvaluateRequest, EvaluateReply,
     HeadsRequest, HeadsReply, CalibrateRequest, ErrorReply,
+    SecAggKeysRequest, SecAggKeysReply, SecAggTrainRequest, SecAggTrainReply, SecAggMaskRequest, SecAggMaskReply,
+    SecAggUnmaskRequest, SecAggUnmaskReply,
 )
 _TYPES: dict[str, type[Message]] = {cls.KIND.value: cls for cls in MESSAGE_TYPES}
 
@@ -333,13 +494,14 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     return message
 
 
-def check_arrays(arrays: Arrays, expected: dict[str, tuple[int, ...]], what: str) -> None:
-    """Checks that arrays have exactly the expected names and shapes, as float32.
+def check_arrays(arrays: Arrays, expected: dict[str, tuple[int, ...]], what: str, dtype: str = "float32") -> None:
+    """Checks that arrays have exactly the expected names and shapes, and the dtype.
 
     Args:
         arrays: Received tensors.
         expected: Name to shape, e.g. from the global model.
         what: Who sent them, for the message (e.g. "update from node kvasir").
+        dtype: float32 for updates, uint32 for masked ones.
 
     Raises:
         MessageError: Naming the first missing, unexpected or misshaped tensor.
@@ -351,5 +513,5 @@ def check_arrays(arrays: Arrays, expected: dict[str, tuple[int, ...]], what: str
         arr = arrays[name]
         if tuple(arr.shape) != tuple(shape):
             raise MessageError(f"{what}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
-        if arr.dtype != np.float32:
-            raise MessageError(f"{what}: tensor {name} has dtype {arr.dtype}, expected float32")
+        if arr.dtype != dtype:
+            raise MessageError(f"{what}: tensor {name} has dtype {arr.dtype}, expected {dtype}")

@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from fedseg.models.config import DictConfig
 from fedseg.models.errors import ModelError
 from fedseg.models.fedmix import CoTrainedUNets, FedMixConfig
 from fedseg.models.lcfed import LCFedConfig, LCFedUNet, head_arrays
@@ -14,13 +15,43 @@ from fedseg.models.unet import UNet, UNetConfig, build_model
 
 from .errors import PlanError
 
-__all__ = ["ALGORITHMS", "PERSONAL_MODELS", "Plan"]
+__all__ = ["ALGORITHMS", "PERSONAL_MODELS", "SecAggConfig", "Plan"]
 
 ALGORITHMS = ("fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl", "lcfed")
 #: Algorithms whose nodes also score a personalized model of their own beside the global one.
 PERSONAL_MODELS = ("ft", "iopfl", "lcfed")
 #: What stays on each node per algorithm; the rest is shared and averaged.
 _LOCAL_PARTS = {"local": LocalPart.ALL, "fedbn": LocalPart.NORM, "fedrep": LocalPart.HEAD, "lcfed": LocalPart.HEAD}
+
+
+@dataclass(frozen=True)
+class SecAggConfig(DictConfig):
+    """Settings of secure aggregation (used when ``plan.secure_aggregation`` is on).
+
+    Attributes:
+        clip: Update values are clipped to ``[-clip, clip]`` before fixed-point encoding;
+            every clipped value is counted and reported.
+        scale_bits: Fixed-point fraction bits; 0 picks the most that cannot overflow the
+            32-bit sum for the round's nodes. A value that could overflow is refused.
+        threshold: Nodes that must survive to unmask (Shamir's t); 0 means a majority.
+        timeout_s: How long the coordinator waits for one node in the key, mask and
+            unmask steps (training keeps ``plan.timeout_s``).
+    """
+
+    clip: float = 8.0
+    scale_bits: int = 0
+    threshold: int = 0
+    timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("clip", "timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise PlanError(f"plan.secagg.{name} must be a positive number, got {value!r}")
+        for name, hi in (("scale_bits", 30), ("threshold", 10_000)):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= hi:
+                raise PlanError(f"plan.secagg.{name} must be an integer in [0, {hi}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +78,9 @@ class Plan:
         lcfed: LC-Fed settings (contrastive weight, HC); used by "lcfed".
         sites: The federation's node names in a fixed order; LC-Fed's site index k of a
             node is its position here. The coordinator fills it from the invites.
+        secure_aggregation: The coordinator learns only the weighted sum of the shared
+            parameters (see :mod:`fedseg.protocol.secure_aggregation`).
+        secagg: Settings of secure aggregation.
     """
 
     algorithm: str = "fedavg"
@@ -65,6 +99,8 @@ class Plan:
     personal: PersonalConfig = field(default_factory=PersonalConfig)
     lcfed: LCFedConfig = field(default_factory=LCFedConfig)
     sites: tuple[str, ...] = ()
+    secure_aggregation: bool = False
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -84,8 +120,11 @@ class Plan:
                 raise PlanError(f"plan.{name} must be an integer in [{lo}, {hi}], got {value!r}")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
             raise PlanError(f"plan.timeout_s must be a positive number, got {self.timeout_s!r}")
-        if not isinstance(self.full_masks, bool):
-            raise PlanError(f"plan.full_masks must be true or false, got {self.full_masks!r}")
+        for name in ("full_masks", "secure_aggregation"):
+            if not isinstance(getattr(self, name), bool):
+                raise PlanError(f"plan.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.secure_aggregation and self.local_part is LocalPart.ALL:
+            raise PlanError(f"plan.secure_aggregation needs shared parameters; algorithm {self.algorithm!r} shares none")
         if not isinstance(self.sites, tuple) or not all(isinstance(n, str) and n for n in self.sites) or len(set(self.sites)) != len(self.sites):
             raise PlanError(f"plan.sites must be distinct node names, got {self.sites!r}")
         if self.algorithm == "lcfed" and len(self.sites) == 1:
@@ -121,6 +160,8 @@ class Plan:
                 values["lcfed"] = LCFedConfig.from_dict(_obj(values["lcfed"], "lcfed"))
             if isinstance(values.get("sites"), list):
                 values["sites"] = tuple(values["sites"])
+            if "secagg" in values:
+                values["secagg"] = SecAggConfig.from_dict(_obj(values["secagg"], "secagg"))
             return cls(**values)
         except ModelError as exc:
             raise PlanError(f"plan: {exc}") from exc

@@ -274,6 +274,11 @@ def run_federation(
 
                 return _phase(pool, scorers, call, min(needed, len(scorers)), round_, "calibration", plan.timeout_s, reporter)
 
+            secure = None
+            if plan.secure_aggregation:
+                from .secure_round import SecureRounds  # crypto loads only for secure runs
+
+                secure = SecureRounds(plan, strategy, run_id, peers, nodes, pool, reporter)
             if start == 0:
                 t0 = time.monotonic()
                 rows += _rows(0, evaluate(0, arrays), None)
@@ -283,16 +288,10 @@ def run_federation(
             for round_ in range(start, plan.rounds + 1):
                 t0 = time.monotonic()
                 requests = strategy.configure(round_, arrays, run_id, nodes)
-                taking_part = [p for p in peers if p.name in requests]
-                frames = {id(r): encode(r) for r in requests.values()}  # strategies share one request across nodes
-
-                def train(p: Peer) -> TrainReply:
-                    reply = p.request(requests[p.name], TrainReply, frames[id(requests[p.name])])
-                    check_arrays(reply.weights, layout, f"update from node {p.name} in round {round_}")
-                    return reply
-
-                trained = _phase(pool, taking_part, train, min(needed, len(taking_part)), round_, "training", plan.timeout_s, reporter)
-                arrays, summary = strategy.aggregate(round_, trained.replies)
+                if secure is not None:
+                    arrays, summary, trained = secure.run_round(round_, requests, layout)
+                else:
+                    arrays, summary, trained = _plain_round(pool, peers, requests, layout, min(needed, len(requests)), round_, strategy, plan, reporter)
                 t_train = time.monotonic() - t0
                 evaluated = evaluate(round_, arrays)
                 new_rows = _rows(round_, evaluated, trained)
@@ -317,6 +316,24 @@ def _scores(p: Peer, reply: EvaluateReply) -> EvaluateReply:
     if not set(SCORED_SPLITS) <= set(reply.metrics) or bases != set(SCORED_SPLITS):
         raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {list(SCORED_SPLITS)}")
     return reply
+
+
+def _plain_round(
+    pool: ThreadPoolExecutor, peers: Sequence[Peer], requests: dict[str, Any], layout: dict[str, tuple[int, ...]], needed: int,
+    round_: int, strategy: Strategy, plan: Plan, reporter: Reporter,
+) -> tuple[Arrays, dict[str, Any], _Outcome]:
+    """Every participating node trains and sends its update; the strategy averages them."""
+    taking_part = [p for p in peers if p.name in requests]
+    frames = {id(r): encode(r) for r in requests.values()}  # strategies share one request across nodes
+
+    def train(p: Peer) -> TrainReply:
+        reply = p.request(requests[p.name], TrainReply, frames[id(requests[p.name])])
+        check_arrays(reply.weights, layout, f"update from node {p.name} in round {round_}")
+        return reply
+
+    trained = _phase(pool, taking_part, train, needed, round_, "training", plan.timeout_s, reporter)
+    arrays, summary = strategy.aggregate(round_, trained.replies)
+    return arrays, summary, trained
 
 
 def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None) -> list[dict[str, Any]]:

@@ -1,7 +1,9 @@
 """Federated strategies: who is asked to train, and how replies are combined.
 
 A strategy does no I/O: the round engine sends what ``configure`` returns and hands
-``aggregate`` the valid replies. Secure aggregation will wrap a ``linear`` strategy.
+``aggregate`` the valid replies. Secure aggregation (:mod:`.secure_round`) takes only
+``linear`` strategies: it asks them for ``weights`` from the declared scalars and never
+hands them an update.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from fedseg.models.fedmix import adaptive_weights
 
 from .aggregate import weighted_average
 from .errors import PlanError, RoundError
-from .messages import Arrays, DescribeReply, TrainReply, TrainRequest
+from .messages import Arrays, DescribeReply, SecAggTrainReply, TrainReply, TrainRequest
 from .plan import Plan
 
 __all__ = ["Strategy", "FedAvg", "FedMix", "make_strategy"]
@@ -51,9 +53,14 @@ class Strategy(ABC):
         """New global arrays and round metrics from the valid replies."""
         weights = self.weights(replies)
         arrays = weighted_average([(replies[name].weights, w) for name, w in weights.items() if w > 0])
+        return arrays, self.metrics(replies, weights)
+
+    @staticmethod
+    def metrics(replies: Mapping[str, TrainReply | SecAggTrainReply], weights: dict[str, float]) -> dict[str, Any]:
+        """Round metrics from the declared scalars alone, so a secure round reports the same."""
         n = sum(r.n_samples for r in replies.values())
         loss = sum(r.mean_loss * r.n_samples for r in replies.values()) / max(n, 1)
-        return arrays, {"train_loss": loss, "n_train": n, "weights": weights}
+        return {"train_loss": loss, "n_train": n, "weights": weights}
 
 
 class FedAvg(Strategy):

@@ -117,7 +117,8 @@ def test_to_dict_from_dict_round_trip(d: dict[str, Any]) -> None:
     assert Plan.from_dict(json.loads(json.dumps(as_dict))) == plan
     assert set(as_dict) == {
         "algorithm", "rounds", "image_size", "seed", "model", "train",
-        "eval_batch_size", "timeout_s", "min_nodes", "overlays", "max_message_mb", "fedmix", "full_masks", "personal", "lcfed", "sites",
+        "eval_batch_size", "timeout_s", "min_nodes", "overlays", "max_message_mb", "fedmix", "full_masks", "personal",
+        "secure_aggregation", "secagg", "lcfed", "sites",
     }
     assert as_dict["model"] == plan.model.to_dict() and as_dict["train"] == plan.train.to_dict()
 

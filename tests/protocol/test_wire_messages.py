@@ -29,6 +29,14 @@ from fedseg.protocol.messages import (
     HeadsRequest,
     Message,
     MessageKind,
+    SecAggKeysReply,
+    SecAggKeysRequest,
+    SecAggMaskReply,
+    SecAggMaskRequest,
+    SecAggTrainReply,
+    SecAggTrainRequest,
+    SecAggUnmaskReply,
+    SecAggUnmaskRequest,
     TrainReply,
     TrainRequest,
     check_arrays,
@@ -62,6 +70,9 @@ METRICS = {
     "test": {"dice": 0.75, "iou": 0.6, "assd": 1.5, "loss": 0.875, "n": 3},
 }
 
+#: A round-key advertisement as it travels (values are opaque here; round_keys.py checks them).
+KEYS = {"node": "site-a", "run_id": "run-1", "round": 1, "identity": "aWQ=", "c_pk": "Yw==", "s_pk": "cw==", "sig": "c2ln"}
+
 #: One instance of every message type declared in messages.py.
 MESSAGES: dict[str, Message] = {
     "describe": DescribeRequest(run_id="run-1"),
@@ -91,6 +102,15 @@ MESSAGES: dict[str, Message] = {
         heads={"site-b/head.weight": np.ones((1, 4, 1, 1), np.float32), "site-b/head.bias": np.zeros(1, np.float32)},
     ),
     "error": ErrorReply(code=ErrorCode.NOT_EXPOSED.value, message="action 'shutdown' is not exposed"),
+    "secagg_keys": SecAggKeysRequest(run_id="run-1", round=1),
+    "secagg_keys_reply": SecAggKeysReply(run_id="run-1", round=1, keys=KEYS),
+    "secagg_train": SecAggTrainRequest(run_id="run-1", round=1, plan=PLAN, weights=_weights(), roster={"site-a": KEYS, "site-b": KEYS}, threshold=2),
+    "secagg_train_reply": SecAggTrainReply(run_id="run-1", round=1, n_samples=8, mean_loss=0.4375, seconds=1.5, accepted=0, candidates=0,
+                                           commitment="ab" * 32, shares={"site-b": "c2VhbGVk"}),
+    "secagg_mask": SecAggMaskRequest(run_id="run-1", round=1, survivors=["site-a", "site-b"], weight=0.25, shares={"site-b": "c2VhbGVk"}),
+    "secagg_mask_reply": SecAggMaskReply(run_id="run-1", round=1, clipped=3, masked={k: v.view(np.uint32) for k, v in _weights().items()}),
+    "secagg_unmask": SecAggUnmaskRequest(run_id="run-1", round=1, survivors=["site-a"], dropped=["site-b"], next_round=2),
+    "secagg_unmask_reply": SecAggUnmaskReply(run_id="run-1", round=1, shares={"site-a": "c2hhcmU=", "site-b": "c2hhcmU="}, next_keys=KEYS),
 }
 
 
