@@ -37,6 +37,8 @@ from fedseg.protocol.plan import Plan
 from fedseg.protocol.rounds import Peer, initial_arrays
 from fedseg.protocol.wire import MAGIC, encode_frame
 
+from engine_doubles import CannedTransport
+
 PLAN = Plan.from_dict({"rounds": 2, "image_size": 32, "model": {"width": 4, "depth": 2, "groups": 2},
                        "train": {"batch_size": 4, "augment": False}})
 WEIGHTS = initial_arrays(PLAN)
@@ -83,18 +85,9 @@ def _node_refuses_or_serves(rt: NodeRuntime, frame: bytes) -> None:
 def _coordinator_refuses_or_accepts(frame: bytes) -> None:
     """What a node sends back is either a valid, expected reply or a typed ProtocolError."""
 
-    class Canned:
-        name = "fuzzed-node"
-        bytes_sent = bytes_received = 0
-
-        def connect(self) -> None: ...
-
-        def exchange(self, _: bytes) -> bytes:
-            return frame
-
     request = TrainRequest(run_id="run-1", round=1, plan=PLAN.to_dict(), weights=WEIGHTS)
     try:
-        reply = Peer(Canned(), MAX_BYTES).request(request, TrainReply, SEEDS["train"])
+        reply = Peer(CannedTransport(frame), MAX_BYTES).request(request, TrainReply, SEEDS["train"])
         check_arrays(reply.weights, LAYOUT, "update from node fuzzed-node")
     except ProtocolError:
         return

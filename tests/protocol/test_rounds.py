@@ -12,17 +12,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from fedseg.node.actions import NodeRuntime, handle
 from fedseg.node.config import NodeConfig
 from fedseg.node.synthetic import write_federation
 from fedseg.protocol.aggregate import weighted_average
-from fedseg.protocol.errors import MessageError, ProtocolError, RemoteError, RoundError, TransportError
+from fedseg.protocol.errors import MessageError, ProtocolError, RemoteError, RoundError
 from fedseg.protocol.messages import (
     DescribeReply,
     DescribeRequest,
@@ -43,128 +41,9 @@ from fedseg.protocol.rounds import Peer, initial_arrays, run_federation
 from fedseg.protocol.run_store import RunStore
 from fedseg.protocol.wire import encode_frame
 
-TINY = {
-    "rounds": 2,
-    "image_size": 32,
-    "model": {"width": 4, "depth": 2, "groups": 2},
-    "train": {"batch_size": 4, "local_epochs": 1.0, "augment": False},
-}
+from engine_doubles import SITES, CannedTransport, FailingTransport, InMemoryTransport, Reporter, TamperingTransport, tiny_plan
+
 METRIC_COLUMNS = {f"{split}_{k}" for split in ("val", "test") for k in ("dice", "iou", "assd", "loss", "n")}
-SITES = ("site-a", "site-b", "site-c")
-
-
-def _plan(**overrides: Any) -> Plan:
-    return Plan.from_dict({**TINY, **overrides})
-
-
-# --- fixtures and test doubles ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def runtimes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, NodeRuntime]:
-    """Three nodes over 12-image synthetic sites; loaded once, shared (they are read-only)."""
-    # Real nodes are separate processes; here three train in one, and torch's intra-op
-    # thread count is process-wide, so pin it for bit-identical results across runs.
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("protocol-rounds")
-    sites = write_federation(root / "data", n_per_site=12, size=32, seed=0)
-    out = {}
-    for site in sites:
-        config = NodeConfig(name=site.name, data=str(site), labels="pixel", workdir=str(root / "nodes" / site.name))
-        out[site.name] = NodeRuntime(config)
-    assert tuple(out) == SITES
-    return out
-
-
-@pytest.fixture
-def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skips the Dice PNG (about 0.3 s a round) where a test is about the engine's logic.
-
-    ``test_run_records_every_round_and_site`` keeps the real plot and checks it.
-    """
-    import fedseg.protocol.rounds as rounds
-
-    monkeypatch.setattr(rounds, "plot_dice", lambda rows, path, title: None)
-
-
-class InMemoryTransport:
-    """Hands frames straight to a node's whitelist and records what crossed the 'wire'."""
-
-    def __init__(self, runtime: NodeRuntime) -> None:
-        self.runtime = runtime
-        self.name = runtime.name
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.connected = False
-        self.requests: list[Message] = []
-        self.replies: list[Message] = []
-
-    def connect(self) -> None:
-        self.connected = True
-
-    def exchange(self, frame: bytes) -> bytes:
-        if not self.connected:
-            raise TransportError(f"node {self.name}: exchange before connect")
-        request = decode(frame)
-        self.bytes_sent += len(frame)
-        reply = self.serve(request, frame)
-        self.bytes_received += len(reply)
-        self.requests.append(request)
-        try:
-            self.replies.append(decode(reply))
-        except MessageError:
-            pass  # a tampered reply; the engine must refuse it
-        return reply
-
-    def serve(self, request: Message, frame: bytes) -> bytes:
-        return handle(self.runtime, frame)
-
-    def train_replies(self) -> dict[int, TrainReply]:
-        return {r.round: r for r in self.replies if isinstance(r, TrainReply)}
-
-    def kinds(self) -> list[tuple[str, int | None]]:
-        return [(m.KIND.value, getattr(m, "round", None)) for m in self.requests]
-
-
-class FailingTransport(InMemoryTransport):
-    """Raises TransportError for every request ``fails(request)`` selects."""
-
-    def __init__(self, runtime: NodeRuntime, fails: Callable[[Message], bool]) -> None:
-        super().__init__(runtime)
-        self.fails = fails
-
-    def serve(self, request: Message, frame: bytes) -> bytes:
-        if self.fails(request):
-            raise TransportError(f"node {self.name} did not answer (connection reset)")
-        return super().serve(request, frame)
-
-
-class TamperingTransport(InMemoryTransport):
-    """Lets the real node answer, then rewrites its reply to requests ``applies`` selects."""
-
-    def __init__(self, runtime: NodeRuntime, applies: Callable[[Message], bool], tamper: Callable[[Message], bytes]) -> None:
-        super().__init__(runtime)
-        self.applies, self.tamper = applies, tamper
-
-    def serve(self, request: Message, frame: bytes) -> bytes:
-        reply = super().serve(request, frame)
-        return self.tamper(decode(reply)) if self.applies(request) else reply
-
-
-class Reporter:
-    def __init__(self) -> None:
-        self.infos: list[str] = []
-        self.steps: list[str] = []
-        self.rounds: list[tuple[int, list[dict[str, Any]], dict[str, Any]]] = []
-
-    def info(self, text: str) -> None:
-        self.infos.append(text)
-
-    def step(self, text: str) -> None:
-        self.steps.append(text)
-
-    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-        self.rounds.append((round_, rows, summary))
 
 
 def _is_train(m: Message) -> bool:
@@ -239,7 +118,7 @@ def _assert_arrays_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
 
 
 def test_run_records_every_round_and_site(runtimes: dict[str, NodeRuntime], tmp_path: Path) -> None:
-    plan = _plan(rounds=2)
+    plan = tiny_plan(rounds=2)
     transports = [InMemoryTransport(rt) for rt in runtimes.values()]
     reporter = Reporter()
     out = tmp_path / "run"
@@ -305,10 +184,10 @@ def test_run_records_every_round_and_site(runtimes: dict[str, NodeRuntime], tmp_
 
 def test_resume_continues_exactly_where_it_stopped(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
     straight = tmp_path / "straight"
-    run_federation(_plan(rounds=3), [InMemoryTransport(rt) for rt in runtimes.values()], straight, Reporter())
+    run_federation(tiny_plan(rounds=3), [InMemoryTransport(rt) for rt in runtimes.values()], straight, Reporter())
 
     broken = tmp_path / "broken"
-    run_federation(_plan(rounds=1), [InMemoryTransport(rt) for rt in runtimes.values()], broken, Reporter())
+    run_federation(tiny_plan(rounds=1), [InMemoryTransport(rt) for rt in runtimes.values()], broken, Reporter())
     first_state, _ = RunStore(broken).load()
     # A crash between writing metrics and the checkpoint leaves rows past the checkpoint.
     store = RunStore(broken)
@@ -316,7 +195,7 @@ def test_resume_continues_exactly_where_it_stopped(runtimes: dict[str, NodeRunti
 
     transports = [InMemoryTransport(rt) for rt in runtimes.values()]
     reporter = Reporter()
-    rows = run_federation(_plan(rounds=3), transports, broken, reporter, resume=True)
+    rows = run_federation(tiny_plan(rounds=3), transports, broken, reporter, resume=True)
 
     assert sorted((r["round"], r["site"]) for r in rows) == [(r, s) for r in range(4) for s in SITES]
     assert store.read_metrics() == rows
@@ -338,7 +217,7 @@ def test_resume_continues_exactly_where_it_stopped(runtimes: dict[str, NodeRunti
 
 def test_resume_without_checkpoint_names_the_file(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
     with pytest.raises(ProtocolError, match="checkpoint.npz cannot be resumed from"):
-        run_federation(_plan(), [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path, Reporter(), resume=True)
+        run_federation(tiny_plan(), [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path, Reporter(), resume=True)
 
 
 # --- nodes that fail -----------------------------------------------------------------------
@@ -355,12 +234,12 @@ def test_failing_node_aborts_when_all_are_required(
     a, b, c = runtimes.values()
     transports = [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, fails)]
     with pytest.raises(RoundError, match=f"{phase}: only 2 of the 3 required nodes answered \\(site-c: node site-c did not answer"):
-        run_federation(_plan(min_nodes=0), transports, tmp_path, Reporter())
+        run_federation(tiny_plan(min_nodes=0), transports, tmp_path, Reporter())
     if phase.startswith("round 1"):
         # Round 0 stays the last completed round, so --resume can retry round 1.
         state, arrays = RunStore(tmp_path).load()
         assert state.round == 0
-        _assert_arrays_equal(arrays, initial_arrays(_plan()))
+        _assert_arrays_equal(arrays, initial_arrays(tiny_plan()))
         assert {r["round"] for r in RunStore(tmp_path).read_metrics()} == {0}
 
 
@@ -368,7 +247,7 @@ def test_failing_node_is_left_out_when_enough_answer(runtimes: dict[str, NodeRun
     a, b, c = runtimes.values()
     transports = [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, _is_train)]
     reporter = Reporter()
-    rows = run_federation(_plan(rounds=1, min_nodes=2), transports, tmp_path, reporter)
+    rows = run_federation(tiny_plan(rounds=1, min_nodes=2), transports, tmp_path, reporter)
 
     assert any("round 1: node site-c left out of training: node site-c did not answer" in text for text in reporter.infos)
     _, arrays = RunStore(tmp_path).load()
@@ -384,7 +263,7 @@ def test_node_lost_after_start_is_left_out(runtimes: dict[str, NodeRuntime], tmp
     lost = FailingTransport(c, lambda m: getattr(m, "round", 0) >= 1)
     transports = [InMemoryTransport(a), InMemoryTransport(b), lost]
     reporter = Reporter()
-    rows = run_federation(_plan(rounds=2, min_nodes=2), transports, tmp_path, reporter)
+    rows = run_federation(tiny_plan(rounds=2, min_nodes=2), transports, tmp_path, reporter)
     assert sorted((r["round"], r["site"]) for r in rows) == [(0, s) for s in SITES] + [
         (r, s) for r in (1, 2) for s in ("site-a", "site-b")
     ]
@@ -398,7 +277,7 @@ def test_node_left_out_of_evaluation_is_reported(runtimes: dict[str, NodeRuntime
     a, b, c = runtimes.values()
     fails_eval = FailingTransport(c, lambda m: isinstance(m, EvaluateRequest) and m.round >= 1)
     reporter = Reporter()
-    rows = run_federation(_plan(rounds=1, min_nodes=2), [InMemoryTransport(a), InMemoryTransport(b), fails_eval], tmp_path, reporter)
+    rows = run_federation(tiny_plan(rounds=1, min_nodes=2), [InMemoryTransport(a), InMemoryTransport(b), fails_eval], tmp_path, reporter)
     # site-c trained, so it keeps a row for round 1, but that row has no scores.
     assert {r["site"] for r in rows if r["round"] == 1 and "test_dice" in r} == {"site-a", "site-b"}
     # Its row is silently missing from metrics and report; the person running it must be told.
@@ -430,7 +309,7 @@ def test_node_that_times_out_is_left_out(runtimes: dict[str, NodeRuntime], tmp_p
 
     reporter = Releasing()
     transports = [InMemoryTransport(a), InMemoryTransport(b), _Blocked(c, release)]
-    run_federation(_plan(rounds=1, min_nodes=2, timeout_s=2.0), transports, tmp_path, reporter)
+    run_federation(tiny_plan(rounds=1, min_nodes=2, timeout_s=2.0), transports, tmp_path, reporter)
     assert any("round 1: node site-c left out of training: no answer within 2 s" in text for text in reporter.infos)
     state, arrays = RunStore(tmp_path).load()
     assert state.round == 1
@@ -446,11 +325,11 @@ def test_bad_update_aborts_when_all_are_required(runtimes: dict[str, NodeRuntime
     fn, reason = TAMPERS[tamper]
     transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, _is_train, fn)]
     with pytest.raises(RoundError, match=f"round 1 training: only 2 of the 3 required nodes answered \\(site-c: .*{reason}"):
-        run_federation(_plan(min_nodes=0), transports, tmp_path, Reporter())
+        run_federation(tiny_plan(min_nodes=0), transports, tmp_path, Reporter())
     state, arrays = RunStore(tmp_path).load()
     assert state.round == 0
     _assert_finite(arrays)
-    _assert_arrays_equal(arrays, initial_arrays(_plan()))
+    _assert_arrays_equal(arrays, initial_arrays(tiny_plan()))
 
 
 @pytest.mark.parametrize("tamper", ["nan", "shape"])
@@ -459,7 +338,7 @@ def test_bad_update_is_left_out_when_enough_answer(runtimes: dict[str, NodeRunti
     fn, reason = TAMPERS[tamper]
     transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, _is_train, fn)]
     reporter = Reporter()
-    run_federation(_plan(rounds=1, min_nodes=2), transports, tmp_path, reporter)
+    run_federation(tiny_plan(rounds=1, min_nodes=2), transports, tmp_path, reporter)
     left_out = [text for text in reporter.infos if "round 1: node site-c left out" in text]
     assert len(left_out) == 1 and re.search(reason, left_out[0]), reporter.infos
     state, arrays = RunStore(tmp_path).load()
@@ -490,7 +369,7 @@ def test_update_for_another_run_or_round_is_not_applied(
     a, b, c = runtimes.values()
     transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, _is_train, tamper)]
     try:
-        run_federation(_plan(rounds=1, min_nodes=0), transports, tmp_path, Reporter())
+        run_federation(tiny_plan(rounds=1, min_nodes=0), transports, tmp_path, Reporter())
     except RoundError as exc:
         assert "site-c" in str(exc)
     else:
@@ -507,7 +386,7 @@ def test_evaluation_missing_a_requested_split_is_refused(runtimes: dict[str, Nod
     applies = lambda m: isinstance(m, EvaluateRequest) and m.round == 1  # noqa: E731
     transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, applies, _only_val)]
     with pytest.raises(RoundError, match="site-c"):
-        run_federation(_plan(rounds=1, min_nodes=0), transports, tmp_path, Reporter())
+        run_federation(tiny_plan(rounds=1, min_nodes=0), transports, tmp_path, Reporter())
 
 
 # --- engine preconditions --------------------------------------------------------------------
@@ -516,45 +395,28 @@ def test_evaluation_missing_a_requested_split_is_refused(runtimes: dict[str, Nod
 def test_node_names_must_be_distinct(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
     a = runtimes["site-a"]
     with pytest.raises(ProtocolError, match="node names must be distinct"):
-        run_federation(_plan(), [InMemoryTransport(a), InMemoryTransport(a)], tmp_path, Reporter())
+        run_federation(tiny_plan(), [InMemoryTransport(a), InMemoryTransport(a)], tmp_path, Reporter())
 
 
 def test_min_nodes_above_node_count_is_refused(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
     transports = [InMemoryTransport(rt) for rt in runtimes.values()]
     with pytest.raises(ProtocolError, match="plan.min_nodes is 4 but only 3 nodes were given"):
-        run_federation(_plan(min_nodes=4), transports, tmp_path, Reporter())
+        run_federation(tiny_plan(min_nodes=4), transports, tmp_path, Reporter())
     assert not any(t.requests for t in transports)
 
 
 # --- Peer and the node whitelist ---------------------------------------------------------------
 
 
-class _Canned:
-    """Answers every request with the same frame."""
-
-    name = "site-x"
-    bytes_sent = 0
-    bytes_received = 0
-
-    def __init__(self, reply: bytes) -> None:
-        self.reply = reply
-
-    def connect(self) -> None:
-        pass
-
-    def exchange(self, frame: bytes) -> bytes:
-        return self.reply
-
-
 def test_peer_turns_error_reply_into_remote_error() -> None:
-    peer = Peer(_Canned(encode(ErrorReply(code="bad_plan", message="plan.rounds must be ..."))), 2**20)
+    peer = Peer(CannedTransport(encode(ErrorReply(code="bad_plan", message="plan.rounds must be ..."))), 2**20)
     with pytest.raises(RemoteError, match=r"node site-x refused \(bad_plan\): plan.rounds must be") as info:
         peer.request(DescribeRequest(run_id="r"), DescribeReply)
     assert (info.value.node, info.value.code) == ("site-x", "bad_plan")
 
 
 def test_peer_refuses_a_reply_of_the_wrong_kind() -> None:
-    peer = Peer(_Canned(encode(EvaluateReply(run_id="r", round=1, metrics={}))), 2**20)
+    peer = Peer(CannedTransport(encode(EvaluateReply(run_id="r", round=1, metrics={}))), 2**20)
     with pytest.raises(MessageError, match="node site-x answered evaluate_reply to a describe request"):
         peer.request(DescribeRequest(run_id="r"), DescribeReply)
 
@@ -562,7 +424,7 @@ def test_peer_refuses_a_reply_of_the_wrong_kind() -> None:
 def test_peer_enforces_its_size_limit() -> None:
     reply = encode(DescribeReply(node="x", label_kind="pixel", channels=3, image_size=32, n_train=1, n_val=1, n_test=1, can_score=True, fingerprint="f"))
     with pytest.raises(MessageError, match="exceeds the limit of 10 bytes"):
-        Peer(_Canned(reply), 10).request(DescribeRequest(run_id="r"), DescribeReply)
+        Peer(CannedTransport(reply), 10).request(DescribeRequest(run_id="r"), DescribeReply)
 
 
 def _refusal(rt: NodeRuntime, frame: bytes) -> ErrorReply:
@@ -616,7 +478,7 @@ def test_malformed_request_is_refused(runtimes: dict[str, NodeRuntime], frame: b
 
 
 def test_poisoned_weights_are_refused_by_the_node(runtimes: dict[str, NodeRuntime]) -> None:
-    plan = _plan()
+    plan = tiny_plan()
     weights = initial_arrays(plan)
     name = sorted(weights)[0]
     weights[name] = weights[name].copy()
@@ -634,7 +496,7 @@ def test_personalized_layers_never_leave_the_node(runtimes: dict[str, NodeRuntim
     from fedseg.models.personalization import local_keys
 
     transports = [InMemoryTransport(rt) for rt in runtimes.values()]
-    plan = _plan(algorithm=algorithm, rounds=2)
+    plan = tiny_plan(algorithm=algorithm, rounds=2)
     run_federation(plan, transports, tmp_path, Reporter())
     run_id = RunStore(tmp_path).load()[0].run_id
     model = plan.build_model()
@@ -659,7 +521,7 @@ def test_ft_scores_a_fine_tuned_copy_and_leaves_the_global_model_alone(runtimes:
     arrays = {}
     for algorithm in ("fedavg", "ft"):
         out = tmp_path / algorithm
-        rows[algorithm] = run_federation(_plan(algorithm=algorithm, rounds=1), [InMemoryTransport(rt) for rt in runtimes.values()], out, Reporter())
+        rows[algorithm] = run_federation(tiny_plan(algorithm=algorithm, rounds=1), [InMemoryTransport(rt) for rt in runtimes.values()], out, Reporter())
         arrays[algorithm] = RunStore(out).load()[1]
     _assert_arrays_equal(arrays["ft"], arrays["fedavg"])
     at = {a: {r["site"]: r for r in rows[a] if r["round"] == 1} for a in rows}
@@ -675,7 +537,7 @@ def test_iopfl_keeps_a_running_mix_on_each_node_and_scores_it(runtimes: dict[str
     from fedseg.models.iopfl import running_mix
 
     transports = [InMemoryTransport(rt) for rt in runtimes.values()]
-    rows = run_federation(_plan(algorithm="iopfl", rounds=2, personal={"alpha": 0.1}), transports, tmp_path, Reporter())
+    rows = run_federation(tiny_plan(algorithm="iopfl", rounds=2, personal={"alpha": 0.1}), transports, tmp_path, Reporter())
     run_id = RunStore(tmp_path).load()[0].run_id
     for t in transports:
         trained = [r.weights for r in t.replies if isinstance(r, TrainReply)]
@@ -695,7 +557,7 @@ def test_lcfed_shares_only_heads_and_only_with_consent(runtimes: dict[str, NodeR
     # site-c's owner keeps its head: it neither sends it nor receives the others'.
     nodes = dict(runtimes, **{"site-c": NodeRuntime(replace(runtimes["site-c"].config, share_head=False))})
     transports = [InMemoryTransport(rt) for rt in nodes.values()]
-    plan = _plan(algorithm="lcfed", rounds=2, lcfed={"hc_epochs": 2.0})
+    plan = tiny_plan(algorithm="lcfed", rounds=2, lcfed={"hc_epochs": 2.0})
     rows = run_federation(plan, transports, tmp_path, Reporter())
     state, _ = RunStore(tmp_path).load()
     assert state.round == 3 and state.plan["sites"] == list(SITES)
@@ -730,7 +592,7 @@ def test_lcfed_shares_only_heads_and_only_with_consent(runtimes: dict[str, NodeR
 
 
 def test_lcfed_sites_must_match_the_invited_nodes(runtimes: dict[str, NodeRuntime], tmp_path: Path) -> None:
-    plan = _plan(algorithm="lcfed", sites=["site-a", "site-x"])
+    plan = tiny_plan(algorithm="lcfed", sites=["site-a", "site-x"])
     with pytest.raises(ProtocolError, match=r"plan.sites \['site-a', 'site-x'\] do not match"):
         run_federation(plan, [InMemoryTransport(rt) for rt in list(runtimes.values())[:2]], tmp_path, Reporter())
 
@@ -742,7 +604,7 @@ def test_both_ends_log_every_message_and_the_logs_agree(tmp_path: Path, no_plots
     sites = write_federation(tmp_path / "data", n_per_site=12, size=32, seed=3)
     runtimes = [NodeRuntime(NodeConfig(name=s.name, data=str(s), labels="pixel", workdir=str(tmp_path / "nodes" / s.name)), audit=True) for s in sites]
     transports = [InMemoryTransport(rt) for rt in runtimes]
-    run_federation(_plan(rounds=1), transports, tmp_path / "run", Reporter())
+    run_federation(tiny_plan(rounds=1), transports, tmp_path / "run", Reporter())
     for rt in runtimes:
         rt.audit.close()
     store = RunStore(tmp_path / "run")

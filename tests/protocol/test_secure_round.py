@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from test_rounds import SITES, FailingTransport, InMemoryTransport, Reporter, TamperingTransport, _plan, no_plots, runtimes  # noqa: F401
 
 from fedseg.node.actions import NodeRuntime
 from fedseg.node.config import NodeConfig
@@ -28,6 +27,8 @@ from fedseg.protocol.messages import (
 )
 from fedseg.protocol.quantize import flatten
 from fedseg.protocol.rounds import run_federation
+
+from engine_doubles import SITES, FailingTransport, InMemoryTransport, Reporter, TamperingTransport, tiny_plan
 from fedseg.protocol.run_store import RunStore
 
 SECURE = {"secure_aggregation": True}
@@ -46,10 +47,10 @@ def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> No
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedmix", "fedbn"])
 def test_secure_round_gives_the_plain_aggregate(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None, algorithm: str) -> None:
-    run_federation(_plan(rounds=1, algorithm=algorithm), [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path / "plain", Reporter())
+    run_federation(tiny_plan(rounds=1, algorithm=algorithm), [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path / "plain", Reporter())
     transports = [InMemoryTransport(rt) for rt in runtimes.values()]
     reporter = Reporter()
-    rows = run_federation(_plan(rounds=1, algorithm=algorithm, **SECURE), transports, tmp_path / "secure", reporter)
+    rows = run_federation(tiny_plan(rounds=1, algorithm=algorithm, **SECURE), transports, tmp_path / "secure", reporter)
 
     # FedBN's norm layers stay on the nodes: both aggregates hold the shared part only.
     _assert_close(_aggregate(tmp_path / "secure"), _aggregate(tmp_path / "plain"))
@@ -60,7 +61,7 @@ def test_secure_round_gives_the_plain_aggregate(runtimes: dict[str, NodeRuntime]
 
 def test_keys_ride_on_the_unmask_answer_after_the_first_round(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
     transports = [InMemoryTransport(rt) for rt in runtimes.values()]
-    run_federation(_plan(rounds=2, **SECURE), transports, tmp_path, Reporter())
+    run_federation(tiny_plan(rounds=2, **SECURE), transports, tmp_path, Reporter())
     for t in transports:
         assert t.kinds() == [
             ("describe", None), ("evaluate", 0),
@@ -76,7 +77,7 @@ def test_coordinator_never_receives_an_unmasked_update(tmp_path: Path, no_plots:
 
     sites = write_federation(tmp_path / "data", n_per_site=12, size=32, seed=3)
     nodes = [NodeRuntime(NodeConfig(name=s.name, data=str(s), labels="pixel", workdir=str(tmp_path / "nodes" / s.name)), audit=True) for s in sites]
-    run_federation(_plan(rounds=1, **SECURE), [InMemoryTransport(rt) for rt in nodes], tmp_path / "run", Reporter())
+    run_federation(tiny_plan(rounds=1, **SECURE), [InMemoryTransport(rt) for rt in nodes], tmp_path / "run", Reporter())
     for rt in nodes:
         rt.audit.close()
     store = RunStore(tmp_path / "run")
@@ -102,22 +103,22 @@ def _is(kind: type[Message]):
 def test_node_dropping_after_training_is_unmasked_from_shares(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
     a, b, c = runtimes.values()
     # Plain reference: FedAvg of site-a and site-b alone.
-    run_federation(_plan(rounds=1, min_nodes=2), [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, lambda m: m.KIND == "train")],
+    run_federation(tiny_plan(rounds=1, min_nodes=2), [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, lambda m: m.KIND == "train")],
                    tmp_path / "plain", Reporter())
     reporter = Reporter()
     transports = [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, _is(SecAggMaskRequest))]
-    run_federation(_plan(rounds=1, **SECURE), transports, tmp_path / "secure", reporter)
+    run_federation(tiny_plan(rounds=1, **SECURE), transports, tmp_path / "secure", reporter)
     _assert_close(_aggregate(tmp_path / "secure"), _aggregate(tmp_path / "plain"))
     assert reporter.rounds[-1][2]["secagg"]["dropped"] == ["site-c"]
     assert any("node site-c left out of masking" in text for text in reporter.infos)
 
 
 def test_node_dropping_after_masking_is_unmasked_from_shares(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
-    run_federation(_plan(rounds=1), [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path / "plain", Reporter())
+    run_federation(tiny_plan(rounds=1), [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path / "plain", Reporter())
     a, b, c = runtimes.values()
     reporter = Reporter()
     transports = [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, _is(SecAggUnmaskRequest))]
-    run_federation(_plan(rounds=1, **SECURE), transports, tmp_path / "secure", reporter)
+    run_federation(tiny_plan(rounds=1, **SECURE), transports, tmp_path / "secure", reporter)
     # site-c's masked update is in the sum; its self-mask came back from the others' shares.
     _assert_close(_aggregate(tmp_path / "secure"), _aggregate(tmp_path / "plain"))
     assert reporter.rounds[-1][2]["secagg"]["survivors"] == list(SITES)
@@ -125,7 +126,7 @@ def test_node_dropping_after_masking_is_unmasked_from_shares(runtimes: dict[str,
 
 def test_below_threshold_the_round_aborts_and_resume_retries_it(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
     a, b, c = runtimes.values()
-    plan = _plan(rounds=1, secagg={"threshold": 3}, **SECURE)
+    plan = tiny_plan(rounds=1, secagg={"threshold": 3}, **SECURE)
     transports = [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, _is(SecAggMaskRequest))]
     with pytest.raises(RoundError, match=r"masking: only 2 of the 3 required nodes.*threshold 3.*aborted and nothing was aggregated.*--resume"):
         run_federation(plan, transports, tmp_path, Reporter())
@@ -144,14 +145,14 @@ def test_swapped_key_leaves_that_node_out(runtimes: dict[str, NodeRuntime], tmp_
     a, b, c = runtimes.values()
     reporter = Reporter()
     transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, _is(SecAggKeysRequest), _swap_keys)]
-    run_federation(_plan(rounds=1, **SECURE), transports, tmp_path, reporter)
+    run_federation(tiny_plan(rounds=1, **SECURE), transports, tmp_path, reporter)
     assert any("node site-c left out of key exchange" in t and "bad signature" in t for t in reporter.infos)
     assert reporter.rounds[-1][2]["secagg"]["survivors"] == ["site-a", "site-b"]
 
 
 def test_plan_that_could_overflow_is_refused_before_any_round(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
     with pytest.raises(PlanError, match="could overflow the 32-bit sum"):
-        run_federation(_plan(rounds=1, secagg={"clip": 8.0, "scale_bits": 28}, **SECURE),
+        run_federation(tiny_plan(rounds=1, secagg={"clip": 8.0, "scale_bits": 28}, **SECURE),
                        [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path, Reporter())
     assert not (tmp_path / "checkpoint.npz").exists()
 
@@ -165,7 +166,7 @@ def test_node_whose_identity_differs_from_its_invite_is_refused(runtimes: dict[s
     impostor = InMemoryTransport(c)
     impostor.invite = SimpleNamespace(fingerprint="sha256:" + "00" * 32)  # what the coordinator pinned for site-c
     with pytest.raises(AuthenticationFailed, match="node site-c describes identity sha256:.*but its invite pins sha256:0000"):
-        run_federation(_plan(rounds=1, **SECURE), [InMemoryTransport(a), InMemoryTransport(b), impostor], tmp_path, Reporter())
+        run_federation(tiny_plan(rounds=1, **SECURE), [InMemoryTransport(a), InMemoryTransport(b), impostor], tmp_path, Reporter())
 
 
 def test_node_requiring_secure_aggregation_refuses_plain_training(tmp_path: Path, no_plots: None) -> None:
@@ -173,8 +174,8 @@ def test_node_requiring_secure_aggregation_refuses_plain_training(tmp_path: Path
     nodes = [NodeRuntime(NodeConfig(name=s.name, data=str(s), labels="pixel", workdir=str(tmp_path / "nodes" / s.name),
                                     require_secure_aggregation=True)) for s in sites]
     with pytest.raises(RoundError, match=r"node site-a refused \(bad_plan\): node site-a trains only under secure aggregation"):
-        run_federation(_plan(rounds=1), [InMemoryTransport(rt) for rt in nodes], tmp_path / "plain", Reporter())
-    run_federation(_plan(rounds=1, **SECURE), [InMemoryTransport(rt) for rt in nodes], tmp_path / "secure", Reporter())
+        run_federation(tiny_plan(rounds=1), [InMemoryTransport(rt) for rt in nodes], tmp_path / "plain", Reporter())
+    run_federation(tiny_plan(rounds=1, **SECURE), [InMemoryTransport(rt) for rt in nodes], tmp_path / "secure", Reporter())
     assert RunStore(tmp_path / "secure").load()[0].round == 1
 
 
@@ -193,7 +194,7 @@ def test_replayed_messages_are_refused_and_the_round_goes_on(runtimes: dict[str,
 
     reporter = Reporter()
     transports = [InMemoryTransport(a), InMemoryTransport(b), TamperingTransport(c, _is(SecAggMaskRequest), replay_round_1)]
-    run_federation(_plan(rounds=2, **SECURE), transports, tmp_path, reporter)
+    run_federation(tiny_plan(rounds=2, **SECURE), transports, tmp_path, reporter)
     assert any("node site-c left out of masking" in t and "answered for round=1, expected 2" in t for t in reporter.infos)
     assert reporter.rounds[-1][2]["secagg"]["dropped"] == ["site-c"]
     assert isinstance(first_reply[0], SecAggMaskReply)
