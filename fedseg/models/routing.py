@@ -232,17 +232,21 @@ def route_experts(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_routed(config, len(experts), routing)
-    global_ = experts[-1][1]
     with torch.no_grad():
         for key in _convs(build_model(config)):
             conv = model.get_submodule(key)
-            conv.experts.copy_(torch.stack([torch.as_tensor(np.asarray(a[f"{key}.weight"])) for _, a in experts]))
+            conv.experts.copy_(_stacked(experts, f"{key}.weight"))  # (E, O, I, kh, kw)
             if conv.expert_bias is not None:
-                conv.expert_bias.copy_(torch.stack([torch.as_tensor(np.asarray(a[f"{key}.bias"])) for _, a in experts]))
+                conv.expert_bias.copy_(_stacked(experts, f"{key}.bias"))  # (E, O)
         for name, p in model.named_parameters():
             if ".router." not in f".{name}":
-                p.copy_(torch.as_tensor(np.asarray(global_[name])))
+                p.copy_(_stacked([experts[-1]], name)[0])
     return model
+
+
+def _stacked(experts: Sequence[tuple[str, Arrays]], key: str) -> torch.Tensor:
+    # np.stack copies, so received read-only arrays never back a tensor.
+    return torch.from_numpy(np.stack([np.asarray(a[key], dtype=np.float32) for _, a in experts]))
 
 
 # ------------------------------------------------------------------------ losses

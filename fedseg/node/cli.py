@@ -28,7 +28,8 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @node.command()
 @click.option("--name", required=True, help="Site name shown to the coordinator.")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="Site folder with images/, masks/ and optional meta.csv.")
-@click.option("--labels", type=click.Choice(["pixel", "box", "image", "none"]), default="pixel", show_default=True, help="Labels this site has.")
+@click.option("--labels", type=click.Choice(["pixel", "box", "image", "none"]), default="pixel", show_default=True,
+              help="Labels this site has. none: a new site that only adapts (masks, if present, only score it).")
 @click.option("--boxes", type=click.Path(path_type=Path), default=None, help="With --labels box: CSV name,x0,y0,x1,y1 (one row per lesion).")
 @click.option("--image-labels", type=click.Path(path_type=Path), default=None, help="With --labels image: CSV name,has_lesion (else meta.csv's has_lesion).")
 @click.option("--boxes-from-masks", is_flag=True, help="Benchmarks: derive boxes from the masks (never trains on the masks).")
@@ -41,9 +42,11 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--where", multiple=True, help="Keep images whose meta.csv COLUMN starts with PREFIX (COLUMN=PREFIX).")
 @click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the local train/val/test split.")
 @click.option("--max-message-mb", default=256, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--share-personalized", is_flag=True, help="Allow this node's personalized model (IOP-FL) to leave it, "
+              "so a new hospital can route over it. Off by default: the model never leaves.")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
           image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
-          group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int) -> None:
+          group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_personalized: bool) -> None:
     """Validate the data, start the datasite and write the coordinator's invite."""
     from .config import NodeConfig
     from .datasets import LabelKind, index_site
@@ -63,6 +66,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         group_by=None if group_by == "none" else group_by, where=_parse_where(where), split_seed=split_seed,
         max_message_mb=max_message_mb, boxes=str(boxes.resolve()) if boxes else None,
         image_labels=str(image_labels.resolve()) if image_labels else None, labels_from_masks=from_masks,
+        share_personalized=share_personalized,
     )
     config.save()
     _serve(config, index, host, port)
@@ -92,7 +96,8 @@ def _serve(config, index, host: str, port: int) -> None:  # noqa: ANN001 - types
 @node.command(name="predict")
 @click.option("--workdir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="The node's workdir.")
 @click.option("--run", "run_id", default=None, help="Run id (default: the run this node evaluated last).")
-@click.option("--model", "which", type=click.Choice(["personalized", "global"]), default="personalized", show_default=True)
+@click.option("--model", "which", type=click.Choice(["personalized", "global", "routed"]), default="personalized", show_default=True,
+              help="routed: the model a new site adapted with `fedseg adapt`.")
 @click.option("--images", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Folder of images to segment.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where masks/ and overlays/ go.")
 def predict_cmd(workdir: Path, run_id: str | None, which: str, images: Path, out: Path) -> None:

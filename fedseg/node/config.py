@@ -31,6 +31,8 @@ class NodeConfig:
         boxes: Absolute path of boxes.csv (box labels from a file).
         image_labels: Absolute path of labels.csv (image-level labels from a file).
         labels_from_masks: Weak labels derived from the masks (benchmarks only).
+        share_personalized: The owner allows this node's personalized model (IOP-FL's
+            running mix) to leave it, to be routed over on a new site. Off by default.
     """
 
     name: str
@@ -45,6 +47,7 @@ class NodeConfig:
     boxes: str | None = None
     image_labels: str | None = None
     labels_from_masks: bool = False
+    share_personalized: bool = False
 
     @property
     def path(self) -> Path:
