@@ -45,10 +45,15 @@ def _serve(root: Path, seed: int, extra: dict[str, list[str]]):
 
 @pytest.fixture(scope="session")
 def federation(tmp_path_factory: pytest.TempPathFactory):
-    """Three synthetic pixel-labelled sites, each served by a real ``fedseg node start`` process."""
+    """Three synthetic pixel-labelled sites, each served by a real ``fedseg node start`` process.
+
+    Only site-a's owner lets its personalized model leave (``--share-personalized``).
+    """
     # A small message limit lets the oversized-message test stay cheap.
     small = ["--max-message-mb", str(NODE_MAX_MB)]
-    yield from _serve(tmp_path_factory.mktemp("federation"), 0, {name: small for name in ("site-a", "site-b", "site-c")})
+    extra = {name: small for name in ("site-a", "site-b", "site-c")}
+    extra["site-a"] = [*small, "--share-personalized"]
+    yield from _serve(tmp_path_factory.mktemp("federation"), 0, extra)
 
 
 #: How each site of the mixed federation labels its images (weak labels derived from masks).
