@@ -365,6 +365,31 @@ def machine_info() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- main
 
 
+def with_budget(args: argparse.Namespace, full: dict[str, Any], defaults: dict[str, Any]) -> argparse.Namespace:
+    """Fills the budget options the user left unset from ``full`` (with ``--full``) or ``defaults``."""
+    for key, value in (full if args.full else defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def require_data(p: argparse.ArgumentParser, data: Path, folders: list[str]) -> None:
+    """Exits with the missing site folders named, before any node starts."""
+    missing = sorted({str(data / f) for f in folders if not (data / f / "images").is_dir()})
+    if missing:
+        p.exit(2, f"error: data not found: {', '.join(missing)}; pass --data\n")
+
+
+def start_bench(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The output folder, cleared of an earlier benchmark's runs, nodes and data, and the config to record."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
+    out = args.out.resolve()
+    for sub in ("runs", "nodes", "data"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--full", action="store_true", help=f"longer budget: {FULL} (explicit flags still win)")
@@ -384,30 +409,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget-note", default="", help="a line printed at the top of the Markdown (e.g. 'reduced budget')")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_fedmix")
-    args = p.parse_args()
-    for key, value in (FULL if args.full else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = with_budget(p.parse_args(), FULL, DEFAULTS)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
     if bad := [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]:
         p.error(f"unknown task or method: {bad}")
     if args.rounds < 1 or args.seeds < 1 or (args.limit and args.limit < 10):
         p.error("--rounds and --seeds must be >= 1, --limit 0 or >= 10")
-    missing = [str(args.data / f) for t in args.tasks for _, f, _, _ in TASKS[t]["sites"] if not (args.data / f / "images").is_dir()]
-    if missing:
-        p.exit(2, f"error: data not found: {', '.join(sorted(set(missing)))}; pass --data\n")
+    require_data(p, args.data, [f for t in args.tasks for _, f, _, _ in TASKS[t]["sites"]])
     return args
 
 
 def main() -> None:
     args = parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
-    out = args.out.resolve()
-    for sub in ("runs", "nodes", "data"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out, config = start_bench(args)
     commit, machine = git_commit(), machine_info()
     order = [m for m in ORDER if m in args.methods]
     n_runs = len(args.tasks) * len(order) * args.seeds

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -38,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fedmix import NODE_START_TIMEOUT_S, Reporter, git_commit, machine_info, make_subset, mean_std, say, stop_nodes  # noqa: E402
+from bench_fedmix import (  # noqa: E402
+    NODE_START_TIMEOUT_S, Reporter, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench, stop_nodes, with_budget,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -237,27 +238,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--split-seed", type=int, default=0, help="node split seed and subset sampling seed")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_iopfl")
-    args = p.parse_args()
-    for key, value in (FULL if args.full else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = with_budget(p.parse_args(), FULL, DEFAULTS)
     args.tasks = [t for t in args.tasks.split(",") if t]
     if bad := [t for t in args.tasks if t not in TASKS]:
         p.error(f"unknown task: {bad}")
-    missing = [str(args.data / f) for t in args.tasks for _, f, _ in TASKS[t]["sites"] if not (args.data / f / "images").is_dir()]
-    if missing:
-        p.exit(2, f"error: data not found: {', '.join(sorted(set(missing)))}; pass --data\n")
+    require_data(p, args.data, [f for t in args.tasks for _, f, _ in TASKS[t]["sites"]])
     return args
 
 
 def main() -> None:
     args = parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
-    out = args.out.resolve()
-    for sub in ("runs", "nodes", "data"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out, config = start_bench(args)
     record: dict[str, Any] = {"config": config, "git": git_commit(), "machine": machine_info(), "subsets": {}, "seeds": []}
     t_start = time.monotonic()
     nodes: dict[str, Any] = {}
