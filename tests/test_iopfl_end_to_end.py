@@ -34,7 +34,9 @@ def test_new_site_adapts_over_consenting_models_only_and_reports_scores(federati
     adapted = fedseg("adapt", "--invite", str(new_site.invite), "--from", str(run), "--epochs", "2", "--batch-size", "8")
     out = adapted.stdout + adapted.stderr
     assert adapted.returncode == 0, out
-    # site-a consented; site-b and site-c did not, and are left out with a line saying so.
+    # site-a consented; site-b and site-c did not (the default), and are left out with a line saying so.
+    consent = {name: json.loads((node.workdir / "node.json").read_text())["share_personalized"] for name, node in federation.items()}
+    assert consent == {"site-a": True, "site-b": False, "site-c": False}
     assert "adapted over 2 experts (site-a, global)" in out
     for name in ("site-b", "site-c"):
         assert f"node {name}: left out of the routing set" in out and "--share-personalized" in out
