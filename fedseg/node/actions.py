@@ -310,7 +310,7 @@ def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
             images, masks = rt.images(split, plan), rt.masks(split, plan)
             for prefix, scored in models.items():
                 m = evaluate(scored, images, masks, batch_size=plan.eval_batch_size)
-                metrics[prefix + split] = {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
+                metrics[prefix + split] = _scores(m)
             if msg.overlays:
                 _write_overlays(rt, models.get(PERSONAL_PREFIX, model), images[: msg.overlays], masks[: msg.overlays], msg, split)
     finally:
@@ -322,7 +322,13 @@ def _evaluate(rt: NodeRuntime, msg: EvaluateRequest) -> EvaluateReply:
     return EvaluateReply(run_id=msg.run_id, round=msg.round, metrics=metrics)
 
 
+def _scores(m: dict[str, float]) -> dict[str, Any]:
+    # Plain floats and ints, as the reply's validation requires, from evaluate's output.
+    return {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
+
+
 def _personal(rt: NodeRuntime, msg: PersonalRequest) -> PersonalReply:
+    """A node's IOP-FL running mix, only if its owner allowed it to leave (``--share-personalized``)."""
     if not rt.config.share_personalized:
         raise ActionRefused(ErrorCode.NOT_SHARED.value, f"node {rt.name} does not share its personalized model: "
                             "its owner did not start it with --share-personalized")
@@ -377,7 +383,7 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
         try:
             for name, model in scored.items():
                 m = evaluate(model, images, masks, batch_size=plan.eval_batch_size)
-                metrics[name] = {"dice": float(m["dice"]), "iou": float(m["iou"]), "loss": float(m["loss"]), "n": int(m["n"])}
+                metrics[name] = _scores(m)
         finally:
             torch.set_num_threads(threads)
     log.info("run %s node %s: adapted over %d experts (%s) in %d steps, %.1f s; scores %s",
