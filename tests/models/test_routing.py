@@ -119,13 +119,14 @@ def test_consistency_is_zero_for_an_equivariant_model_without_noise() -> None:
         consistency_loss(identity, torch.rand(1, 1, 8, 4), torch.rand(1, 1, 8, 4), 0.0, gen)
 
 
-def test_adaptation_changes_only_routers_and_norm_affine_and_lowers_entropy() -> None:
+@pytest.mark.parametrize("config", [BATCH, GROUP], ids=["batchnorm", "groupnorm"])
+def test_adaptation_changes_only_routers_and_norm_affine_and_lowers_entropy(config: UNetConfig) -> None:
     images, masks = squares(24, seed=0)
     torch.manual_seed(0)
-    model = build_model(BATCH)
+    model = build_model(config)
     LocalTrainer(model, TrainConfig(lr=3e-3, batch_size=8, local_epochs=4, augment=False)).train_round(images, masks, seed=0)
     glob = state_to_arrays(model)
-    routed = route_experts(BATCH, [("a", glob), ("global", glob)], seed=0)
+    routed = route_experts(config, [("a", glob), ("global", glob)], seed=0)
     before = {k: v.clone() for k, v in routed.state_dict().items()}
     calls = []
     cfg = AdaptConfig(epochs=3, batch_size=8, lr=1e-2)
