@@ -12,6 +12,7 @@ __all__ = ["main"]
 SUBCOMMANDS: dict[str, str] = {
     "node": "fedseg.node.cli:node",
     "run": "fedseg.protocol.cli:run",
+    "adapt": "fedseg.protocol.cli:adapt",
     "demo": "fedseg.demo:demo",
     "audit": "fedseg.audit_cli:audit",
 }

@@ -24,15 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import DATA, REPO, Site, commit_label, git_commit, machine_info, mean_std, run_plan, say, start_nodes, stop_nodes
+from benchlib import (
+    DATA, REPO, Site, commit_label, git_commit, machine_info, mean_std, require_data, run_plan, say, start_bench, start_nodes,
+    stop_nodes, with_budget,
+)
 
 GOAL_GAIN = 0.05  # FedMix mean Dice - FedAvg-pixel mean Dice, at least
 GOAL_GAP_CLOSED = 0.60  # (FedMix - FedAvg-pixel) / (FedAvg-full - FedAvg-pixel), at least
@@ -255,30 +255,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget-note", default="", help="a line printed at the top of the Markdown (e.g. 'reduced budget')")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_fedmix")
-    args = p.parse_args()
-    for key, value in (FULL if args.full else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = with_budget(p.parse_args(), FULL, DEFAULTS)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
     if bad := [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]:
         p.error(f"unknown task or method: {bad}")
     if args.rounds < 1 or args.seeds < 1 or (args.limit and args.limit < 10):
         p.error("--rounds and --seeds must be >= 1, --limit 0 or >= 10")
-    missing = [str(args.data / f) for t in args.tasks for _, f, _, _ in TASKS[t]["sites"] if not (args.data / f / "images").is_dir()]
-    if missing:
-        p.exit(2, f"error: data not found: {', '.join(sorted(set(missing)))}; pass --data\n")
+    require_data(p, args.data, [f for t in args.tasks for _, f, _, _ in TASKS[t]["sites"]])
     return args
 
 
 def main() -> None:
     args = parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
-    out = args.out.resolve()
-    for sub in ("runs", *TASKS):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out, config = start_bench(args, clear=("runs", *TASKS))
     commit, machine = git_commit(), machine_info()
     order = [m for m in ORDER if m in args.methods]
     n_runs = len(args.tasks) * len(order) * args.seeds

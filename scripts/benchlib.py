@@ -5,13 +5,16 @@ through the same :func:`~fedseg.protocol.rounds.run_federation` that ``fedseg ru
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -162,3 +165,28 @@ def commit_label(commit: dict[str, Any]) -> str:
 def machine_info() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
             "torch": metadata.version("torch"), "syft": metadata.version("syft"), "loadavg_start": os.getloadavg()[0]}
+
+
+def with_budget(args: argparse.Namespace, full: dict[str, Any], defaults: dict[str, Any]) -> argparse.Namespace:
+    """Fills the budget options the user left unset from ``full`` (with ``--full``) or ``defaults``."""
+    for key, value in (full if args.full else defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def require_data(p: argparse.ArgumentParser, data: Path, folders: list[str]) -> None:
+    """Exits with the missing site folders named, before any node starts."""
+    missing = sorted({str(data / f) for f in folders if not (data / f / "images").is_dir()})
+    if missing:
+        p.exit(2, f"error: data not found: {', '.join(missing)}; pass --data\n")
+
+
+def start_bench(args: argparse.Namespace, clear: tuple[str, ...] = ("runs", "nodes", "data")) -> tuple[Path, dict[str, Any]]:
+    """The output folder, cleared of an earlier benchmark's runs, nodes and data, and the config to record."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
+    out = args.out.resolve()
+    for sub in clear:
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -45,11 +45,15 @@ def _serve(root: Path, seed: int, extra: dict[str, list[str]]):
 
 @pytest.fixture(scope="session")
 def federation(tmp_path_factory: pytest.TempPathFactory):
-    """Three synthetic pixel-labelled sites, each served by a real ``fedseg node start`` process."""
+    """Three synthetic pixel-labelled sites, each served by a real ``fedseg node start`` process.
+
+    Only site-a's owner lets its personalized model leave (``--share-personalized``).
+    """
     # A small message limit lets the oversized-message test stay cheap.
     small = ["--max-message-mb", str(NODE_MAX_MB)]
-    # site-c's owner keeps its LC-Fed head to itself; every other algorithm ignores the flag.
-    extra = {"site-a": small, "site-b": small, "site-c": [*small, "--no-share-head"]}
+    # site-a lets its IOP-FL model leave for routing; site-c keeps its LC-Fed head to itself.
+    # Every other algorithm ignores both flags.
+    extra = {"site-a": [*small, "--share-personalized"], "site-b": small, "site-c": [*small, "--no-share-head"]}
     yield from _serve(tmp_path_factory.mktemp("federation"), 0, extra)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [[], ["node"], ["node", "start"], ["node", "predict"], ["run"], ["demo"], ["audit"], ["audit", "verify"], ["audit", "report"]]
+COMMANDS = [[], ["node"], ["node", "start"], ["node", "predict"], ["run"], ["adapt"], ["demo"], ["audit"], ["audit", "verify"], ["audit", "report"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "root")

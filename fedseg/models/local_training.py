@@ -27,6 +27,7 @@ __all__ = [
     "RoundResult",
     "TrainConfig",
     "arrays_to_state",
+    "batch_indices",
     "evaluate",
     "predict",
     "state_to_arrays",
@@ -125,6 +126,21 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def batch_indices(n: int, epochs: float, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The sample indices of every step of ``epochs`` passes over ``n`` samples.
+
+    Steps take ``ceil(epochs * n)`` samples in all, from concatenated permutations, so
+    fractional epochs and ``batch_size > n`` both just work.
+
+    Returns:
+        One int64 index tensor per step, ``ceil(epochs * n / batch_size)`` of them.
+    """
+    # The epsilon stops float noise (0.1 * 30 = 3.0000000000000004) adding a step.
+    total = math.ceil(epochs * n - 1e-9)
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(math.ceil(total / n))])
+    return [order[i : min(i + batch_size, total)] for i in range(0, total, batch_size)]
+
+
 class LocalTrainer:
     """Trains a model for one round on local data with overridable hooks.
 
@@ -189,11 +205,8 @@ class LocalTrainer:
         x, y = _as_float_images(images), masks.float()
         n = x.shape[0]
         gen = torch.Generator().manual_seed(seed)
-        # The epsilon stops float noise (0.1 * 30 = 3.0000000000000004) adding a step.
-        total = math.ceil(cfg.local_epochs * n - 1e-9)
-        steps = math.ceil(total / cfg.batch_size)
-        # Concatenated permutations: fractional epochs and batch_size > n both just work.
-        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(total / n))])
+        batches = batch_indices(n, cfg.local_epochs, cfg.batch_size, gen)
+        total = sum(len(idx) for idx in batches)
 
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
@@ -204,8 +217,7 @@ class LocalTrainer:
             model.train()
             model.zero_grad(set_to_none=True)
             loss_sum, part_sums = 0.0, {}
-            for step in range(steps):
-                idx = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, total)]
+            for step, idx in enumerate(batches):
                 xb, yb = x[idx], y[idx]  # (b, C, H, W), (b, 1, H, W)
                 if cfg.augment:
                     xb, yb = augment_batch(xb, yb, gen)
@@ -227,7 +239,7 @@ class LocalTrainer:
         return RoundResult(
             n_samples=n,
             mean_loss=loss_sum / total,
-            steps=steps,
+            steps=len(batches),
             seconds=time.perf_counter() - start,
             parts={k: v / total for k, v in part_sums.items()},
         )

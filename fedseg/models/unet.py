@@ -1,13 +1,15 @@
-"""A compact 2D U-Net with GroupNorm for binary (or few-class) segmentation.
+"""A compact 2D U-Net with GroupNorm (default) or BatchNorm for binary (or few-class) segmentation.
 
-GroupNorm instead of BatchNorm: its statistics are per sample, so there are no
-running buffers whose meaning differs between nodes, and tiny local batches
-behave the same as large ones.
+GroupNorm is the default: its statistics are per sample, so there are no running
+buffers whose meaning differs between nodes, and tiny local batches behave the same
+as large ones. BatchNorm is there for methods defined on it, such as IOP-FL's
+test-time routing and the norm-statistics baseline it is compared with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -17,7 +19,14 @@ from torch import nn
 from fedseg.models.config import DictConfig
 from fedseg.models.errors import ModelError
 
-__all__ = ["UNet", "UNetConfig", "build_model"]
+__all__ = ["Norm", "RunningBatchNorm", "UNet", "UNetConfig", "build_model"]
+
+
+class Norm(StrEnum):
+    """Normalization layer of every block."""
+
+    GROUP = "group"
+    BATCH = "batch"
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -39,6 +48,8 @@ class UNetConfig(DictConfig):
         width: Channels of the first level, doubled at every down-sampling.
         depth: Number of 2x down-samplings; inputs must be multiples of 2**depth.
         groups: GroupNorm groups; must divide ``width`` (hence every level).
+            Unused with ``norm="batch"``.
+        norm: "group" (default) or "batch" (:class:`RunningBatchNorm`).
     """
 
     in_channels: int = 3
@@ -46,6 +57,7 @@ class UNetConfig(DictConfig):
     width: int = 16
     depth: int = 4
     groups: int = 8
+    norm: str = Norm.GROUP.value
 
     def __post_init__(self) -> None:
         _check_int("in_channels", self.in_channels, 1, 3)
@@ -59,16 +71,43 @@ class UNetConfig(DictConfig):
             raise ModelError(
                 f"UNetConfig.groups must divide width, got groups={self.groups}, width={self.width}"
             )
+        if self.norm not in set(Norm):
+            raise ModelError(f"UNetConfig.norm must be one of {[n.value for n in Norm]}, got {self.norm!r}")
 
 
-def _block(in_ch: int, out_ch: int, groups: int) -> nn.Sequential:
-    # Conv bias is dropped because GroupNorm's affine shift would cancel it.
+class RunningBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose running statistics are a momentum average, without a step counter.
+
+    ``num_batches_tracked`` only matters for ``momentum=None``; as an int64 buffer it would
+    be averaged across nodes like a weight and cast to float32 on the wire, and mean
+    nothing either way. Dropping it keeps every state-dict entry a float tensor that
+    FedAvg, the running mix and the wire treat alike; running mean and variance travel
+    and are averaged with the weights, as in the IOP-FL reference.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features, momentum=0.1)
+        # A None buffer is left out of the state dict; BatchNorm's forward skips the count then.
+        self.register_buffer("num_batches_tracked", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):  # noqa: ANN001, ANN202 - torch's signature
+        # Without a version (a plain dict, as from arrays) torch would add the counter back
+        # and then reject it as unexpected; version 2 is the format that has it optional.
+        super()._load_from_state_dict(state_dict, prefix, {**local_metadata, "version": 2}, *args)
+
+
+def _norm(config: UNetConfig, channels: int) -> nn.Module:
+    return RunningBatchNorm(channels) if config.norm == Norm.BATCH else nn.GroupNorm(config.groups, channels)
+
+
+def _block(in_ch: int, out_ch: int, config: UNetConfig) -> nn.Sequential:
+    # Conv bias is dropped because the norm's affine shift would cancel it.
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-        nn.GroupNorm(groups, out_ch),
+        _norm(config, out_ch),
         nn.ReLU(inplace=True),
         nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
-        nn.GroupNorm(groups, out_ch),
+        _norm(config, out_ch),
         nn.ReLU(inplace=True),
     )
 
@@ -76,10 +115,10 @@ def _block(in_ch: int, out_ch: int, groups: int) -> nn.Sequential:
 class _Up(nn.Module):
     """Upsample x2, project to the skip's channels, concatenate, fuse."""
 
-    def __init__(self, in_ch: int, out_ch: int, groups: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, config: UNetConfig) -> None:
         super().__init__()
         self.project = nn.Conv2d(in_ch, out_ch, 1)
-        self.fuse = _block(2 * out_ch, out_ch, groups)
+        self.fuse = _block(2 * out_ch, out_ch, config)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         # A 1x1 conv commutes with bilinear upsampling (both are linear and the
@@ -111,11 +150,11 @@ class UNet(nn.Module):
         # groups | width and every level is width * 2**i, so groups divides all levels.
         chans = [config.width * 2**i for i in range(config.depth + 1)]
         self.encoder = nn.ModuleList(
-            [_block(config.in_channels, chans[0], config.groups)]
-            + [_block(chans[i], chans[i + 1], config.groups) for i in range(config.depth)]
+            [_block(config.in_channels, chans[0], config)]
+            + [_block(chans[i], chans[i + 1], config) for i in range(config.depth)]
         )
         self.decoder = nn.ModuleList(
-            [_Up(chans[i + 1], chans[i], config.groups) for i in reversed(range(config.depth))]
+            [_Up(chans[i + 1], chans[i], config) for i in reversed(range(config.depth))]
         )
         self.head = nn.Conv2d(chans[0], config.out_channels, 1)
         # The default bias init is U(+-1/sqrt(width)), up to +-0.7 for tiny widths:

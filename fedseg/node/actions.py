@@ -29,14 +29,18 @@ from fedseg.models.iopfl import running_mix
 from fedseg.models.lcfed import CalibratedUNet, lcfed_round, split_heads, train_hc_round
 from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays
 from fedseg.models.personalization import LocalPart, fedrep_round, local_keys, pull, push
+from fedseg.models.routing import AdaptConfig, adapt, adapt_norm_statistics, route_experts
 from fedseg.models.overlay import overlay_png
+from fedseg.models.unet import Norm
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
 from fedseg.protocol.audit import AUDIT_FILE, AuditLog
-from fedseg.protocol.errors import DeclinedError, MessageError, PlanError
+from fedseg.protocol.errors import MessageError, PlanError
 from fedseg.protocol.files import atomic_write
 from fedseg.protocol.identity import fingerprint, load_or_create_identity
 from fedseg.protocol.messages import (
     CalibrateRequest,
+    AdaptReply,
+    AdaptRequest,
     DescribeReply,
     DescribeRequest,
     ErrorCode,
@@ -53,11 +57,14 @@ from fedseg.protocol.messages import (
     SecAggMaskRequest,
     SecAggTrainRequest,
     SecAggUnmaskRequest,
+    PersonalReply,
+    PersonalRequest,
     TrainReply,
     TrainRequest,
     check_arrays,
     decode,
     encode,
+    unpack_experts,
 )
 from fedseg.protocol.plan import Plan
 from fedseg.protocol.secure_aggregation import NodeRound
@@ -66,15 +73,18 @@ from fedseg.protocol.wire import decode_frame
 
 from .config import WORKDIR_ENV, NodeConfig
 from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
+from .errors import ActionRefused
 from .node_log import log, log_to_workdir
 from .predict import HEADS_FILE, MODELS_DIR
 from .secure_actions import secure_keys, secure_mask, secure_train, secure_unmask
 
-__all__ = ["COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "round_seed"]
+__all__ = ["ALL_IMAGES", "COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "round_seed"]
 
 
 #: How a node's audit log names its peer; the coordinator logs each node by its name.
 COORDINATOR = "coordinator"
+#: Every image of the node, all splits together: what a new site adapts on and is scored on.
+ALL_IMAGES = "all"
 
 
 class NodeRuntime:
@@ -123,16 +133,19 @@ class NodeRuntime:
             self._arrays[key] = load_arrays(self.index, plan.image_size, plan.model.in_channels)
         return self._arrays[key]
 
+    def _select(self, split: str) -> np.ndarray | slice:
+        return slice(None) if split == ALL_IMAGES else getattr(self.splits, split)
+
     def images(self, split: str, plan: Plan) -> torch.Tensor:
-        """Images ``(N, C, S, S)`` uint8 of one split at the plan's size and channels."""
-        return torch.from_numpy(self._loaded(plan)[0][getattr(self.splits, split)])
+        """Images ``(N, C, S, S)`` uint8 of one split (or :data:`ALL_IMAGES`) at the plan's size and channels."""
+        return torch.from_numpy(self._loaded(plan)[0][self._select(split)])
 
     def masks(self, split: str, plan: Plan) -> torch.Tensor:
-        """Masks ``(N, 1, S, S)`` of one split, for scoring (and training on pixel nodes)."""
+        """Masks ``(N, 1, S, S)`` of one split (or :data:`ALL_IMAGES`), for scoring (and training on pixel nodes)."""
         masks = self._loaded(plan)[1]
         if masks is None or not self.can_score:
             raise PlanError(f"node {self.name} holds no masks (labels={self.labels.value}); it cannot score a model")
-        return torch.from_numpy(masks[getattr(self.splits, split)])
+        return torch.from_numpy(masks[self._select(split)])
 
     def training_labels(self, plan: Plan, seed: int) -> dict[str, torch.Tensor]:
         """The train split's labels as the plan's trainer takes them: ``masks``, ``box_masks`` or ``has_lesion``.
@@ -191,18 +204,26 @@ class NodeRuntime:
             mix = running_mix(self.personal(run_id, "mix"), state_to_arrays(model), plan.personal.alpha)
             self._save(self._personal_path(run_id, "mix"), mix)
 
-    def keep_models(self, plan: Plan, run_id: str, models: dict[str, torch.nn.Module]) -> None:
-        """Keeps the models just scored, so ``fedseg node predict`` can use them locally."""
+    def keep_models(self, plan: Plan, run_id: str, models: dict[str, torch.nn.Module], extra: dict[str, Any] | None = None) -> None:
+        """Keeps models under ``workdir/models/<run>/<name>.npz``, so ``fedseg node predict`` can use them locally.
+
+        Args:
+            plan: The run's plan, kept beside them.
+            run_id: The run.
+            models: File stem ("global", "personalized", "routed") to model.
+            extra: Further settings ``node predict`` needs to rebuild a model, kept as
+                ``<stem>.json`` per stem.
+        """
         folder = self.workdir / MODELS_DIR / _safe(run_id)
-        for prefix, model in models.items():
-            # With a local part (FedBN, FedRep, Local, LC-Fed) the model a node runs is already its own.
-            personal = prefix or plan.local_part is not LocalPart.NONE
-            if isinstance(model, CalibratedUNet):
-                # Its state is the LC-Fed model's (HC included); the other sites' heads go beside it.
-                self._save(folder / HEADS_FILE, model.heads_arrays())
-                model = model.model
-            self._save(folder / ("personalized.npz" if personal else "global.npz"), state_to_arrays(model))
-        (folder / "plan.json").write_text(json.dumps(plan.to_dict(), sort_keys=True))
+        for stem, model in models.items():
+            self._save(folder / f"{stem}.npz", state_to_arrays(model))
+        for stem, settings in (extra or {}).items():
+            atomic_write(folder / f"{stem}.json", json.dumps(settings, sort_keys=True).encode())
+        atomic_write(folder / "plan.json", json.dumps(plan.to_dict(), sort_keys=True).encode())
+
+    def keep_heads(self, run_id: str, heads: dict[str, np.ndarray]) -> None:
+        """LC-Fed: keeps the other sites' heads that calibrated this node's model, beside it."""
+        self._save(self.workdir / MODELS_DIR / _safe(run_id) / HEADS_FILE, heads)
 
     def personal(self, run_id: str, what: str = "local") -> dict[str, np.ndarray] | None:
         """What this node keeps of a run: its local part ("local") or IOP-FL's running mix
@@ -332,7 +353,7 @@ def _score(rt: NodeRuntime, plan: Plan, run_id: str, round_: int, splits: list[s
             images, masks = rt.images(split, plan), rt.masks(split, plan)
             for prefix, scored in models.items():
                 m = evaluate(scored, images, masks, batch_size=plan.eval_batch_size)
-                metrics[prefix + split] = {k: int(m[k]) if k == "n" else float(m[k]) for k in METRIC_KEYS}
+                metrics[prefix + split] = _scores(m)
             if overlays:
                 _write_overlays(rt, models.get(PERSONAL_PREFIX, models[""]), images[:overlays], masks[:overlays], run_id, round_, split)
     finally:
@@ -341,9 +362,23 @@ def _score(rt: NodeRuntime, plan: Plan, run_id: str, round_: int, splits: list[s
     if bad:
         # Nothing is kept from weights that cannot even be scored.
         raise ModelError(f"the received weights give non-finite {', '.join(bad)}; nothing was kept")
-    rt.keep_models(plan, run_id, models)
+    # With a local part (FedBN, FedRep, Local, LC-Fed) the model a node runs is already its own.
+    own = plan.local_part is not LocalPart.NONE
+    kept = {}
+    for prefix, scored in models.items():
+        if isinstance(scored, CalibratedUNet):
+            # Its state is the LC-Fed model's (HC included); the other sites' heads go beside it.
+            rt.keep_heads(run_id, scored.heads_arrays())
+            scored = scored.model
+        kept["personalized" if prefix or own else "global"] = scored
+    rt.keep_models(plan, run_id, kept)
     log.info("round %d node %s: evaluated %s", round_, rt.name, metrics)
     return EvaluateReply(run_id=run_id, round=round_, metrics=metrics)
+
+
+def _scores(m: dict[str, float]) -> dict[str, Any]:
+    # Plain floats and ints, as the reply's validation requires, from evaluate's output.
+    return {k: int(m[k]) if k == "n" else float(m[k]) for k in METRIC_KEYS}
 
 
 def _lcfed_plan(message: HeadsRequest | CalibrateRequest) -> Plan:
@@ -356,7 +391,7 @@ def _lcfed_plan(message: HeadsRequest | CalibrateRequest) -> Plan:
 def _heads(rt: NodeRuntime, msg: HeadsRequest) -> HeadsReply:
     _lcfed_plan(msg)
     if not rt.config.share_head:
-        raise DeclinedError(f"node {rt.name} does not share its head (its owner started it with --no-share-head)")
+        raise ActionRefused(ErrorCode.DECLINED.value, f"node {rt.name} does not share its head (its owner started it with --no-share-head)")
     local = rt.personal(msg.run_id)
     if local is None:
         raise PlanError(f"node {rt.name} has not trained in run {msg.run_id}: it has no head to share")
@@ -383,6 +418,71 @@ def _calibrate(rt: NodeRuntime, msg: CalibrateRequest) -> EvaluateReply:
         log.info("round %d node %s: trained HC on the heads of %s, loss %.4f, %.1f s",
                  msg.round, rt.name, sorted(heads), result.mean_loss, result.seconds)
     return _score(rt, plan, msg.run_id, msg.round, msg.splits, 0, {"": model, PERSONAL_PREFIX: personal})
+
+
+def _personal(rt: NodeRuntime, msg: PersonalRequest) -> PersonalReply:
+    """A node's IOP-FL running mix, only if its owner allowed it to leave (``--share-personalized``)."""
+    if not rt.config.share_personalized:
+        raise ActionRefused(ErrorCode.DECLINED.value, f"node {rt.name} does not share its personalized model: "
+                            "its owner did not start it with --share-personalized")
+    mix = rt.personal(msg.run_id, "mix")
+    if mix is None:
+        raise ActionRefused(ErrorCode.NO_MODEL.value, f"node {rt.name} holds no personalized model of run {msg.run_id} "
+                            "(only nodes that trained in an iopfl run keep one)")
+    log.info("run %s node %s: shared its personalized model (the owner allows it)", msg.run_id, rt.name)
+    return PersonalReply(run_id=msg.run_id, node=rt.name, weights=mix)
+
+
+def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
+    """Test-time routing on this node's images; the adapted model stays here, only numbers leave.
+
+    Adaptation sees the images of every split and nothing else. Masks, if the node has
+    them, are read only afterwards, to score the received global model, the global model
+    with its BatchNorm statistics recomputed here (the simple baseline) and the routed one.
+    """
+    plan = Plan.from_dict(msg.plan)
+    if plan.algorithm == "fedmix":
+        raise PlanError("adapt routes over plain U-Nets; fedmix's co-trained pair cannot be routed")
+    try:
+        config = AdaptConfig.from_dict(msg.adapt)
+    except ModelError as exc:
+        raise PlanError(f"adapt settings: {exc}") from None
+    experts = unpack_experts(msg)
+    seed = round_seed(plan.seed, 0, rt.name)
+    routed = route_experts(plan.model, experts, config.routing, seed)
+    images = rt.images(ALL_IMAGES, plan)
+    per_epoch = math.ceil(len(images) / config.batch_size)
+
+    def progress(step: int, steps: int, parts: dict[str, float]) -> None:
+        if step % per_epoch == 0 or step == steps:
+            log.info("run %s node %s: adapting, step %d/%d, entropy %.4f, consistency %.4f",
+                     msg.run_id, rt.name, step, steps, parts["entropy"], parts["consistency"])
+
+    result = adapt(routed, images, config, seed, progress)
+    global_model = plan.build_model()
+    arrays_to_state(global_model, dict(experts[-1][1]))
+    rt.keep_models(plan, msg.run_id, {"global": global_model, "routed": routed},
+                   {"routed": {"experts": msg.experts, "adapt": config.to_dict()}})
+    metrics: dict[str, Any] = {}
+    if rt.can_score:
+        masks = rt.masks(ALL_IMAGES, plan)
+        scored = {"global": global_model, "routed": routed}
+        if plan.model.norm == Norm.BATCH:
+            adabn = copy.deepcopy(global_model)
+            adapt_norm_statistics(adabn, images, plan.eval_batch_size)
+            scored["norm_stats"] = adabn
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads)
+        try:
+            for name, model in scored.items():
+                m = evaluate(model, images, masks, batch_size=plan.eval_batch_size)
+                metrics[name] = _scores(m)
+        finally:
+            torch.set_num_threads(threads)
+    log.info("run %s node %s: adapted over %d experts (%s) in %d steps, %.1f s; scores %s",
+             msg.run_id, rt.name, len(experts), ", ".join(msg.experts), result.steps, result.seconds, metrics)
+    return AdaptReply(run_id=msg.run_id, experts=len(experts), n_images=result.n_images, steps=result.steps,
+                      seconds=float(result.seconds), mean_loss=float(result.mean_loss), metrics=metrics)
 
 
 def _write_overlays(rt: NodeRuntime, model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, run_id: str, round_: int, split: str) -> None:
@@ -417,6 +517,8 @@ ACTIONS: dict[str, Action] = {
     MessageKind.SECAGG_TRAIN.value: Action(SecAggTrainRequest, lambda rt, msg: secure_train(rt, msg, _train)),
     MessageKind.SECAGG_MASK.value: Action(SecAggMaskRequest, secure_mask),
     MessageKind.SECAGG_UNMASK.value: Action(SecAggUnmaskRequest, secure_unmask),
+    MessageKind.PERSONAL.value: Action(PersonalRequest, _personal),
+    MessageKind.ADAPT.value: Action(AdaptRequest, _adapt),
 }
 
 
@@ -457,8 +559,8 @@ def _serve(rt: NodeRuntime, frame: bytes) -> bytes:
         return _refuse(rt, ErrorCode.BAD_WEIGHTS, str(exc))
     except PlanError as exc:
         return _refuse(rt, ErrorCode.BAD_PLAN, str(exc))
-    except DeclinedError as exc:
-        return _refuse(rt, ErrorCode.DECLINED, str(exc))
+    except ActionRefused as exc:
+        return _refuse(rt, ErrorCode(exc.code), str(exc))
     except Exception as exc:  # the node must keep serving whatever one request does
         log.error("node %s: internal error\n%s", rt.name, traceback.format_exc())
         return encode(ErrorReply(code=ErrorCode.INTERNAL.value, message=f"node {rt.name}: internal error: {type(exc).__name__}: {exc}"))

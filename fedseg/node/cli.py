@@ -28,7 +28,8 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @node.command()
 @click.option("--name", required=True, help="Site name shown to the coordinator.")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="Site folder with images/, masks/ and optional meta.csv.")
-@click.option("--labels", type=click.Choice(["pixel", "box", "image", "none"]), default="pixel", show_default=True, help="Labels this site has.")
+@click.option("--labels", type=click.Choice(["pixel", "box", "image", "none"]), default="pixel", show_default=True,
+              help="Labels this site has. none: a new site that only adapts (masks, if present, only score it).")
 @click.option("--boxes", type=click.Path(path_type=Path), default=None, help="With --labels box: CSV name,x0,y0,x1,y1 (one row per lesion).")
 @click.option("--image-labels", type=click.Path(path_type=Path), default=None, help="With --labels image: CSV name,has_lesion (else meta.csv's has_lesion).")
 @click.option("--boxes-from-masks", is_flag=True, help="Benchmarks: derive boxes from the masks (never trains on the masks).")
@@ -48,10 +49,12 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
               help="On a restart: issue new coordinator credentials, so the previous invite stops working "
                    "(by default a restarted node keeps them, and its coordinator reconnects by itself).")
 @click.option("--require-secure-aggregation", is_flag=True, help="Train only in secure-aggregation rounds: no coordinator ever gets this node's update unmasked.")
+@click.option("--share-personalized", is_flag=True, help="Allow this node's personalized model (IOP-FL) to leave it, "
+              "so a new hospital can route over it. Off by default: the model never leaves.")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
           image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
           group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_head: bool,
-          new_credentials: bool, require_secure_aggregation: bool) -> None:
+          new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool) -> None:
     """Validate the data, start the datasite and write the coordinator's invite."""
     from .config import NodeConfig
     from .datasets import LabelKind, index_site
@@ -73,6 +76,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         image_labels=str(image_labels.resolve()) if image_labels else None, labels_from_masks=from_masks,
         share_head=share_head,
         require_secure_aggregation=require_secure_aggregation,
+        share_personalized=share_personalized,
     )
     config.save()
     _serve(config, index, host, port, new_credentials)
@@ -102,7 +106,8 @@ def _serve(config, index, host: str, port: int, new_credentials: bool) -> None: 
 @node.command(name="predict")
 @click.option("--workdir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="The node's workdir.")
 @click.option("--run", "run_id", default=None, help="Run id (default: the run this node evaluated last).")
-@click.option("--model", "which", type=click.Choice(["personalized", "global"]), default="personalized", show_default=True)
+@click.option("--model", "which", type=click.Choice(["personalized", "global", "routed"]), default="personalized", show_default=True,
+              help="routed: the model a new site adapted with `fedseg adapt`.")
 @click.option("--images", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Folder of images to segment.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where masks/ and overlays/ go.")
 def predict_cmd(workdir: Path, run_id: str | None, which: str, images: Path, out: Path) -> None:

@@ -35,6 +35,8 @@ class NodeConfig:
             sites for their calibration (its owner's choice, ``--no-share-head``).
         require_secure_aggregation: Refuse plain train requests, so no coordinator ever
             receives this node's update unmasked.
+        share_personalized: The owner allows this node's personalized model (IOP-FL's
+            running mix) to leave it, to be routed over on a new site. Off by default.
     """
 
     name: str
@@ -51,6 +53,7 @@ class NodeConfig:
     labels_from_masks: bool = False
     share_head: bool = True
     require_secure_aggregation: bool = False
+    share_personalized: bool = False
 
     @property
     def path(self) -> Path:

@@ -121,8 +121,8 @@ class SiteIndex:
         image_paths: Image file per name.
         mask_paths: Mask file per name, or ``None`` for every entry when the
             index has no masks. ``PIXEL`` and ``labels_from_masks`` sites always
-            have masks; ``BOX``/``IMAGE`` sites reading their labels from a file
-            have them only when ``masks/`` holds a mask for every indexed image,
+            have masks; ``NONE`` sites and ``BOX``/``IMAGE`` sites reading their
+            labels from a file have them only when ``masks/`` holds a mask for every indexed image,
             and then only to score the model (see :attr:`has_masks`).
         channels: The site's mode: 3 if any image is in colour, else 1.
         native_size: ``(H, W)`` shared by every image, or ``None`` if sizes vary.
@@ -181,8 +181,6 @@ class SiteIndex:
             raise ValueError("SiteIndex: labels_from_masks needs a mask path for every image")
         if kind is LabelKind.PIXEL and not all_masks and n > 0:
             raise ValueError("SiteIndex: label_kind pixel needs a mask path for every image")
-        if kind is LabelKind.NONE and all_masks:
-            raise ValueError("SiteIndex: label_kind none has no mask paths")
 
         want_boxes = kind is LabelKind.BOX and not self.labels_from_masks
         if (self.boxes is not None) != want_boxes:
@@ -297,7 +295,7 @@ def index_site(
 
     Where the labels come from:
 
-    * ``PIXEL``: ``masks/``. ``NONE``: nothing (``masks/`` is ignored).
+    * ``PIXEL``: ``masks/``. ``NONE``: no labels; complete masks are kept to score with only.
     * ``BOX``: exactly one of ``boxes`` (CSV with header ``name,x0,y0,x1,y1``,
       one row per lesion) or ``labels_from_masks=True``.
     * ``IMAGE``: ``image_labels`` (CSV with header ``name,has_lesion``, one row
@@ -307,14 +305,15 @@ def index_site(
     With ``labels_from_masks`` the masks are required and validated as for
     ``PIXEL``; the weak labels are derived from them by
     :func:`load_weak_labels` and the masks themselves serve only to score.
-    With labels from a file, ``masks/`` is optional: if it holds a mask for
-    every selected image those masks are validated and kept for scoring,
+    With labels from a file, or none, ``masks/`` is optional: if it holds a mask
+    for every selected image those masks are validated and kept for scoring,
     otherwise the index has no masks.
 
     Args:
         root: Site folder containing ``images/``, ``masks/`` (for pixel labels)
             and optionally ``meta.csv``.
-        labels: Annotation kind to validate. ``NONE`` ignores ``masks/``.
+        labels: Annotation kind to validate. ``NONE`` never trains, and keeps
+            ``masks/`` only to score (a benchmark's held-out site).
         limit: Keep only the first ``limit`` images in sorted-name order, after
             ``where`` filtering. ``None`` keeps all.
         group_by: meta.csv column whose values keep related images in the same
@@ -377,7 +376,7 @@ def index_site(
                 f"{_rel(root, masks[n])} has no image images/{n}.*"
                 for n in sorted(masks.keys() - images.keys())
             ]
-    elif labels in (LabelKind.BOX, LabelKind.IMAGE) and (root / "masks").is_dir():
+    elif (root / "masks").is_dir():
         # Optional scoring masks: used only if the listing is clean and, below,
         # complete for the selected images.
         masks, mask_problems = _list_files(root, "masks", frozenset({_MASK_SUFFIX}))
@@ -946,7 +945,8 @@ def load_arrays(
       only**; the training targets are :func:`load_weak_labels`.
     * ``BOX``/``IMAGE`` from a file: the masks if ``masks/`` held one for every
       indexed image, **for scoring only**; else ``None``.
-    * ``NONE``: ``None``.
+    * ``NONE``: the masks if ``masks/`` held one for every indexed image,
+      **for scoring only**; else ``None``.
 
     Returns:
         ``(images, masks)``: images ``(N, C, size, size)`` uint8 in [0, 255];

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["MAX_LISTED", "DatasetError", "NodeError"]
+__all__ = ["MAX_LISTED", "ActionRefused", "DatasetError", "NodeError"]
 
 #: How many problems a :class:`DatasetError` message lists before summarising.
 #: A broken export can produce thousands of offenders; ten is enough to see the
@@ -63,3 +63,16 @@ class DatasetError(NodeError):
         if hidden:
             lines.append(f"  ... and {hidden} more")
         return "\n".join(lines)
+
+
+class ActionRefused(NodeError):
+    """A whitelisted action declines a well-formed request, with the error code to answer.
+
+    Args:
+        code: An ``ErrorCode`` value of the protocol, e.g. ``"declined"``.
+        message: Why, naming the node and what the owner would have to change.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -2,8 +2,10 @@
 
 After each evaluation a node keeps the models it scored for that run in its workdir:
 the global model (for personalized methods, completed with the node's own local part)
-and, where the method has one, its personalized model. ``fedseg node predict`` loads
-one of them and writes a mask and an overlay per image.
+and, where the method has one, its personalized model. A new site that adapted with
+IOP-FL's test-time routing also keeps its routed model, with ``routed.json`` naming its
+experts and settings. ``fedseg node predict`` loads one of them and writes a mask and an
+overlay per image.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
     Args:
         workdir: The node's workdir.
         run: Run id, as saved under ``workdir/models``.
-        which: "global" or "personalized".
+        which: "global", "personalized" or "routed".
         images: A folder of images, or a site folder with ``images/``.
         out: Output folder.
 
@@ -58,6 +60,7 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
     from fedseg.models.lcfed import CalibratedUNet, split_heads
     from fedseg.models.local_training import arrays_to_state, predict
     from fedseg.models.overlay import overlay_png
+    from fedseg.models.routing import build_routed
     from fedseg.protocol.plan import Plan
 
     from .config import NodeConfig
@@ -68,7 +71,11 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
         kept = sorted(p.stem for p in folder.glob("*.npz"))
         raise NodeError(f"run {run} on this node has no {which} model (it has: {', '.join(kept) or 'none'})")
     plan = Plan.from_dict(json.loads((folder / "plan.json").read_text()))
-    model = plan.build_model(NodeConfig.load(workdir).name)
+    if which == "routed":
+        routed = json.loads((folder / "routed.json").read_text())
+        model = build_routed(plan.model, len(routed["experts"]), routed["adapt"]["routing"])
+    else:
+        model = plan.build_model(NodeConfig.load(workdir).name)
     with np.load(model_file) as saved:
         arrays_to_state(model, {k: saved[k] for k in saved.files})
     if which == "personalized" and (folder / HEADS_FILE).exists():

@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
-__all__ = ["run", "plan_from_options"]
+__all__ = ["adapt", "run", "plan_from_options"]
 
 # CLI options that map onto plan keys; the rest of the plan comes from --plan or defaults.
 _TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays")
-_MODEL = ("width", "depth", "in_channels")
+_MODEL = ("width", "depth", "in_channels", "norm")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
 _FEDMIX = ("lam", "beta", "tau", "adaptive")
 _PERSONAL = ("alpha", "head_fraction", "finetune_epochs")
@@ -59,6 +59,8 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @click.option("--width", type=int, default=None, help="U-Net channels at the first level.")
 @click.option("--depth", type=int, default=None, help="U-Net down-samplings.")
 @click.option("--in-channels", type=click.Choice(["1", "3"]), default=None, help="1 = grey, 3 = RGB.")
+@click.option("--norm", type=click.Choice(["group", "batch"]), default=None, help="U-Net normalization [default: group]; "
+              "batch for IOP-FL's norm-statistics baseline.")
 @click.option("--lr", type=float, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--local-epochs", type=float, default=None)
@@ -129,3 +131,44 @@ def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - th
     transports = [SyftTransport(load_invite(p), approval_timeout_s=min(plan.timeout_s, 120)) for p in invite_paths]
     rows = run_federation(plan, transports, out, ConsoleReporter(plan.rounds), [str(p) for p in invite_paths], resume is not None)
     return rows, out, plan
+
+
+@click.command()
+@click.option("--invite", "invite", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False), help="The new site's invite.json.")
+@click.option("--from", "run_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="A run directory of `fedseg run`.")
+@click.option("--epochs", type=float, default=None, help="Passes over the new site's images [default: 10].")
+@click.option("--lr", type=float, default=None, help="Adam learning rate of the routers and norm parameters [default: 1e-3].")
+@click.option("--batch-size", type=int, default=None, help="Images per step [default: 8].")
+@click.option("--routing", type=click.Choice(["softmax", "sigmoid"]), default=None, help="Expert weights [default: softmax].")
+@click.option("--threads", type=int, default=None, help="torch threads on the new node [default: 1].")
+def adapt(invite: Path, run_dir: Path, **options: Any) -> None:
+    """Adapt a run's models to a new hospital's unlabelled images (IOP-FL test-time routing).
+
+    Sends the global model and each personalized model whose owner allowed it to leave,
+    and nothing else; the adapted model stays on the new node, which reports only scores.
+    """
+    from fedseg.models.errors import ModelError
+    from fedseg.models.routing import AdaptConfig
+    from fedseg.protocol.adapt import adapt_new_site
+    from fedseg.protocol.errors import ProtocolError
+    from fedseg.protocol.invite import load_invite
+    from fedseg.protocol.progress import ConsoleReporter
+    from fedseg.protocol.run_store import RunStore
+    from fedseg.protocol.syft_transport import SyftTransport
+
+    try:
+        settings = AdaptConfig.from_dict({k: v for k, v in options.items() if v is not None}).to_dict()
+        state, _ = RunStore(run_dir).load()
+        new_site = SyftTransport(load_invite(invite))
+        originals = [SyftTransport(load_invite(Path(p))) for p in state.invites]
+        outcome = adapt_new_site(run_dir, new_site, originals, settings, ConsoleReporter(rounds=0))
+    except (ProtocolError, ModelError) as exc:
+        raise click.ClickException(str(exc)) from None
+    reply = outcome.reply
+    click.echo(f"node {outcome.node} adapted over {reply.experts} experts ({', '.join(outcome.experts)}) "
+               f"on {reply.n_images} images: {reply.steps} steps, {reply.seconds:.1f} s; the adapted model stays on the node")
+    if not reply.metrics:
+        click.echo("the node holds no masks, so it reported no scores")
+    for name, m in reply.metrics.items():
+        click.echo(f"  {name:<10} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  ({m['n']} images)")
+    click.echo(f"recorded in {run_dir / 'adapt' / (outcome.node + '.json')}")

@@ -1,7 +1,7 @@
 """Exceptions of the protocol package; each names the node, field or tensor at fault."""
 from __future__ import annotations
 
-__all__ = ["ProtocolError", "MessageError", "PlanError", "DeclinedError", "RemoteError", "TransportError", "RoundError"]
+__all__ = ["ProtocolError", "MessageError", "PlanError", "RemoteError", "TransportError", "RoundError"]
 
 
 class ProtocolError(Exception):
@@ -14,10 +14,6 @@ class MessageError(ProtocolError):
 
 class PlanError(ProtocolError):
     """A training plan has unknown keys or out-of-range values."""
-
-
-class DeclinedError(ProtocolError):
-    """A node's owner chose not to send what a request asks for (e.g. ``--no-share-head``)."""
 
 
 class RemoteError(ProtocolError):

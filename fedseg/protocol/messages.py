@@ -33,6 +33,11 @@ __all__ = [
     "HeadsRequest",
     "HeadsReply",
     "CalibrateRequest",
+    "PersonalRequest",
+    "PersonalReply",
+    "AdaptRequest",
+    "AdaptReply",
+    "ADAPT_MODELS",
     "ErrorReply",
     "SecAggKeysRequest",
     "SecAggKeysReply",
@@ -50,6 +55,8 @@ __all__ = [
     "encode",
     "decode",
     "check_arrays",
+    "pack_experts",
+    "unpack_experts",
 ]
 
 Arrays = dict[str, np.ndarray]
@@ -58,6 +65,8 @@ METRIC_KEYS = frozenset({"dice", "iou", "assd", "loss", "n"})
 SPLITS = ("train", "val", "test")
 #: An evaluate reply may also score the node's personalized model, as "personal_val" etc.
 PERSONAL_PREFIX = "personal_"
+#: The models an adapt reply may score on the new site's images, by name.
+ADAPT_MODELS = ("global", "norm_stats", "routed")
 
 
 class MessageKind(StrEnum):
@@ -78,6 +87,10 @@ class MessageKind(StrEnum):
     SECAGG_MASK_REPLY = "secagg_mask_reply"
     SECAGG_UNMASK = "secagg_unmask"
     SECAGG_UNMASK_REPLY = "secagg_unmask_reply"
+    PERSONAL = "personal"
+    PERSONAL_REPLY = "personal_reply"
+    ADAPT = "adapt"
+    ADAPT_REPLY = "adapt_reply"
     ERROR = "error"
 
 
@@ -86,8 +99,11 @@ class ErrorCode(StrEnum):
     NOT_EXPOSED = "not_exposed"
     BAD_PLAN = "bad_plan"
     BAD_WEIGHTS = "bad_weights"
-    #: The node's owner chose not to send what was asked (e.g. ``--no-share-head``).
+    #: The node's owner chose not to send what was asked (``--no-share-head``, no
+    #: ``--share-personalized``).
     DECLINED = "declined"
+    #: The node holds no such model, e.g. it never trained in that run.
+    NO_MODEL = "no_model"
     INTERNAL = "internal"
 
 
@@ -231,12 +247,98 @@ class EvaluateReply(Message):
 
     def validate(self) -> None:
         for split, values in self.metrics.items():
-            if split.removeprefix(PERSONAL_PREFIX) not in SPLITS or not isinstance(values, dict) or set(values) != METRIC_KEYS:
+            if split.removeprefix(PERSONAL_PREFIX) not in SPLITS:
                 raise MessageError(f"{self.KIND}: metrics[{split!r}] must hold exactly {sorted(METRIC_KEYS)}")
-            for key, v in values.items():
-                if type(v) not in (int, float):
-                    raise MessageError(f"{self.KIND}: metrics[{split!r}][{key!r}] must be a number")
-                _check_finite(self.KIND, f"metrics[{split!r}][{key!r}]", v)
+            _check_metrics(self.KIND, split, values)
+
+
+def _check_metrics(kind: str, name: str, values: Any) -> None:
+    if not isinstance(values, dict) or set(values) != METRIC_KEYS:
+        raise MessageError(f"{kind}: metrics[{name!r}] must hold exactly {sorted(METRIC_KEYS)}")
+    for key, v in values.items():
+        if type(v) not in (int, float):
+            raise MessageError(f"{kind}: metrics[{name!r}][{key!r}] must be a number")
+        _check_finite(kind, f"metrics[{name!r}][{key!r}]", v)
+
+
+@dataclass(frozen=True)
+class PersonalRequest(Message):
+    """Asks a node for its personalized model of a run, to route over on a new site.
+
+    The node refuses with ``declined`` unless its owner started it with
+    ``--share-personalized``.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.PERSONAL
+    run_id: str
+
+
+@dataclass(frozen=True)
+class PersonalReply(Message):
+    KIND: ClassVar[MessageKind] = MessageKind.PERSONAL_REPLY
+    run_id: str
+    node: str
+    weights: Arrays
+
+
+@dataclass(frozen=True)
+class AdaptRequest(Message):
+    """The routing set and the adaptation settings, for a new site's node.
+
+    ``experts`` names the K + 1 models, the global model last; ``weights`` holds expert
+    i's tensor ``key`` as ``"i/key"`` (:func:`pack_experts`). Nothing else leaves the
+    federation: no data, no other node's updates.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.ADAPT
+    run_id: str
+    plan: dict
+    adapt: dict
+    experts: list
+    weights: Arrays
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.experts or any(not isinstance(e, str) or not e for e in self.experts) or len(set(self.experts)) != len(self.experts):
+            raise MessageError(f"{self.KIND}: field experts must be distinct non-empty names, got {self.experts}")
+        per_expert = [0] * len(self.experts)
+        for key in self.weights:
+            index, _, name = key.partition("/")
+            if not index.isdigit() or int(index) >= len(self.experts) or not name:
+                raise MessageError(f"{self.KIND}: tensor weights/{key} is not 'i/name' with i < {len(self.experts)}")
+            per_expert[int(index)] += 1
+        empty = [e for e, n in zip(self.experts, per_expert) if n == 0]
+        if empty:
+            raise MessageError(f"{self.KIND}: experts {empty} have no tensors")
+
+
+@dataclass(frozen=True)
+class AdaptReply(Message):
+    """What leaves the new site after adapting: counts, losses and, if it holds masks, scores.
+
+    ``metrics`` maps a model name from :data:`ADAPT_MODELS` to Dice, IoU, loss and n over
+    all the site's images; it is empty on a node without masks.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.ADAPT_REPLY
+    run_id: str
+    experts: int
+    n_images: int
+    steps: int
+    seconds: float
+    mean_loss: float
+    metrics: dict
+
+    def validate(self) -> None:
+        for name in ("experts", "n_images", "steps"):
+            if getattr(self, name) < 0:
+                raise MessageError(f"{self.KIND}: field {name} must be >= 0, got {getattr(self, name)}")
+        _check_finite(self.KIND, "seconds", self.seconds)
+        _check_finite(self.KIND, "mean_loss", self.mean_loss)
+        for name, values in self.metrics.items():
+            if name not in ADAPT_MODELS:
+                raise MessageError(f"{self.KIND}: metrics[{name!r}] is not one of {ADAPT_MODELS}")
+            _check_metrics(self.KIND, name, values)
 
 
 @dataclass(frozen=True)
@@ -433,6 +535,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     HeadsRequest, HeadsReply, CalibrateRequest, ErrorReply,
     SecAggKeysRequest, SecAggKeysReply, SecAggTrainRequest, SecAggTrainReply, SecAggMaskRequest, SecAggMaskReply,
     SecAggUnmaskRequest, SecAggUnmaskReply,
+    PersonalRequest, PersonalReply, AdaptRequest, AdaptReply,
 )
 _TYPES: dict[str, type[Message]] = {cls.KIND.value: cls for cls in MESSAGE_TYPES}
 
@@ -515,3 +618,17 @@ def check_arrays(arrays: Arrays, expected: dict[str, tuple[int, ...]], what: str
             raise MessageError(f"{what}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
         if arr.dtype != dtype:
             raise MessageError(f"{what}: tensor {name} has dtype {arr.dtype}, expected {dtype}")
+
+
+def pack_experts(experts: list[tuple[str, Arrays]]) -> tuple[list[str], Arrays]:
+    """``(name, arrays)`` per expert to an adapt request's ``experts`` and ``weights``."""
+    return [name for name, _ in experts], {f"{i}/{k}": v for i, (_, arrays) in enumerate(experts) for k, v in arrays.items()}
+
+
+def unpack_experts(request: AdaptRequest) -> list[tuple[str, Arrays]]:
+    """The inverse of :func:`pack_experts`, in the request's order (global last)."""
+    out: list[Arrays] = [{} for _ in request.experts]
+    for key, arr in request.weights.items():
+        index, _, name = key.partition("/")
+        out[int(index)][name] = arr
+    return list(zip(request.experts, out))

@@ -47,11 +47,13 @@ class SyftTransport:
         return f"{self.invite.url}:{self.invite.port}"
 
     def connect(self) -> None:
-        """Logs in and makes sure the fedseg action is approved on the node.
+        """Logs in and makes sure the fedseg action is approved on the node; once per transport.
 
         Raises:
             TransportError: If the node is unreachable, refuses the credentials, or denies the action.
         """
+        if self._client is not None:
+            return
         import syft as sy
         from syft.service.policy.policy import OutputPolicyExecuteCount
 

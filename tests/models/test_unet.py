@@ -63,3 +63,29 @@ def test_config_dict_round_trip_and_unknown_keys() -> None:
     assert UNetConfig.from_dict({"width": 8}).width == 8
     with pytest.raises(ModelError, match=r"\['chanels', 'z'\]"):
         UNetConfig.from_dict({"width": 8, "z": 1, "chanels": 3})
+
+
+def test_batchnorm_state_is_float_only_and_survives_arrays_and_averaging() -> None:
+    import numpy as np
+
+    from fedseg.models.local_training import arrays_to_state, state_to_arrays
+    from fedseg.protocol.aggregate import weighted_average
+    from fedseg.protocol.messages import check_arrays
+
+    cfg = UNetConfig(width=4, depth=2, groups=2, norm="batch")
+    torch.manual_seed(0)
+    a, b = build_model(cfg), build_model(cfg)
+    a(torch.rand(4, 3, 16, 16))  # train mode: running statistics move
+    state = a.state_dict()
+    assert any(k.endswith("running_var") for k in state) and not any("num_batches_tracked" in k for k in state)
+    assert all(v.is_floating_point() for v in state.values())
+    arrays = state_to_arrays(a)
+    check_arrays(arrays, {k: tuple(v.shape) for k, v in state.items()}, "test")
+    mean = weighted_average([(arrays, 1.0), (state_to_arrays(b), 3.0)])
+    arrays_to_state(b, mean)
+    key = "encoder.0.1.running_mean"
+    np.testing.assert_allclose(b.state_dict()[key].numpy(), 0.25 * arrays[key], rtol=1e-6, atol=1e-7)  # b's own mean starts at 0
+    b.eval()
+    assert b(torch.rand(1, 3, 16, 16)).shape == (1, 1, 16, 16)
+    with pytest.raises(ModelError, match="norm"):
+        UNetConfig(norm="layer")

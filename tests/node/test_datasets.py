@@ -104,6 +104,21 @@ def test_label_kind_none_needs_no_masks(site: Path) -> None:
     assert images.shape == (N, 3, 8, 8) and masks is None
 
 
+def test_label_kind_none_keeps_complete_masks_to_score_only(site: Path) -> None:
+    index = index_site(site, labels=LabelKind.NONE)
+    assert index.has_masks and index.label_kind is LabelKind.NONE
+    _, masks = load_arrays(index, 8)
+    assert masks is not None and masks.shape == (N, 1, 8, 8)
+    next((site / "masks").iterdir()).unlink()
+    assert not index_site(site, labels=LabelKind.NONE).has_masks
+
+
+def test_empty_image_folder_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DatasetError, match=r"no images in .*images"):
+        index_site(tmp_path, labels=LabelKind.NONE)
+
+
 def test_limit_keeps_first_sorted_names(site: Path, names: list[str]) -> None:
     assert index_site(site, limit=5).names == tuple(names[:5])
 

@@ -448,7 +448,7 @@ def test_action_not_exposed_is_refused_and_node_keeps_serving(runtimes: dict[str
     item = NOT_EXPOSED[action]
     reply = _refusal(rt, item if isinstance(item, bytes) else encode(item))
     assert reply.code == ErrorCode.NOT_EXPOSED.value
-    assert f"action {action!r} is not exposed by node site-b (exposed: calibrate, describe, evaluate, heads, secagg_keys, secagg_mask, secagg_train, secagg_unmask, train)" in reply.message
+    assert f"action {action!r} is not exposed by node site-b (exposed: adapt, calibrate, describe, evaluate, heads, personal, secagg_keys, secagg_mask, secagg_train, secagg_unmask, train)" in reply.message
     if isinstance(item, Message):  # the engine's Peer surfaces it as a RemoteError
         with pytest.raises(RemoteError, match=f"node site-b refused \\(not_exposed\\): action {action!r}") as info:
             Peer(_connected(rt), 2**20).request(item, DescribeReply)

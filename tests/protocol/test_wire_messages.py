@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from fedseg.protocol.errors import MessageError
 from fedseg.protocol.messages import (
+    AdaptReply,
+    AdaptRequest,
     CalibrateRequest,
     DescribeReply,
     DescribeRequest,
@@ -37,11 +39,15 @@ from fedseg.protocol.messages import (
     SecAggTrainRequest,
     SecAggUnmaskReply,
     SecAggUnmaskRequest,
+    PersonalReply,
+    PersonalRequest,
     TrainReply,
     TrainRequest,
     check_arrays,
     decode,
     encode,
+    pack_experts,
+    unpack_experts,
 )
 from fedseg.protocol.plan import Plan
 from fedseg.protocol.wire import MAGIC, MAX_HEADER_BYTES, decode_frame, encode_frame
@@ -101,6 +107,12 @@ MESSAGES: dict[str, Message] = {
         run_id="run-1", round=3, plan=PLAN, splits=["val", "test"], weights=_weights(),
         heads={"site-b/head.weight": np.ones((1, 4, 1, 1), np.float32), "site-b/head.bias": np.zeros(1, np.float32)},
     ),
+    "personal": PersonalRequest(run_id="run-1"),
+    "personal_reply": PersonalReply(run_id="run-1", node="site-a", weights=_weights()),
+    "adapt": AdaptRequest(run_id="run-1", plan=PLAN, adapt={"epochs": 2.0}, experts=["site-a", "global"],
+                          weights=pack_experts([("site-a", _weights()), ("global", _weights())])[1]),
+    "adapt_reply": AdaptReply(run_id="run-1", experts=2, n_images=12, steps=6, seconds=3.5, mean_loss=2.25,
+                              metrics={"global": METRICS["val"], "routed": METRICS["test"]}),
     "error": ErrorReply(code=ErrorCode.NOT_EXPOSED.value, message="action 'shutdown' is not exposed"),
     "secagg_keys": SecAggKeysRequest(run_id="run-1", round=1),
     "secagg_keys_reply": SecAggKeysReply(run_id="run-1", round=1, keys=KEYS),
@@ -548,6 +560,14 @@ def test_evaluate_reply_metrics_are_checked(metrics: dict[str, Any], pattern: st
         (replace(MESSAGES["describe_reply"], n_test=-2), "describe_reply: field n_test must be >= 0"),
         (replace(MESSAGES["describe_reply"], channels=-1), "describe_reply: field channels must be >= 0"),
         (replace(MESSAGES["error"], code="oops"), "error: unknown error code 'oops'"),
+        (replace(MESSAGES["adapt"], experts=[]), "adapt: field experts must be distinct non-empty names"),
+        (replace(MESSAGES["adapt"], experts=["a", "a"]), "adapt: field experts must be distinct non-empty names"),
+        (replace(MESSAGES["adapt"], experts=["a", "b", "global"]), r"adapt: experts \['global'\] have no tensors"),
+        (replace(MESSAGES["adapt"], weights={"2/w": np.zeros(2, np.float32)}), "adapt: tensor weights/2/w is not 'i/name'"),
+        (replace(MESSAGES["adapt"], weights={"w": np.zeros(2, np.float32)}), "adapt: tensor weights/w is not 'i/name'"),
+        (replace(MESSAGES["adapt_reply"], steps=-1), "adapt_reply: field steps must be >= 0"),
+        (replace(MESSAGES["adapt_reply"], metrics={"local": METRICS["val"]}), r"adapt_reply: metrics\['local'\] is not one of"),
+        (replace(MESSAGES["adapt_reply"], metrics={"routed": {"dice": 1.0}}), r"adapt_reply: metrics\['routed'\] must hold exactly"),
     ],
 )
 def test_validate_names_the_field_on_both_sides(message: Message, pattern: str) -> None:
@@ -568,6 +588,15 @@ def test_boundary_values_are_accepted() -> None:
         replace(MESSAGES["evaluate_reply"], metrics={}),
     ):
         _assert_same_message(message, decode(encode(message)))
+
+
+def test_experts_pack_and_unpack_in_order() -> None:
+    experts = [("site-b", _weights()), ("site-a", {"x": np.ones(3, np.float32)}), ("global", _weights())]
+    names, weights = pack_experts(experts)
+    back = unpack_experts(decode(encode(replace(MESSAGES["adapt"], experts=names, weights=weights))))
+    assert [n for n, _ in back] == ["site-b", "site-a", "global"]
+    for (_, a), (_, b) in zip(experts, back):
+        assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("code", [c.value for c in ErrorCode])

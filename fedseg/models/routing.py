@@ -1,0 +1,482 @@
+"""IOP-FL, outside personalization: test-time routing over the federation's models.
+
+Paper: Jiang et al., "IOP-FL: Inside-Outside Personalization for Federated Medical
+Image Segmentation", IEEE TMI 2023, https://arxiv.org/abs/2204.08467.
+
+A new site receives K + 1 experts, the K personalized models its owners agreed to share
+and the global model, all of one :class:`~fedseg.models.unet.UNetConfig`. Every conv of
+the routed U-Net holds the E = K + 1 expert kernels, frozen, and a small router that
+mixes them per sample from the layer's input::
+
+    r = act(FC2(Dropout0.2(FC1(GAP(x)))))      FC1: C -> 2C, FC2: 2C -> E
+    W = sum_e r_e W_e                           (and likewise the bias)
+
+Normalization layers come from the global model; BatchNorm uses the statistics of the
+batch it sees (its running statistics are dropped). Only the routers and the norm
+affine parameters train, on the new site's unlabelled images, by minimizing
+``L = 10 L_ent + 0.1 L_cons + L_shape`` (:func:`test_time_losses`).
+
+Where the reference code is wrong or silent, fedseg decides (METHODS.md §4): every
+routed layer has exactly E experts; every router trains, the bottleneck's included;
+``act`` is softmax by default so the weights sum to 1 (sigmoid, the reference, is an
+option); noise and rotations are drawn afresh at every step. For the 1-logit sigmoid
+output the entropy is the Bernoulli entropy in bits. :func:`adapt_norm_statistics` is
+the simple test-time baseline: the global model with its BatchNorm statistics
+recomputed on the new site's images (AdaBN).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedseg.models.config import DictConfig
+from fedseg.models.errors import ModelError
+from fedseg.models.local_training import _as_float_images, _device, batch_indices
+from fedseg.models.losses import Losses
+from fedseg.models.unet import Norm, UNet, UNetConfig, build_model
+
+__all__ = [
+    "AdaptConfig",
+    "AdaptResult",
+    "Router",
+    "Routing",
+    "RoutedConv2d",
+    "adapt",
+    "adapt_norm_statistics",
+    "build_routed",
+    "consistency_loss",
+    "entropy_loss",
+    "route_experts",
+    "shape_loss",
+    "test_time_losses",
+]
+
+Arrays = Mapping[str, np.ndarray]
+
+
+class Routing(StrEnum):
+    """How router scores become expert weights."""
+
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+
+
+@dataclass(frozen=True)
+class AdaptConfig(DictConfig):
+    """Settings of test-time routing on a new site.
+
+    Attributes:
+        routing: "softmax" (weights sum to 1) or "sigmoid" (the reference).
+        epochs: Passes over the site's images, one Adam step per batch.
+        lr: Adam learning rate of the routers and norm affine parameters.
+        batch_size: Images per step; BatchNorm normalizes with this batch's statistics.
+        lambda_ent: Weight of the entropy loss.
+        lambda_cons: Weight of the consistency loss.
+        lambda_shape: Weight of the shape (morphological gradient) loss.
+        noise_std: Standard deviation of the Gaussian noise of the consistency loss.
+        shape_window: Max-pool window of the shape loss (odd).
+        threads: torch intra-op threads while adapting.
+    """
+
+    routing: str = Routing.SOFTMAX.value
+    epochs: float = 10.0
+    lr: float = 1e-3
+    batch_size: int = 8
+    lambda_ent: float = 10.0
+    lambda_cons: float = 0.1
+    lambda_shape: float = 1.0
+    noise_std: float = 0.5
+    shape_window: int = 21
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.routing not in set(Routing):
+            raise ModelError(f"AdaptConfig.routing must be one of {[r.value for r in Routing]}, got {self.routing!r}")
+        for name in ("epochs", "lr", "lambda_ent", "lambda_cons", "lambda_shape", "noise_std"):
+            value = getattr(self, name)
+            positive = name in ("epochs", "lr")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise ModelError(f"AdaptConfig.{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+        for name, lo in (("batch_size", 1), ("shape_window", 1), ("threads", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ModelError(f"AdaptConfig.{name} must be an int >= {lo}, got {value!r}")
+        if self.shape_window % 2 == 0:
+            raise ModelError(f"AdaptConfig.shape_window must be odd, got {self.shape_window}")
+
+
+class Router(nn.Module):
+    """Per-sample expert weights of one layer from its input: ``(B, C, H, W) -> (B, E)``."""
+
+    def __init__(self, channels: int, n_experts: int, routing: Routing) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(channels, 2 * channels)
+        self.dropout = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(2 * channels, n_experts)
+        self.routing = Routing(routing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.fc2(self.dropout(self.fc1(x.mean(dim=(2, 3)))))  # (B, E)
+        return torch.softmax(scores, dim=1) if self.routing is Routing.SOFTMAX else torch.sigmoid(scores)
+
+
+class RoutedConv2d(nn.Module):
+    """A conv whose kernel is a per-sample mix of E frozen expert kernels.
+
+    The experts are buffers, not parameters: they travel in the state dict but no
+    optimizer can reach them.
+
+    Args:
+        conv: The layer to route; its geometry is kept, its weights are not.
+        n_experts: E.
+        routing: How the router's scores become weights.
+    """
+
+    def __init__(self, conv: nn.Conv2d, n_experts: int, routing: Routing) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise ModelError(f"RoutedConv2d routes plain convs only, got groups={conv.groups}")
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.register_buffer("experts", torch.zeros(n_experts, *conv.weight.shape))  # (E, O, I, kh, kw)
+        self.register_buffer("expert_bias", None if conv.bias is None else torch.zeros(n_experts, conv.out_channels))  # (E, O)
+        self.router = Router(conv.in_channels, n_experts, routing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        r = self.router(x)  # (B, E)
+        weight = torch.einsum("be,eoikl->boikl", r, self.experts)  # (B, O, I, kh, kw)
+        o = weight.shape[1]
+        # One grouped conv applies each sample's own kernel: samples become groups.
+        out = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * o, *weight.shape[2:]),
+                       stride=self.stride, padding=self.padding, dilation=self.dilation, groups=b)  # (1, B*O, H', W')
+        out = out.reshape(b, o, *out.shape[-2:])  # (B, O, H', W')
+        if self.expert_bias is not None:
+            out = out + (r @ self.expert_bias)[:, :, None, None]
+        return out
+
+
+def _convs(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def build_routed(config: UNetConfig, n_experts: int, routing: Routing | str = Routing.SOFTMAX) -> UNet:
+    """A routed U-Net with empty experts, to load a saved routed state into.
+
+    Every conv becomes a :class:`RoutedConv2d`; BatchNorm layers drop their running
+    statistics and always normalize with the batch's own.
+
+    Raises:
+        ModelError: If ``n_experts`` < 1 or ``routing`` is unknown.
+    """
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+        raise ModelError(f"a routed model needs at least one expert, got {n_experts!r}")
+    if routing not in set(Routing):
+        raise ModelError(f"routing must be one of {[r.value for r in Routing]}, got {routing!r}")
+    model = build_model(config)
+    for name in _convs(model):
+        _replace(model, name, RoutedConv2d(model.get_submodule(name), n_experts, Routing(routing)))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = None
+    return model
+
+
+def _check_expert(reference: Mapping[str, torch.Tensor], name: str, arrays: Arrays) -> None:
+    missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+    if missing or extra:
+        raise ModelError(f"routing set: expert {name} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, t in reference.items():
+        if tuple(np.shape(arrays[key])) != tuple(t.shape):
+            raise ModelError(f"routing set: expert {name} has {key} of shape {tuple(np.shape(arrays[key]))}, the model has {tuple(t.shape)}")
+
+
+def route_experts(
+    config: UNetConfig, experts: Sequence[tuple[str, Arrays]], routing: Routing | str = Routing.SOFTMAX, seed: int = 0
+) -> UNet:
+    """Builds the routed U-Net from K + 1 state dicts of one config.
+
+    Args:
+        config: The architecture all experts share.
+        experts: ``(name, state arrays)`` per expert, the global model last: its norm
+            layers are the ones the routed model starts from.
+        routing: How router scores become weights.
+        seed: Seeds the routers' initialisation.
+
+    Returns:
+        The routed model in train mode; its parameters are exactly the routers and the
+        norm affine parameters.
+
+    Raises:
+        ModelError: If there is no expert, or naming the expert and the key whose name
+            or shape differs from ``config``'s model.
+    """
+    if not experts:
+        raise ModelError("routing set is empty: it needs at least the global model")
+    reference = build_model(config).state_dict()
+    for name, arrays in experts:
+        _check_expert(reference, name, arrays)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_routed(config, len(experts), routing)
+    with torch.no_grad():
+        for key in _convs(build_model(config)):
+            conv = model.get_submodule(key)
+            conv.experts.copy_(_stacked(experts, f"{key}.weight"))  # (E, O, I, kh, kw)
+            if conv.expert_bias is not None:
+                conv.expert_bias.copy_(_stacked(experts, f"{key}.bias"))  # (E, O)
+        for name, p in model.named_parameters():
+            if ".router." not in f".{name}":
+                p.copy_(_stacked([experts[-1]], name)[0])
+    return model
+
+
+def _stacked(experts: Sequence[tuple[str, Arrays]], key: str) -> torch.Tensor:
+    # np.stack copies, so received read-only arrays never back a tensor.
+    return torch.from_numpy(np.stack([np.asarray(a[key], dtype=np.float32) for _, a in experts]))
+
+
+# ------------------------------------------------------------------------ losses
+
+
+def _check_logits(logits: torch.Tensor, name: str) -> None:
+    if logits.ndim != 4 or logits.shape[1] != 1:
+        raise ModelError(f"{name} expects logits (B, 1, H, W), got {tuple(logits.shape)}")
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel Bernoulli entropy in bits, ``-(p log p + (1-p) log(1-p)) / log 2``.
+
+    Args:
+        logits: ``(B, 1, H, W)``.
+
+    Returns:
+        A scalar in [0, 1]: 0 for confident pixels, 1 for p = 0.5.
+    """
+    _check_logits(logits, "entropy_loss")
+    p = torch.sigmoid(logits)
+    # BCE of the logits against their own probability is exactly the entropy, and stable.
+    return F.binary_cross_entropy_with_logits(logits, p) / math.log(2)
+
+
+def _draw_transforms(b: int, generator: torch.Generator) -> list[tuple[bool, int]]:
+    flips = torch.rand(b, generator=generator) < 0.5
+    turns = torch.randint(0, 4, (b,), generator=generator)
+    return [(bool(f), int(k)) for f, k in zip(flips, turns)]
+
+
+def _transform(x: torch.Tensor, flip: bool, k: int) -> torch.Tensor:
+    return torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
+
+
+def _invert(x: torch.Tensor, flip: bool, k: int) -> torch.Tensor:
+    x = torch.rot90(x, -k, dims=(-2, -1))
+    return x.flip(-1) if flip else x
+
+
+def consistency_loss(
+    model: nn.Module, images: torch.Tensor, logits: torch.Tensor, noise_std: float, generator: torch.Generator
+) -> torch.Tensor:
+    """``mean((σ(T⁻¹ f(T(x + ε))) − σ(f(x)))²)`` with a random flip and rot90 T per sample.
+
+    Args:
+        model: f.
+        images: x, ``(B, C, H, W)`` float, square.
+        logits: f(x), ``(B, 1, H, W)``.
+        noise_std: Standard deviation of ε.
+        generator: Draws ε and T; advancing it gives fresh draws at every step.
+
+    Returns:
+        A scalar.
+    """
+    _check_logits(logits, "consistency_loss")
+    if images.shape[-1] != images.shape[-2]:
+        raise ModelError(f"consistency_loss rotates by 90 degrees and needs square images, got {tuple(images.shape)}")
+    noise = torch.randn(images.shape, generator=generator).to(images.device) * noise_std
+    transforms = _draw_transforms(images.shape[0], generator)
+    moved = torch.stack([_transform(x, f, k) for x, (f, k) in zip(images + noise, transforms)])  # (B, C, H, W)
+    back = torch.stack([_invert(y, f, k) for y, (f, k) in zip(model(moved), transforms)])  # (B, 1, H, W)
+    return (torch.sigmoid(back) - torch.sigmoid(logits)).pow(2).mean()
+
+
+def shape_loss(logits: torch.Tensor, window: int = 21) -> torch.Tensor:
+    """The reference's shape constraint: ``‖1e-6 (maxpool(p) − minpool(p))‖₂``.
+
+    The local maximum minus the local minimum of the foreground probability (a
+    morphological gradient) is large along boundaries, so the loss favours compact,
+    smooth shapes.
+
+    Args:
+        logits: ``(B, 1, H, W)``.
+        window: Pooling window, odd.
+
+    Returns:
+        A scalar >= 0.
+    """
+    _check_logits(logits, "shape_loss")
+    p = torch.sigmoid(logits)
+    pad = window // 2
+    gradient = F.max_pool2d(p, window, 1, pad) + F.max_pool2d(-p, window, 1, pad)  # (B, 1, H, W)
+    return torch.linalg.vector_norm(1e-6 * gradient)
+
+
+def test_time_losses(model: nn.Module, images: torch.Tensor, config: AdaptConfig, generator: torch.Generator) -> Losses:
+    """``L = λ_ent L_ent + λ_cons L_cons + λ_shape L_shape`` on one unlabelled batch.
+
+    Args:
+        model: The routed model.
+        images: ``(B, C, H, W)`` float in [0, 1].
+        config: The loss weights, noise and window.
+        generator: Source of the consistency loss's noise and transforms.
+
+    Returns:
+        The weighted total and the unweighted parts "entropy", "consistency", "shape".
+    """
+    logits = model(images)  # (B, 1, H, W)
+    ent = entropy_loss(logits)
+    cons = consistency_loss(model, images, logits, config.noise_std, generator)
+    shape = shape_loss(logits, config.shape_window)
+    total = config.lambda_ent * ent + config.lambda_cons * cons + config.lambda_shape * shape
+    return Losses(total=total, parts={"entropy": ent.item(), "consistency": cons.item(), "shape": shape.item()})
+
+
+# -------------------------------------------------------------------- adaptation
+
+
+@dataclass
+class AdaptResult:
+    """Summary of one adaptation.
+
+    Attributes:
+        n_images: Images of the site.
+        steps: Adam steps taken.
+        seconds: Wall-clock duration.
+        mean_loss: Sample-weighted mean total loss over the last epoch's steps.
+        parts: Sample-weighted means of the named loss parts over the last epoch's steps.
+    """
+
+    n_images: int
+    steps: int
+    seconds: float
+    mean_loss: float
+    parts: dict[str, float]
+
+
+def _check_images(images: torch.Tensor, name: str) -> None:
+    if images.ndim != 4:
+        raise ModelError(f"{name} expects images (N, C, H, W), got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ModelError(f"{name} needs at least one image, got {tuple(images.shape)}")
+
+
+def adapt(
+    model: nn.Module,
+    images: torch.Tensor,
+    config: AdaptConfig,
+    seed: int,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> AdaptResult:
+    """Test-time routing: trains the routers and norm affine parameters on unlabelled images.
+
+    Args:
+        model: From :func:`route_experts`; every parameter it has is trained.
+        images: The site's images ``(N, C, H, W)``, uint8 or float in [0, 1]; no labels.
+        config: Adaptation settings.
+        seed: Seeds the batch order, noise and transforms.
+        progress: Called after each step with ``(step, steps, loss parts)``.
+
+    Returns:
+        The summary; the model is adapted in place.
+
+    Raises:
+        ModelError: If ``images`` is not 4D or is empty.
+    """
+    _check_images(images, "adapt")
+    start = time.perf_counter()
+    device = _device(model)
+    n = images.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    batches = batch_indices(n, config.epochs, config.batch_size, gen)
+    last_epoch = max(len(batches) - math.ceil(n / config.batch_size), 0)
+    params = list(model.parameters())
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        opt = torch.optim.Adam(params, lr=config.lr)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss_sum, part_sums, seen = 0.0, {}, 0
+        for step, idx in enumerate(batches):
+            losses = test_time_losses(model, _as_float_images(images[idx]).to(device), config, gen)
+            losses.total.backward()
+            opt.step()
+            model.zero_grad(set_to_none=True)
+            if step >= last_epoch:
+                loss_sum += losses.total.item() * len(idx)
+                seen += len(idx)
+                for k, v in losses.parts.items():
+                    part_sums[k] = part_sums.get(k, 0.0) + v * len(idx)
+            if progress is not None:
+                progress(step + 1, len(batches), losses.parts)
+    finally:
+        torch.set_num_threads(prev_threads)
+    return AdaptResult(
+        n_images=n,
+        steps=len(batches),
+        seconds=time.perf_counter() - start,
+        mean_loss=loss_sum / seen,
+        parts={k: v / seen for k, v in part_sums.items()},
+    )
+
+
+@torch.no_grad()
+def adapt_norm_statistics(model: UNet, images: torch.Tensor, batch_size: int = 16) -> None:
+    """The norm-statistics baseline (AdaBN): BatchNorm statistics recomputed on the site's images.
+
+    Every BatchNorm's running mean and variance become the cumulative average over the
+    batches of ``images``; nothing else changes. The model's mode is restored.
+
+    Args:
+        model: A plain U-Net with ``norm="batch"``.
+        images: ``(N, C, H, W)`` uint8 or float in [0, 1].
+        batch_size: Images per forward pass.
+
+    Raises:
+        ModelError: If the model has no BatchNorm (GroupNorm keeps no statistics), or
+            ``images`` is not 4D or is empty.
+    """
+    _check_images(images, "adapt_norm_statistics")
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    if not norms:
+        norm = getattr(getattr(model, "config", None), "norm", Norm.GROUP.value)
+        raise ModelError(f"adapt_norm_statistics needs BatchNorm with running statistics; this model has norm={norm!r}")
+    saved = [(m.momentum, m.num_batches_tracked) for m in norms]
+    was_training = model.training
+    device = _device(model)
+    try:
+        for m in norms:
+            # momentum None makes the running values a plain cumulative average; it needs
+            # a step counter, which RunningBatchNorm lacks: one is lent for the pass.
+            m.momentum = None
+            m.num_batches_tracked = torch.zeros((), dtype=torch.long, device=device)
+            m.reset_running_stats()
+        model.train()
+        for i in range(0, images.shape[0], batch_size):
+            model(_as_float_images(images[i : i + batch_size]).to(device))
+    finally:
+        for m, (momentum, counter) in zip(norms, saved):
+            m.momentum, m.num_batches_tracked = momentum, counter
+        model.train(was_training)

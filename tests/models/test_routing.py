@@ -1,0 +1,170 @@
+"""IOP-FL outside personalization: the routed U-Net, its test-time losses and adaptation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedseg.models.errors import ModelError
+from fedseg.models.local_training import LocalTrainer, TrainConfig, arrays_to_state, evaluate, state_to_arrays
+from fedseg.models.routing import (
+    AdaptConfig,
+    adapt,
+    adapt_norm_statistics,
+    build_routed,
+    consistency_loss,
+    entropy_loss,
+    route_experts,
+    shape_loss,
+)
+from fedseg.models.unet import UNetConfig, build_model
+
+from squares import squares
+
+torch.set_num_threads(1)
+
+GROUP = UNetConfig(width=4, depth=2, groups=2)
+BATCH = UNetConfig(width=4, depth=2, groups=2, norm="batch")
+
+
+def _experts(config: UNetConfig, n: int) -> list[tuple[str, dict[str, np.ndarray]]]:
+    out = []
+    for i in range(n):
+        torch.manual_seed(i)
+        out.append((f"e{i}", state_to_arrays(build_model(config))))
+    return out
+
+
+def test_identical_experts_route_to_the_plain_model() -> None:
+    torch.manual_seed(3)
+    plain = build_model(GROUP)
+    arrays = state_to_arrays(plain)
+    routed = route_experts(GROUP, [("a", arrays), ("b", arrays), ("global", arrays)], seed=1)
+    x = torch.rand(2, 3, 16, 16)
+    plain.eval(), routed.eval()
+    # Softmax weights sum to 1, so any mix of equal kernels is that kernel.
+    torch.testing.assert_close(routed(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sigmoid_routing_is_not_normalized() -> None:
+    arrays = state_to_arrays(build_model(GROUP))
+    routed = route_experts(GROUP, [("a", arrays), ("global", arrays)], routing="sigmoid")
+    routed.eval()
+    r = routed.head.router(torch.rand(3, 4, 8, 8))
+    assert r.shape == (3, 2) and ((r > 0) & (r < 1)).all() and not torch.allclose(r.sum(1), torch.ones(3))
+
+
+def test_every_conv_is_routed_with_k_plus_one_experts_and_only_routers_and_norms_train() -> None:
+    routed = route_experts(BATCH, _experts(BATCH, 3))
+    assert not any(type(m) is torch.nn.Conv2d for m in routed.modules())
+    for name, buf in routed.named_buffers():
+        if name.endswith("experts") or name.endswith("expert_bias"):
+            assert buf.shape[0] == 3, name
+    trainable = {n for n, _ in routed.named_parameters()}
+    norms = {n for n in trainable if ".router." not in f".{n}"}
+    # Routers of every layer, the bottleneck's included, plus exactly the norm affine parameters.
+    assert {n.rsplit(".router.", 1)[0] for n in trainable - norms} == {n.rsplit(".", 1)[0] for n, _ in routed.named_buffers() if n.endswith("experts")}
+    assert norms and all(n.endswith((".weight", ".bias")) for n in norms)
+    # BatchNorm uses the batch's statistics: no running buffers are left.
+    assert not any("running" in n for n, _ in routed.named_buffers())
+
+
+def test_expert_shape_mismatch_names_the_expert_and_key() -> None:
+    experts = _experts(GROUP, 2)
+    wider = state_to_arrays(build_model(UNetConfig(width=8, depth=2, groups=2)))
+    with pytest.raises(ModelError, match=r"expert wide has encoder\.0\.0\.weight of shape \(8, 3, 3, 3\).*\(4, 3, 3, 3\)"):
+        route_experts(GROUP, [experts[0], ("wide", wider), experts[1]])
+    partial = {k: v for k, v in experts[0][1].items() if k != "head.bias"}
+    with pytest.raises(ModelError, match=r"expert p.*missing \['head.bias'\]"):
+        route_experts(GROUP, [("p", partial), experts[1]])
+    with pytest.raises(ModelError, match="empty"):
+        route_experts(GROUP, [])
+
+
+def test_routed_state_round_trips_through_arrays() -> None:
+    routed = route_experts(BATCH, _experts(BATCH, 3), seed=2)
+    again = build_routed(BATCH, 3)
+    arrays_to_state(again, state_to_arrays(routed))
+    x = torch.rand(2, 3, 16, 16)
+    routed.eval(), again.eval()
+    torch.testing.assert_close(again(x), routed(x))
+
+
+def test_losses_behave() -> None:
+    confident = torch.full((2, 1, 8, 8), 12.0)
+    undecided = torch.zeros(2, 1, 8, 8)
+    assert entropy_loss(confident).item() < 1e-3
+    assert entropy_loss(undecided).item() == pytest.approx(1.0, abs=1e-6)
+    # A compact blob has less boundary than scattered noise of the same area.
+    blob = torch.full((1, 1, 32, 32), -10.0)
+    blob[..., 8:20, 8:20] = 10.0
+    speckle = torch.where(torch.rand(1, 1, 32, 32) < 144 / 1024, 10.0, -10.0)
+    assert shape_loss(blob, 5) < shape_loss(speckle, 5)
+    assert shape_loss(torch.full((1, 1, 16, 16), 5.0)).item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ModelError, match=r"\(B, 1, H, W\)"):
+        entropy_loss(torch.zeros(2, 2, 8, 8))
+
+
+def test_consistency_is_zero_for_an_equivariant_model_without_noise() -> None:
+    identity = torch.nn.Conv2d(1, 1, 1, bias=False)
+    torch.nn.init.ones_(identity.weight)
+    x = torch.rand(4, 1, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    # A 1x1 conv commutes with flips and rotations, so T⁻¹ f(T x) = f(x) exactly.
+    assert consistency_loss(identity, x, identity(x), 0.0, gen).item() == pytest.approx(0.0, abs=1e-12)
+    assert consistency_loss(identity, x, identity(x), 0.5, gen).item() > 0
+    with pytest.raises(ModelError, match="square"):
+        consistency_loss(identity, torch.rand(1, 1, 8, 4), torch.rand(1, 1, 8, 4), 0.0, gen)
+
+
+@pytest.mark.parametrize("config", [BATCH, GROUP], ids=["batchnorm", "groupnorm"])
+def test_adaptation_changes_only_routers_and_norm_affine_and_lowers_entropy(config: UNetConfig) -> None:
+    images, masks = squares(24, seed=0)
+    torch.manual_seed(0)
+    model = build_model(config)
+    LocalTrainer(model, TrainConfig(lr=3e-3, batch_size=8, local_epochs=4, augment=False)).train_round(images, masks, seed=0)
+    glob = state_to_arrays(model)
+    routed = route_experts(config, [("a", glob), ("global", glob)], seed=0)
+    before = {k: v.clone() for k, v in routed.state_dict().items()}
+    calls = []
+    cfg = AdaptConfig(epochs=3, batch_size=8, lr=1e-2)
+    first = adapt(routed, images, AdaptConfig(epochs=0.34, batch_size=8, lr=1e-9), seed=0)
+    result = adapt(routed, images, cfg, seed=0, progress=lambda step, steps, parts: calls.append((step, steps)))
+    assert result.steps == 9 and calls[-1] == (9, 9) and result.n_images == 24
+    assert set(result.parts) == {"entropy", "consistency", "shape"} and math.isfinite(result.mean_loss)
+    assert result.parts["entropy"] < first.parts["entropy"]
+    changed = {k for k, v in routed.state_dict().items() if not torch.equal(v, before[k])}
+    trainable = {n for n, _ in routed.named_parameters()}
+    assert changed and changed <= trainable and any(".router." in k for k in changed) and changed - {k for k in changed if ".router." in k}
+
+
+def test_norm_statistics_baseline_recomputes_only_batchnorm_statistics() -> None:
+    images, masks = squares(16, seed=1)
+    torch.manual_seed(0)
+    model = build_model(BATCH)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapt_norm_statistics(model, images, batch_size=8)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var")) for k in changed)
+    assert model.training and "encoder.0.1.num_batches_tracked" not in model.state_dict()
+    # Two equal batches: the cumulative average is the mean over all the site's images.
+    with torch.no_grad():
+        first = model.encoder[0][0](images.float() / 255).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model.encoder[0][1].running_mean, first, rtol=1e-4, atol=1e-5)
+    assert evaluate(model, images, masks)["n"] == 16
+    with pytest.raises(ModelError, match="norm='group'"):
+        adapt_norm_statistics(build_model(GROUP), images)
+    with pytest.raises(ModelError, match="at least one image"):
+        adapt_norm_statistics(model, images[:0])
+
+
+def test_adapt_config_names_bad_field() -> None:
+    with pytest.raises(ModelError, match="routing"):
+        AdaptConfig(routing="tanh")
+    with pytest.raises(ModelError, match="shape_window"):
+        AdaptConfig(shape_window=4)
+    with pytest.raises(ModelError, match="epochs"):
+        AdaptConfig(epochs=0)
+    assert AdaptConfig.from_dict(AdaptConfig(routing="sigmoid").to_dict()).routing == "sigmoid"
