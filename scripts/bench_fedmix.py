@@ -22,7 +22,6 @@ the run directories ``<out>/runs/<task>/<method>/seed<k>``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -30,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    DATA, REPO, Site, commit_label, git_commit, machine_info, mean_std, require_data, run_plan, say, start_bench, start_nodes,
-    stop_nodes, with_budget,
+    REPO, Site, budget_parser, check_budget, commit_label, git_commit, machine_info, mean_std, require_data, run_plan, say, start_bench,
+    start_nodes, stop_nodes, with_budget, write_results,
 )
 
 GOAL_GAIN = 0.05  # FedMix mean Dice - FedAvg-pixel mean Dice, at least
@@ -237,31 +236,18 @@ def markdown(res: dict[str, Any], runs: list[dict[str, Any]], config: dict[str, 
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--full", action="store_true", help=f"longer budget: {FULL} (explicit flags still win)")
+    p = budget_parser(__doc__.split("\n\n")[0], DEFAULTS, FULL)
     p.add_argument("--tasks", default="breast,polyp", help="comma-separated: " + ", ".join(TASKS))
     p.add_argument("--methods", default=",".join(ORDER), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--rounds", type=int, help=f"rounds after the evaluation-only round 0 (default {DEFAULTS['rounds']})")
-    p.add_argument("--limit", type=int, help=f"images per site, a seeded random subset; 0 = all (default {DEFAULTS['limit']})")
-    p.add_argument("--seeds", type=int, help=f"plan seeds 0..N-1 per method (default {DEFAULTS['seeds']})")
-    p.add_argument("--image-size", type=int, help=f"default {DEFAULTS['image_size']}")
-    p.add_argument("--width", type=int, help=f"U-Net first-level channels (default {DEFAULTS['width']})")
-    p.add_argument("--depth", type=int, help=f"U-Net down-samplings (default {DEFAULTS['depth']})")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tau", type=float, default=0.9, help="FedMix pseudo-label agreement threshold")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per node")
-    p.add_argument("--split-seed", type=int, default=0, help="node split seed and subset sampling seed")
     p.add_argument("--budget-note", default="", help="a line printed at the top of the Markdown (e.g. 'reduced budget')")
-    p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_fedmix")
     args = with_budget(p.parse_args(), FULL, DEFAULTS)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
     if bad := [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]:
         p.error(f"unknown task or method: {bad}")
-    if args.rounds < 1 or args.seeds < 1 or (args.limit and args.limit < 10):
-        p.error("--rounds and --seeds must be >= 1, --limit 0 or >= 10")
+    check_budget(p, args)
     require_data(p, args.data, [f for t in args.tasks for _, f, _, _ in TASKS[t]["sites"]])
     return args
 
@@ -309,11 +295,7 @@ def main() -> None:
     md = markdown(res, runs, config, commit_label(commit), wall, args.budget_note)
     record = {"config": config, "git": commit, "machine": machine, "wall_seconds": wall, "subsets": subsets,
               "results": res, "plots": pngs, "runs": runs}
-    (out / "bench_fedmix.json").write_text(json.dumps(record, indent=2, default=str))
-    (out / "bench_fedmix.md").write_text(md)
-    print()
-    print(md)
-    say(f"wrote {out / 'bench_fedmix.json'}, {out / 'bench_fedmix.md'} and {', '.join(pngs)} ({wall / 60:.1f} min)")
+    write_results(out, "bench_fedmix", record, md, pngs, wall)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,16 @@ seeds, and the goals) and ``<out>/iou_per_site.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import signal
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import DATA, REPO, Site, commit_label, git_commit, machine_info, mean_std, run_plan, say, start_nodes, stop_nodes
+from benchlib import (
+    REPO, Site, budget_parser, check_budget, commit_label, git_commit, machine_info, mean_std, require_data, run_plan, say, start_bench,
+    start_nodes, stop_nodes, with_budget, write_results,
+)
 
 SITES = [Site("Kvasir-SEG", "polyp/Kvasir-SEG"), Site("CVC-ClinicDB", "polyp/CVC-ClinicDB"), Site("CVC-ColonDB", "polyp/CVC-ColonDB")]
 # method -> (plan overrides, prefix of the figures that method is scored by)
@@ -188,45 +187,22 @@ def markdown(res: dict[str, Any], config: dict[str, Any], commit: str, wall_s: f
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--full", action="store_true", help=f"longer budget: {FULL} (explicit flags still win)")
+    p = budget_parser(__doc__.split("\n\n")[0], DEFAULTS, FULL)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--rounds", type=int, help=f"default {DEFAULTS['rounds']}")
-    p.add_argument("--limit", type=int, help=f"images per site, a seeded random subset; 0 = all (default {DEFAULTS['limit']})")
-    p.add_argument("--seeds", type=int, help=f"plan seeds 0..N-1 per method (default {DEFAULTS['seeds']})")
-    p.add_argument("--image-size", type=int, help=f"default {DEFAULTS['image_size']}")
-    p.add_argument("--width", type=int, help=f"U-Net first-level channels (default {DEFAULTS['width']})")
-    p.add_argument("--depth", type=int, help=f"U-Net down-samplings (default {DEFAULTS['depth']})")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--hc-epochs", type=float, default=5.0, help="LC-Fed: local epochs of HC training")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per node")
-    p.add_argument("--split-seed", type=int, default=0, help="node split seed and subset sampling seed")
-    p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_personalization")
-    args = p.parse_args()
-    for key, value in (FULL if args.full else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = with_budget(p.parse_args(), FULL, DEFAULTS)
     args.methods = [m for m in args.methods.split(",") if m]
     if bad := [m for m in args.methods if m not in METHODS]:
         p.error(f"unknown method: {bad}")
-    if args.rounds < 1 or args.seeds < 1 or (args.limit and args.limit < 10):
-        p.error("--rounds and --seeds must be >= 1, --limit 0 or >= 10")
-    missing = [str(args.data / s.folder) for s in SITES if not (args.data / s.folder / "images").is_dir()]
-    if missing:
-        p.exit(2, f"error: data not found: {', '.join(missing)}; pass --data\n")
+    check_budget(p, args)
+    require_data(p, args.data, [s.folder for s in SITES])
     return args
 
 
 def main() -> None:
     args = parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
-    out = args.out.resolve()
-    for sub in ("runs", "nodes", "data"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out, config = start_bench(args)
     commit, machine = git_commit(), machine_info()
     n_runs = len(args.methods) * args.seeds
     say(f"{n_runs} runs: methods {args.methods}, {args.seeds} seed(s), {args.rounds} rounds, "
@@ -252,11 +228,7 @@ def main() -> None:
     md = markdown(res, config, commit_label(commit), wall)
     record = {"config": config, "git": commit, "machine": machine, "wall_seconds": wall, "subsets": subsets,
               "results": res, "plot": png, "runs": runs}
-    (out / "bench_personalization.json").write_text(json.dumps(record, indent=2, default=str))
-    (out / "bench_personalization.md").write_text(md)
-    print()
-    print(md)
-    say(f"wrote {out / 'bench_personalization.json'}, {out / 'bench_personalization.md'} and {png} ({wall / 60:.1f} min)")
+    write_results(out, "bench_personalization", record, md, [png], wall)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import random
@@ -190,3 +191,38 @@ def start_bench(args: argparse.Namespace, clear: tuple[str, ...] = ("runs", "nod
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return out, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def budget_parser(description: str, defaults: dict[str, Any], full: dict[str, Any]) -> argparse.ArgumentParser:
+    """The options the federated benchmarks share: the budget (each value, or ``--full``), the
+    optimizer, threads per node, the split seed and the data root. Unset budget values are
+    filled by :func:`with_budget`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--full", action="store_true", help=f"longer budget: {full} (explicit flags still win)")
+    p.add_argument("--rounds", type=int, help=f"rounds after the evaluation-only round 0 (default {defaults['rounds']})")
+    p.add_argument("--limit", type=int, help=f"images per site, a seeded random subset; 0 = all (default {defaults['limit']})")
+    p.add_argument("--seeds", type=int, help=f"plan seeds 0..N-1 per method (default {defaults['seeds']})")
+    p.add_argument("--image-size", type=int, help=f"default {defaults['image_size']}")
+    p.add_argument("--width", type=int, help=f"U-Net first-level channels (default {defaults['width']})")
+    p.add_argument("--depth", type=int, help=f"U-Net down-samplings (default {defaults['depth']})")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    p.add_argument("--split-seed", type=int, default=0, help="node split seed and subset sampling seed")
+    p.add_argument("--data", type=Path, default=DATA)
+    return p
+
+
+def check_budget(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.rounds < 1 or args.seeds < 1 or (args.limit and args.limit < 10):
+        p.error("--rounds and --seeds must be >= 1, --limit 0 or >= 10")
+
+
+def write_results(out: Path, name: str, record: dict[str, Any], md: str, figures: list[str], wall_s: float) -> None:
+    """Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` and prints the table."""
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / f"{name}.md").write_text(md)
+    print()
+    print(md)
+    say(f"wrote {out / name}.json, {name}.md and {', '.join(figures) or 'no figure'} ({wall_s / 60:.1f} min)")
+
