@@ -11,9 +11,7 @@ Which model is scored per method: the global model (FedAvg), the node's own mode
 calibrated model (LC-Fed, after its calibration stage). The round is chosen on validation
 Dice, image-weighted over sites (LC-Fed's calibrated model exists at its calibration round
 only). Ablations: "LC-Fed PCS only" is LC-Fed's stage-1 model from the same runs (no HC),
-"LC-Fed HC only" has no PCS, "LC-Fed α=0" switches the contrastive loss off, and
-"LC-Fed, HC from noise" starts HC from a random conv as the reference code does (fedseg
-starts it from the node's own head).
+"LC-Fed HC only" has no PCS, and "LC-Fed α=0" switches the contrastive loss off.
 
 Writes ``<out>/bench_personalization.json`` (config, commit, machine, every metrics row),
 ``<out>/bench_personalization.md`` (per-site test IoU, Dice and ASSD as mean ± std over
@@ -48,7 +46,6 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "FedRep": ({"algorithm": "fedrep"}, ""),
     "LC-Fed HC only": ({"algorithm": "lcfed", "lcfed": {"pcs": False}}, "personal_"),
     "LC-Fed α=0": ({"algorithm": "lcfed", "lcfed": {"alpha": 0.0}}, "personal_"),
-    "LC-Fed, HC from noise": ({"algorithm": "lcfed", "lcfed": {"hc_from_head": False}}, "personal_"),
 }
 #: Read off the LC-Fed runs, no run of its own: the stage-1 model before calibration.
 PCS_ONLY = "LC-Fed PCS only"

@@ -106,9 +106,6 @@ class LCFedConfig(DictConfig):
         alpha: Weight of the contrastive PCS loss in stage 1 (the reference code
             ships 0; its author's later reimplementation and fedseg use 0.1).
         pcs: Whether the model has PCS at all (False: the "HC only" ablation).
-        hc_from_head: Stage 2 starts HC from the node's own head
-            (:meth:`HeadCalibration.start_from_head`); False starts it from noise, as the
-            reference does.
         hc_epochs: Stage 2: local epochs that train HC once the heads are
             distributed. The heads and the shared body no longer change then, so
             one distribution and one local run equal the reference's repeated rounds.
@@ -119,7 +116,6 @@ class LCFedConfig(DictConfig):
 
     alpha: float = 0.1
     pcs: bool = True
-    hc_from_head: bool = True
     hc_epochs: float = 5.0
     peak_threshold: float = 0.2
     gaussian_sigma: float = 6.0
@@ -128,9 +124,8 @@ class LCFedConfig(DictConfig):
     def __post_init__(self) -> None:
         _check_field("alpha", self.alpha, lo=0)
         _check_field("hc_epochs", self.hc_epochs, lo=0, lo_open=True)
-        for name in ("pcs", "hc_from_head"):
-            if not isinstance(getattr(self, name), bool):
-                raise ModelError(f"LCFedConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.pcs, bool):
+            raise ModelError(f"LCFedConfig.pcs must be true or false, got {self.pcs!r}")
         _check_field("peak_threshold", self.peak_threshold, lo=0, hi=1, hi_open=True)
         _check_field("gaussian_sigma", self.gaussian_sigma, lo=0, lo_open=True)
         _check_field("window", self.window, lo=1, integer=True)
@@ -425,25 +420,6 @@ class HeadCalibration(nn.Module):
         kernel = gaussian_kernel(self.config.window, self.config.gaussian_sigma)  # (1, 1, window, window)
         self.register_buffer("gaussian", kernel, persistent=False)
 
-    @torch.no_grad()
-    def start_from_head(self, head: HeadLike) -> None:
-        """Sets the conv so that HC starts from the node's own head instead of from noise.
-
-        The centre tap of each class's two feature blocks gets half the head's weights and
-        the bias the head's bias, so the first output is ``(1 + (S_u + S_p) / 2) * w.F + b``:
-        the head's own logit, sharpened where the disagreement peaks and the prediction are.
-        The reference starts from a random conv; with a few hundred images and a few epochs
-        that conv does not recover the trained head (measured in bench_personalization).
-        """
-        weight, bias = _head_tensors(head, self.width, self.n_classes)  # (C, width, 1, 1), (C,)
-        self.conv.weight.zero_()
-        centre = 1  # the 3x3 conv's centre tap
-        for c in range(self.n_classes):
-            for block in range(2):  # input channels are c-major: [F*S_u + F, F*S_p + F] per class
-                lo = (2 * c + block) * self.width
-                self.conv.weight[c, lo : lo + self.width, centre, centre] = weight[c, :, 0, 0] / 2
-        self.conv.bias.copy_(bias)
-
     @staticmethod
     def disagreement(own: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
         """Normalized spread of the other heads' probabilities around the node's own.
@@ -702,7 +678,7 @@ class CalibratedUNet(nn.Module):
 
 
 def train_hc_round(model: LCFedUNet, other_heads: Mapping[str, HeadLike] | Sequence[HeadLike], images: torch.Tensor, masks: torch.Tensor,
-                   config: TrainConfig, seed: int, start_from_head: bool = False) -> RoundResult:
+                   config: TrainConfig, seed: int) -> RoundResult:
     """One stage-2 round: only ``model.hc`` trains, on the segmentation loss of its output.
 
     Args:
@@ -712,9 +688,6 @@ def train_hc_round(model: LCFedUNet, other_heads: Mapping[str, HeadLike] | Seque
         masks: ``(N, 1, H, W)`` in {0, 1}.
         config: Round hyper-parameters (loss weights, lr, clipping, ...).
         seed: Seeds shuffling and augmentation.
-        start_from_head: First set HC to reproduce the node's own head
-            (:meth:`HeadCalibration.start_from_head`) instead of training it from its
-            random start.
 
     Returns:
         The round summary.
@@ -723,8 +696,6 @@ def train_hc_round(model: LCFedUNet, other_heads: Mapping[str, HeadLike] | Seque
         ModelError: On mismatched shapes, empty data or bad heads.
     """
     wrapped = CalibratedUNet(model, other_heads)
-    if start_from_head:
-        model.hc.start_from_head(model.head)
     keys = frozenset(n for n, _ in wrapped.named_parameters() if n.startswith("model.hc."))
     return PhaseTrainer(wrapped, config, keys).train_round(images, masks, seed)
 

@@ -412,8 +412,7 @@ def _calibrate(rt: NodeRuntime, msg: CalibrateRequest) -> EvaluateReply:
     if heads:
         calibrate = replace(plan.train, local_epochs=plan.lcfed.hc_epochs)
         seed = round_seed(plan.seed, msg.round, rt.name)
-        result = train_hc_round(model, heads, rt.images("train", plan), rt.masks("train", plan), calibrate, seed,
-                                start_from_head=plan.lcfed.hc_from_head)
+        result = train_hc_round(model, heads, rt.images("train", plan), rt.masks("train", plan), calibrate, seed)
         rt.keep_personal(plan, msg.run_id, model)
         personal = CalibratedUNet(model, heads)
         log.info("round %d node %s: trained HC on the heads of %s, loss %.4f, %.1f s",

@@ -255,20 +255,3 @@ def test_hc_only_ablation_has_no_pcs_and_still_trains_both_stages():
     before = _snapshot(model)
     train_hc_round(model, other, images, masks, config, seed=1)
     assert {k.split(".")[0] for k in _changed(model, before)} == {"hc"}
-
-
-def test_hc_started_from_the_head_reproduces_the_heads_decisions():
-    images, _ = squares(6, 1)
-    x = images.float() / 255
-    model = _model(site=0, seed=4)
-    model.eval()
-    others = {"site-1": head_arrays(_model(site=1, seed=5))}
-    own = torch.sigmoid(model(x)) > 0.5
-    model.hc.start_from_head(model.head)
-    with torch.no_grad():
-        logits = CalibratedUNet(model, others)(x)
-        _, head_logits = model.features(x)
-    # (1 + (S_u + S_p)/2) * w.F + b: never a weaker logit than the head's where w.F and b agree in sign.
-    assert logits.shape == head_logits.shape
-    agree = (torch.sigmoid(logits) > 0.5) == own
-    assert agree.float().mean() > 0.95
