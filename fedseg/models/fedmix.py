@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from fedseg.models.augment import augment_batch
-from fedseg.models.config import DictConfig
+from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
 from fedseg.models.local_training import RoundResult, TrainConfig, _as_float_images, _check_pair, _device
 from fedseg.models.losses import DiceBCELoss, Losses
@@ -62,16 +62,6 @@ __all__ = [
 ]
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), inclusive-exclusive pixel coordinates
-
-
-def _check_field(name: str, value: Any, *, lo: float, hi: float | None = None, integer: bool = False) -> None:
-    # bool is an int subclass; a JSON config saying ``true`` is a bug, not 1.
-    kinds = (int,) if integer else (int, float)
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        raise ModelError(f"FedMixConfig.{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ModelError(f"FedMixConfig.{name} must be {bound}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -97,11 +87,11 @@ class FedMixConfig(DictConfig):
     adaptive: bool = True
 
     def __post_init__(self) -> None:
-        _check_field("lam", self.lam, lo=0)
-        _check_field("beta", self.beta, lo=0)
-        _check_field("tau", self.tau, lo=0, hi=1)
-        _check_field("box_agreement", self.box_agreement, lo=0, hi=1)
-        _check_field("max_box_margin", self.max_box_margin, lo=1, integer=True)
+        check_number("FedMixConfig", "lam", self.lam, lo=0)
+        check_number("FedMixConfig", "beta", self.beta, lo=0)
+        check_number("FedMixConfig", "tau", self.tau, lo=0, hi=1)
+        check_number("FedMixConfig", "box_agreement", self.box_agreement, lo=0, hi=1)
+        check_number("FedMixConfig", "max_box_margin", self.max_box_margin, lo=1, integer=True)
         if not isinstance(self.adaptive, bool):
             raise ModelError(f"FedMixConfig.adaptive must be a bool, got {self.adaptive!r}")
 

@@ -39,7 +39,6 @@ pure soft-Dice objective.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedseg.models.config import DictConfig
+from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
 from fedseg.models.local_training import RoundResult, TrainConfig, predict
 from fedseg.models.losses import Losses
@@ -83,20 +82,6 @@ __all__ = [
 HeadLike = Union[nn.Conv2d, tuple[Any, Any], Mapping[str, Any]]
 
 
-def _check_field(name: str, value: Any, *, lo: float, hi: float | None = None, lo_open: bool = False,
-                 hi_open: bool = False, integer: bool = False) -> None:
-    # bool is an int subclass; a JSON config saying ``true`` is a bug, not 1.
-    kinds = (int,) if integer else (int, float)
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        raise ModelError(f"LCFedConfig.{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    bad_lo = value < lo or (lo_open and value == lo)
-    bad_hi = hi is not None and (value > hi or (hi_open and value == hi))
-    if not math.isfinite(value) or bad_lo or bad_hi:
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        bound = f"in {left}{lo}, {hi}{right}" if hi is not None else f"{'>' if lo_open else '>='} {lo}"
-        raise ModelError(f"LCFedConfig.{name} must be {bound}, got {value}")
-
-
 @dataclass(frozen=True)
 class LCFedConfig(DictConfig):
     """LC-Fed settings shared by every node (the site index and count are per node
@@ -122,13 +107,13 @@ class LCFedConfig(DictConfig):
     window: int = 31
 
     def __post_init__(self) -> None:
-        _check_field("alpha", self.alpha, lo=0)
-        _check_field("hc_epochs", self.hc_epochs, lo=0, lo_open=True)
+        check_number("LCFedConfig", "alpha", self.alpha, lo=0)
+        check_number("LCFedConfig", "hc_epochs", self.hc_epochs, lo=0, lo_open=True)
         if not isinstance(self.pcs, bool):
             raise ModelError(f"LCFedConfig.pcs must be true or false, got {self.pcs!r}")
-        _check_field("peak_threshold", self.peak_threshold, lo=0, hi=1, hi_open=True)
-        _check_field("gaussian_sigma", self.gaussian_sigma, lo=0, lo_open=True)
-        _check_field("window", self.window, lo=1, integer=True)
+        check_number("LCFedConfig", "peak_threshold", self.peak_threshold, lo=0, hi=1, hi_open=True)
+        check_number("LCFedConfig", "gaussian_sigma", self.gaussian_sigma, lo=0, lo_open=True)
+        check_number("LCFedConfig", "window", self.window, lo=1, integer=True)
         if self.window % 2 == 0:
             raise ModelError(f"LCFedConfig.window must be odd, got {self.window}")
 
@@ -300,26 +285,9 @@ class LCFedUNet(UNet):
         # Not persistent: it is fixed by (site, n_sites), and a state-dict entry would be averaged.
         self.register_buffer("onehot", site_onehot(site, n_sites), persistent=False)  # (K,)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ModelError(f"LCFedUNet expects input (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ModelError(f"LCFedUNet expects float input in [0, 1], got dtype {x.dtype}")
-        m = 2**cfg.depth
-        if x.shape[-2] % m or x.shape[-1] % m:
-            raise ModelError(
-                f"LCFedUNet with depth={cfg.depth} needs H and W to be multiples of 2**depth={m}, "
-                f"got input shape {tuple(x.shape)}"
-            )
-
-    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._check_input(x)
-        skips = []
-        for i, block in enumerate(self.encoder):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))  # (B, width*2**i, H/2**i, W/2**i)
-            skips.append(x)
-        return skips
+    def bottleneck(self, deep: torch.Tensor) -> torch.Tensor:
+        """PCS re-weights the deepest features' channels for this site (if the model has PCS)."""
+        return deep if self.pcs is None else self.pcs(deep, self.onehot)[0]
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder features and head logits.
@@ -334,17 +302,8 @@ class LCFedUNet(UNet):
         Raises:
             ModelError: On wrong rank, channels, dtype or spatial size.
         """
-        skips = self._encode(x)
-        deep = skips.pop()  # (B, width*2**depth, H/2**depth, W/2**depth)
-        if self.pcs is not None:
-            deep, _ = self.pcs(deep, self.onehot)
-        for up in self.decoder:
-            deep = up(deep, skips.pop())
-        return deep, self.head(deep)  # (B, width, H, W), (B, out_channels, H, W)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Stage-1 logits of the local head, ``(B, out_channels, H, W)``; see :meth:`features`."""
-        return self.features(x)[1]
+        feat = self.decode(self.encode(x))
+        return feat, self.head(feat)  # (B, width, H, W), (B, out_channels, H, W)
 
     def contrastive_loss(self, x: torch.Tensor) -> torch.Tensor:
         """PCS's contrastive loss on images ``x`` ``(B, in_channels, H, W)``; a scalar <= 0.
@@ -354,7 +313,7 @@ class LCFedUNet(UNet):
         """
         if self.pcs is None:
             raise ModelError("this LC-Fed model was built without PCS (lcfed.pcs = false): it has no contrastive loss")
-        return self.pcs.contrastive_loss(self._encode(x)[-1], self.site)
+        return self.pcs.contrastive_loss(self.encode(x)[-1], self.site)
 
 
 def gaussian_kernel(window: int, sigma: float) -> torch.Tensor:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedseg.models.augment import augment_batch
-from fedseg.models.config import DictConfig
+from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
 from fedseg.models.losses import DiceBCELoss, Losses
 from fedseg.models.metrics import assd_per_image, dice_per_image, iou_per_image
@@ -32,16 +32,6 @@ __all__ = [
     "predict",
     "state_to_arrays",
 ]
-
-
-def _check_num(name: str, value: Any, *, lo: float, lo_open: bool, integer: bool = False) -> None:
-    # bool is an int subclass; a JSON config saying ``true`` is a bug, not 1.
-    kinds = (int,) if integer else (int, float)
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        kind = "an int" if integer else "a number"
-        raise ModelError(f"TrainConfig.{name} must be {kind}, got {value!r}")
-    if not math.isfinite(value) or value < lo or (lo_open and value == lo):
-        raise ModelError(f"TrainConfig.{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -72,18 +62,18 @@ class TrainConfig(DictConfig):
     threads: int = 1
 
     def __post_init__(self) -> None:
-        _check_num("lr", self.lr, lo=0, lo_open=True)
-        _check_num("weight_decay", self.weight_decay, lo=0, lo_open=False)
-        _check_num("batch_size", self.batch_size, lo=1, lo_open=False, integer=True)
-        _check_num("local_epochs", self.local_epochs, lo=0, lo_open=True)
+        check_number("TrainConfig", "lr", self.lr, lo=0, lo_open=True)
+        check_number("TrainConfig", "weight_decay", self.weight_decay, lo=0, lo_open=False)
+        check_number("TrainConfig", "batch_size", self.batch_size, lo=1, lo_open=False, integer=True)
+        check_number("TrainConfig", "local_epochs", self.local_epochs, lo=0, lo_open=True)
         if not isinstance(self.augment, bool):
             raise ModelError(f"TrainConfig.augment must be a bool, got {self.augment!r}")
-        _check_num("grad_clip", self.grad_clip, lo=0, lo_open=False)
-        _check_num("lambda_dice", self.lambda_dice, lo=0, lo_open=False)
-        _check_num("lambda_bce", self.lambda_bce, lo=0, lo_open=False)
+        check_number("TrainConfig", "grad_clip", self.grad_clip, lo=0, lo_open=False)
+        check_number("TrainConfig", "lambda_dice", self.lambda_dice, lo=0, lo_open=False)
+        check_number("TrainConfig", "lambda_bce", self.lambda_bce, lo=0, lo_open=False)
         if self.lambda_dice + self.lambda_bce == 0:
             raise ModelError("TrainConfig.lambda_dice and lambda_bce must not both be 0")
-        _check_num("threads", self.threads, lo=1, lo_open=False, integer=True)
+        check_number("TrainConfig", "threads", self.threads, lo=1, lo_open=False, integer=True)
 
 
 @dataclass

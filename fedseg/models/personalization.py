@@ -9,7 +9,6 @@ parameters are left out of the optimizer, not merely given no gradient.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedseg.models.config import DictConfig
+from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
 from fedseg.models.local_training import LocalTrainer, RoundResult, TrainConfig
 
@@ -52,14 +51,9 @@ class PersonalConfig(DictConfig):
     alpha: float = 0.1
 
     def __post_init__(self) -> None:
-        if isinstance(self.head_fraction, bool) or not isinstance(self.head_fraction, (int, float)) or not 0 < self.head_fraction < 1:
-            raise ModelError(f"PersonalConfig.head_fraction must be in (0, 1), got {self.head_fraction!r}")
-        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, (int, float)) or not (
-            math.isfinite(self.finetune_epochs) and self.finetune_epochs > 0
-        ):
-            raise ModelError(f"PersonalConfig.finetune_epochs must be > 0, got {self.finetune_epochs!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha < 1:
-            raise ModelError(f"PersonalConfig.alpha must be in [0, 1), got {self.alpha!r}")
+        check_number("PersonalConfig", "head_fraction", self.head_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+        check_number("PersonalConfig", "finetune_epochs", self.finetune_epochs, lo=0, lo_open=True)
+        check_number("PersonalConfig", "alpha", self.alpha, lo=0, hi=1, hi_open=True)
 
 
 def local_keys(model: nn.Module, part: LocalPart) -> frozenset[str]:

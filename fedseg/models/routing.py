@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedseg.models.config import DictConfig
+from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
 from fedseg.models.local_training import _as_float_images, _device, batch_indices
 from fedseg.models.losses import Losses
@@ -101,14 +101,9 @@ class AdaptConfig(DictConfig):
         if self.routing not in set(Routing):
             raise ModelError(f"AdaptConfig.routing must be one of {[r.value for r in Routing]}, got {self.routing!r}")
         for name in ("epochs", "lr", "lambda_ent", "lambda_cons", "lambda_shape", "noise_std"):
-            value = getattr(self, name)
-            positive = name in ("epochs", "lr")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise ModelError(f"AdaptConfig.{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-        for name, lo in (("batch_size", 1), ("shape_window", 1), ("threads", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ModelError(f"AdaptConfig.{name} must be an int >= {lo}, got {value!r}")
+            check_number("AdaptConfig", name, getattr(self, name), lo=0, lo_open=name in ("epochs", "lr"))
+        for name in ("batch_size", "shape_window", "threads"):
+            check_number("AdaptConfig", name, getattr(self, name), lo=1, integer=True)
         if self.shape_window % 2 == 0:
             raise ModelError(f"AdaptConfig.shape_window must be odd, got {self.shape_window}")
 

@@ -175,27 +175,45 @@ class UNet(nn.Module):
         Raises:
             ModelError: On wrong rank, channels, dtype or spatial size.
         """
-        cfg = self.config
+        return self.head(self.decode(self.encode(x)))  # (B, out_channels, H, W)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Checks the input and runs the encoder.
+
+        Returns:
+            Every level's features, ``(B, width*2**i, H/2**i, W/2**i)`` for ``i = 0..depth``.
+
+        Raises:
+            ModelError: On wrong rank, channels, dtype or spatial size.
+        """
+        cfg, name = self.config, type(self).__name__
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ModelError(
-                f"UNet expects input (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}"
-            )
+            raise ModelError(f"{name} expects input (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise ModelError(f"UNet expects float input in [0, 1], got dtype {x.dtype}")
+            raise ModelError(f"{name} expects float input in [0, 1], got dtype {x.dtype}")
         m = 2**cfg.depth
         if x.shape[-2] % m or x.shape[-1] % m:
             raise ModelError(
-                f"UNet with depth={cfg.depth} needs H and W to be multiples of 2**depth={m}, "
+                f"{name} with depth={cfg.depth} needs H and W to be multiples of 2**depth={m}, "
                 f"got input shape {tuple(x.shape)}"
             )
         skips = []
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else F.max_pool2d(x, 2))  # (B, width*2**i, H/2**i, W/2**i)
             skips.append(x)
-        x = skips.pop()
+        return skips
+
+    def bottleneck(self, deep: torch.Tensor) -> torch.Tensor:
+        """What the deepest features go through before the decoder: nothing here; LC-Fed's
+        channel selection in :class:`~fedseg.models.lcfed.LCFedUNet`."""
+        return deep
+
+    def decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Decoder features ``(B, width, H, W)`` from :meth:`encode`'s output (consumed)."""
+        x = self.bottleneck(skips.pop())
         for up in self.decoder:
             x = up(x, skips.pop())
-        return self.head(x)  # (B, out_channels, H, W)
+        return x
 
 
 def build_model(config: UNetConfig) -> UNet:

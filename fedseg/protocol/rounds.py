@@ -255,7 +255,8 @@ def run_federation(
                     check_arrays(reply.weights, head_layout, f"head from node {p.name}")
                     return reply
 
-                trainers = [p for p in peers if p.name in strategy.participants(nodes)]
+                sharers = set(strategy.participants(nodes))
+                trainers = [p for p in peers if p.name in sharers]
                 shared = _fan_out(pool, trainers, fetch, plan.timeout_s, lambda text: reporter.step(f"calibration heads: {text}"))
                 heads = {name: reply.weights for name, reply in shared.replies.items()}
                 for name, why in shared.failures.items():
