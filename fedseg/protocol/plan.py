@@ -206,7 +206,7 @@ class Plan:
                 raise PlanError("lcfed needs plan.sites, the federation's node names in order (the coordinator fills it)")
             if node is not None and node not in self.sites:
                 raise PlanError(f"node {node} is not among plan.sites {list(self.sites)}")
-            return LCFedUNet(self.model, len(self.sites), self.sites.index(node) if node else 0, self.lcfed)
+            return LCFedUNet(self.model, len(self.sites), self.sites.index(node) if node else 0, self.lcfed, self.image_size)
         return build_model(self.model)
 
 

@@ -116,6 +116,20 @@ def test_gaussian_is_a_fixed_buffer_with_peak_one():
     assert hc.conv.weight.shape == (1, 2 * 4 * 1, 3, 3)
 
 
+def test_hc_filter_scales_the_reference_filter_to_the_image_size():
+    # The reference's sigma 6 px and 31 px window belong to its 384 px images.
+    assert (LCFedConfig().at_size(384).window, LCFedConfig().at_size(384).gaussian_sigma) == (31, 6.0)
+    assert (LCFedConfig().at_size(128).window, LCFedConfig().at_size(128).gaussian_sigma) == (11, 2.0)
+    assert (LCFedConfig().at_size(64).window, LCFedConfig().at_size(64).gaussian_sigma) == (5, 1.0)
+    assert LCFedConfig().at_size(8).window == 3
+    # What the user sets stays, at any size.
+    mine = LCFedConfig(window=9, gaussian_sigma=2.5)
+    assert mine.at_size(64) == mine == mine.at_size(384)
+    with pytest.raises(ModelError, match="image_size"):
+        LCFedConfig().at_size(0)
+    assert LCFedUNet(TINY, n_sites=2, site=0, image_size=64).hc.gaussian.shape == (1, 1, 5, 5)
+
+
 def test_disagreement_is_normalized_and_zero_when_heads_agree():
     own = torch.rand(2, 1, 8, 8)
     u = HeadCalibration.disagreement(own, torch.rand(2, 2, 1, 8, 8))

@@ -127,3 +127,12 @@ def test_plan_is_frozen() -> None:
     plan = Plan()
     with pytest.raises(AttributeError):
         plan.rounds = 3  # type: ignore[misc]
+
+
+def test_lcfed_model_gets_the_hc_filter_of_the_plans_image_size():
+    plan = Plan.from_dict({"algorithm": "lcfed", "image_size": 64, "sites": ["a", "b"],
+                           "model": {"width": 4, "depth": 2, "groups": 2}})
+    model = plan.build_model("b")
+    assert model.hc.gaussian.shape == (1, 1, 5, 5) and model.hc.config.gaussian_sigma == 1.0
+    # The plan keeps "unset" (so it means the same at any size) and survives the wire.
+    assert plan.lcfed.window is None and Plan.from_dict(plan.to_dict()) == plan
