@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    DATA, NODE_START_TIMEOUT_S, REPO, Reporter, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
+    NODE_START_TIMEOUT_S, REPO, Reporter, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
     stop_nodes, with_budget,
 )
 
@@ -87,7 +87,8 @@ def make_plan(args: argparse.Namespace, task: str, algorithm: str, seed: int) ->
     return Plan.from_dict({
         "algorithm": algorithm, "rounds": args.rounds, "image_size": args.image_size, "seed": seed, "timeout_s": 1800.0,
         "model": {"width": args.width, "depth": args.depth, "groups": min(8, args.width), "norm": "batch", "in_channels": TASKS[task]["in_channels"]},
-        "train": {"lr": args.lr, "batch_size": args.batch_size, "local_epochs": 1.0, "threads": 1},
+        "train": {"lr": args.lr, "batch_size": args.batch_size, "local_epochs": 1.0, "threads": args.threads},
+        "personal": {"alpha": args.alpha},
     })
 
 
@@ -190,9 +191,9 @@ def markdown(res: dict[str, Any], record: dict[str, Any], tasks: list[str]) -> s
     g = res["goals"]
     verdict = lambda ok: "pass" if ok else "FAIL"  # noqa: E731
     lines = ["# IOP-FL benchmark: inside and outside personalization", "",
-             f"Commit {record['git']['commit'][:12]}{' (dirty)' if record['git']['dirty_files'] else ''}; {c['rounds']} rounds, {c['seeds']} seed(s), "
+             f"Commit {commit_label(record['git'])}; {c['rounds']} rounds, {c['seeds']} seed(s), "
              f"up to {c['limit']} images per site, {c['image_size']} px, U-Net width {c['width']} depth {c['depth']} with BatchNorm, lr {c['lr']}, "
-             f"batch {c['batch_size']}; adaptation {c['adapt_epochs']} epochs, lr {c['adapt_lr']}, {c['routing']} routing; "
+             f"batch {c['batch_size']}, running mix α {c['alpha']}; adaptation {c['adapt_epochs']} epochs, lr {c['adapt_lr']}, {c['routing']} routing; "
              f"{record['wall_seconds'] / 60:.1f} min in all.", "",
              "Dice (%) counts the foreground only, per image, then per site; mean ± std over seeds.", "",
              "## Outside: leave one site out", "",
@@ -223,19 +224,15 @@ def markdown(res: dict[str, Any], record: dict[str, Any], tasks: list[str]) -> s
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--full", action="store_true", help=f"longer budget: {FULL} (explicit flags still win)")
+    p = budget_parser(__doc__.split("\n\n")[0], DEFAULTS, FULL)
     p.add_argument("--tasks", default="polyp,breast", help="comma-separated: " + ", ".join(TASKS))
-    for key, value in DEFAULTS.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), help=f"default {value}")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--adapt-epochs", type=float, help=f"epochs of test-time routing (default {DEFAULTS['adapt_epochs']})")
     p.add_argument("--adapt-lr", type=float, default=1e-3)
     p.add_argument("--routing", choices=["softmax", "sigmoid"], default="softmax")
-    p.add_argument("--split-seed", type=int, default=0, help="node split seed and subset sampling seed")
-    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--alpha", type=float, default=0.1, help="inside personalization: weight of the previous running mix")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_iopfl")
     args = with_budget(p.parse_args(), FULL, DEFAULTS)
+    check_budget(p, args)
     args.tasks = [t for t in args.tasks.split(",") if t]
     if bad := [t for t in args.tasks if t not in TASKS]:
         p.error(f"unknown task: {bad}")
