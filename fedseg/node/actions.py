@@ -26,7 +26,7 @@ import torch
 
 from fedseg.models.errors import ModelError
 from fedseg.models.iopfl import running_mix
-from fedseg.models.lcfed import CalibratedUNet, lcfed_round, split_heads, train_hc_round
+from fedseg.models.lcfed import CalibratedUNet, calibration_keeps, lcfed_round, split_heads, train_hc_round
 from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays
 from fedseg.models.personalization import LocalPart, fedrep_round, local_keys, pull, push
 from fedseg.models.routing import AdaptConfig, adapt, adapt_norm_statistics, route_experts
@@ -414,9 +414,15 @@ def _calibrate(rt: NodeRuntime, msg: CalibrateRequest) -> EvaluateReply:
         seed = round_seed(plan.seed, msg.round, rt.name)
         result = train_hc_round(model, heads, rt.images("train", plan), rt.masks("train", plan), calibrate, seed)
         rt.keep_personal(plan, msg.run_id, model)
-        personal = CalibratedUNet(model, heads)
         log.info("round %d node %s: trained HC on the heads of %s, loss %.4f, %.1f s",
                  msg.round, rt.name, sorted(heads), result.mean_loss, result.seconds)
+        calibrated = CalibratedUNet(model, heads)
+        if not len(rt.splits.val) or calibration_keeps(model, calibrated, rt.images("val", plan), rt.masks("val", plan),
+                                                       plan.eval_batch_size):
+            personal = calibrated
+        else:
+            log.warning("round %d node %s: HC scores a lower validation Dice than the stage-1 model, "
+                        "so the stage-1 model stays this node's personalized model", msg.round, rt.name)
     return _score(rt, plan, msg.run_id, msg.round, msg.splits, 0, {"": model, PERSONAL_PREFIX: personal})
 
 

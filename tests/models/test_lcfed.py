@@ -14,6 +14,7 @@ from fedseg.models.lcfed import (
     LCFedTrainer,
     LCFedUNet,
     Phase,
+    calibration_keeps,
     head_arrays,
     lcfed_round,
     predict_calibrated,
@@ -269,3 +270,18 @@ def test_hc_only_ablation_has_no_pcs_and_still_trains_both_stages():
     before = _snapshot(model)
     train_hc_round(model, other, images, masks, config, seed=1)
     assert {k.split(".")[0] for k in _changed(model, before)} == {"hc"}
+
+
+def test_calibration_is_kept_only_if_it_scores_at_least_the_stage1_model_on_validation():
+    images, masks = squares(6, 3)
+    assert masks.flatten(1).any(dim=1).all()  # every image has a lesion, so "nothing" scores Dice 0
+    model = _model()
+    calibrated = CalibratedUNet(model, _other_heads())
+    with torch.no_grad():
+        # Stage 1 marks everything as lesion (Dice > 0); HC marks nothing (Dice 0): drop HC.
+        model.head.weight.zero_(), model.head.bias.fill_(100.0)
+        model.hc.conv.weight.zero_(), model.hc.conv.bias.fill_(-100.0)
+    assert not calibration_keeps(model, calibrated, images, masks)
+    with torch.no_grad():
+        model.hc.conv.bias.fill_(100.0)  # now HC equals stage 1: a tie keeps HC
+    assert calibration_keeps(model, calibrated, images, masks)

@@ -551,9 +551,13 @@ def test_iopfl_keeps_a_running_mix_on_each_node_and_scores_it(runtimes: dict[str
     assert not any("personal_test_dice" in r for r in rows if r["round"] == 0)
 
 
-def test_lcfed_shares_only_heads_and_only_with_consent(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+def test_lcfed_shares_only_heads_and_only_with_consent(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedseg.node.actions as actions
     from fedseg.models.personalization import LocalPart, local_keys
 
+    # This test is about what travels; whether HC beats stage 1 on validation is tested below and in test_lcfed.py.
+    monkeypatch.setattr(actions, "calibration_keeps", lambda *a, **k: True)
     # site-c's owner keeps its head: it neither sends it nor receives the others'.
     nodes = dict(runtimes, **{"site-c": NodeRuntime(replace(runtimes["site-c"].config, share_head=False))})
     transports = [InMemoryTransport(rt) for rt in nodes.values()]
@@ -589,6 +593,22 @@ def test_lcfed_shares_only_heads_and_only_with_consent(runtimes: dict[str, NodeR
     assert set(kept) == local and np.abs(kept["hc.conv.weight"]).sum() > 0
     assert (nodes["site-a"].workdir / "models" / state.run_id / "heads.npz").exists()
     assert not (nodes["site-c"].workdir / "models" / state.run_id / "heads.npz").exists()
+
+
+def test_lcfed_node_keeps_its_stage1_model_when_hc_scores_lower_on_validation(
+        runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedseg.node.actions as actions
+
+    monkeypatch.setattr(actions, "calibration_keeps", lambda *a, **k: False)
+    plan = tiny_plan(algorithm="lcfed", rounds=1, lcfed={"hc_epochs": 1.0})
+    rows = run_federation(plan, [InMemoryTransport(rt) for rt in runtimes.values()], tmp_path, Reporter())
+    state, _ = RunStore(tmp_path).load()
+    calibration = [r for r in rows if r["round"] == 2]
+    assert sorted(r["site"] for r in calibration) == sorted(SITES)
+    for r in calibration:
+        # The personalized figures are the stage-1 model's, and no heads are kept beside it.
+        assert r["personal_val_dice"] == r["val_dice"] and r["personal_test_loss"] == r["test_loss"], r["site"]
+        assert not (runtimes[r["site"]].workdir / "models" / state.run_id / "heads.npz").exists()
 
 
 def test_lcfed_sites_must_match_the_invited_nodes(runtimes: dict[str, NodeRuntime], tmp_path: Path) -> None:
