@@ -27,7 +27,6 @@ row and reply), ``<out>/bench_iopfl.md`` and ``<out>/outside.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import time
@@ -37,7 +36,7 @@ from typing import Any
 
 from benchlib import (
     NODE_START_TIMEOUT_S, REPO, Reporter, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
-    stop_nodes, with_budget,
+    stop_nodes, with_budget, write_results,
 )
 
 GOAL_MEAN_GAIN = 0.02  # routing - unchanged global, mean over held-out sites, at least
@@ -273,12 +272,7 @@ def main() -> None:
     res = summarize(record, args.tasks)
     record["results"] = res
     record["plot"] = plot(res, args.tasks, out)
-    md = markdown(res, record, args.tasks)
-    (out / "bench_iopfl.json").write_text(json.dumps(record, indent=2, default=str))
-    (out / "bench_iopfl.md").write_text(md)
-    print()
-    print(md)
-    say(f"wrote {out / 'bench_iopfl.json'}, {out / 'bench_iopfl.md'} and {out / 'outside.png'} ({record['wall_seconds'] / 60:.1f} min)")
+    write_results(out, "bench_iopfl", record, markdown(res, record, args.tasks), [record["plot"]], record["wall_seconds"])
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from torch import nn
 from fedseg.models.augment import augment_batch
 from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
-from fedseg.models.local_training import RoundResult, TrainConfig, _as_float_images, _check_pair, _device
+from fedseg.models.local_training import RoundResult, TrainConfig, _as_float_images, _check_pair, _device, torch_threads
 from fedseg.models.losses import DiceBCELoss, Losses
 from fedseg.models.unet import UNetConfig, build_model
 
@@ -573,9 +573,7 @@ class FedMixTrainer:
         cfg = self.config
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(seed)
-        prev_threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-        try:
+        with torch_threads(cfg.threads):
             if masks is not None:
                 x, y = _as_float_images(images), masks.float()
                 result = self._fit(x, y, y, gen, augment=cfg.augment)
@@ -589,8 +587,6 @@ class FedMixTrainer:
                 else:
                     # The triples are already augmented and stay fixed for the round.
                     result = self._fit(x, y2, y1, gen, augment=False)
-        finally:
-            torch.set_num_threads(prev_threads)
         n, mean_loss, steps, parts = result
         return FedMixRoundResult(
             n_samples=n,

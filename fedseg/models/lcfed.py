@@ -313,9 +313,9 @@ class LCFedUNet(UNet):
         _check_site(n_sites, site)
         super().__init__(config)
         self.n_sites, self.site = n_sites, site
-        self.lcfed = (lcfed or LCFedConfig()).at_size(image_size)
+        self.lcfed = lcfed or LCFedConfig()
         self.pcs = PCS(config.width * 2**config.depth, n_sites) if self.lcfed.pcs else None
-        self.hc = HeadCalibration(config.width, config.out_channels, self.lcfed)
+        self.hc = HeadCalibration(config.width, config.out_channels, self.lcfed, image_size)
         # Not persistent: it is fixed by (site, n_sites), and a state-dict entry would be averaged.
         self.register_buffer("onehot", site_onehot(site, n_sites), persistent=False)  # (K,)
 

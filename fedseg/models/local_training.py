@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +33,7 @@ __all__ = [
     "evaluate",
     "predict",
     "state_to_arrays",
+    "torch_threads",
 ]
 
 
@@ -116,6 +119,21 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Runs the block with ``n`` torch intra-op threads, then restores the previous count.
+
+    The count is process-wide, so a node (or a test running several in one process)
+    sets it per piece of work rather than once.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def batch_indices(n: int, epochs: float, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """The sample indices of every step of ``epochs`` passes over ``n`` samples.
 
@@ -198,9 +216,7 @@ class LocalTrainer:
         batches = batch_indices(n, cfg.local_epochs, cfg.batch_size, gen)
         total = sum(len(idx) for idx in batches)
 
-        prev_threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-        try:
+        with torch_threads(cfg.threads):
             self.before_round()
             params = self.parameters_to_train()
             opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -224,8 +240,6 @@ class LocalTrainer:
                 loss_sum += losses.total.item() * b
                 for k, v in losses.parts.items():
                     part_sums[k] = part_sums.get(k, 0.0) + v * b
-        finally:
-            torch.set_num_threads(prev_threads)
         return RoundResult(
             n_samples=n,
             mean_loss=loss_sum / total,

@@ -39,7 +39,7 @@ from torch import nn
 
 from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
-from fedseg.models.local_training import _as_float_images, _device, batch_indices
+from fedseg.models.local_training import _as_float_images, _device, batch_indices, torch_threads
 from fedseg.models.losses import Losses
 from fedseg.models.unet import Norm, UNet, UNetConfig, build_model
 
@@ -407,9 +407,7 @@ def adapt(
     batches = batch_indices(n, config.epochs, config.batch_size, gen)
     last_epoch = max(len(batches) - math.ceil(n / config.batch_size), 0)
     params = list(model.parameters())
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         opt = torch.optim.Adam(params, lr=config.lr)
         model.train()
         model.zero_grad(set_to_none=True)
@@ -426,8 +424,6 @@ def adapt(
                     part_sums[k] = part_sums.get(k, 0.0) + v * len(idx)
             if progress is not None:
                 progress(step + 1, len(batches), losses.parts)
-    finally:
-        torch.set_num_threads(prev_threads)
     return AdaptResult(
         n_images=n,
         steps=len(batches),

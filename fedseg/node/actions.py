@@ -27,7 +27,7 @@ import torch
 from fedseg.models.errors import ModelError
 from fedseg.models.iopfl import running_mix
 from fedseg.models.lcfed import CalibratedUNet, calibration_keeps, lcfed_round, split_heads, train_hc_round
-from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays
+from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays, torch_threads
 from fedseg.models.personalization import LocalPart, fedrep_round, local_keys, pull, push
 from fedseg.models.routing import AdaptConfig, adapt, adapt_norm_statistics, route_experts
 from fedseg.models.overlay import overlay_png
@@ -346,9 +346,7 @@ def _score(rt: NodeRuntime, plan: Plan, run_id: str, round_: int, splits: list[s
     """Scores each model (keyed by its metrics prefix) on the splits, keeps them, and answers
     with aggregate figures only."""
     metrics: dict[str, Any] = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(plan.train.threads)
-    try:
+    with torch_threads(plan.train.threads):
         for split in splits:
             images, masks = rt.images(split, plan), rt.masks(split, plan)
             for prefix, scored in models.items():
@@ -356,8 +354,6 @@ def _score(rt: NodeRuntime, plan: Plan, run_id: str, round_: int, splits: list[s
                 metrics[prefix + split] = _scores(m)
             if overlays:
                 _write_overlays(rt, models.get(PERSONAL_PREFIX, models[""]), images[:overlays], masks[:overlays], run_id, round_, split)
-    finally:
-        torch.set_num_threads(threads)
     bad = sorted(f"{split}.{k}" for split, values in metrics.items() for k, v in values.items() if not math.isfinite(v))
     if bad:
         # Nothing is kept from weights that cannot even be scored.
@@ -477,14 +473,10 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
             adabn = copy.deepcopy(global_model)
             adapt_norm_statistics(adabn, images, plan.eval_batch_size)
             scored["norm_stats"] = adabn
-        threads = torch.get_num_threads()
-        torch.set_num_threads(config.threads)
-        try:
+        with torch_threads(config.threads):
             for name, model in scored.items():
                 m = evaluate(model, images, masks, batch_size=plan.eval_batch_size)
                 metrics[name] = _scores(m)
-        finally:
-            torch.set_num_threads(threads)
     log.info("run %s node %s: adapted over %d experts (%s) in %d steps, %.1f s; scores %s",
              msg.run_id, rt.name, len(experts), ", ".join(msg.experts), result.steps, result.seconds, metrics)
     return AdaptReply(run_id=msg.run_id, experts=len(experts), n_images=result.n_images, steps=result.steps,
