@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 NODE_MAX_MB = 4
+#: Short, so the session's nodes delete every call's objects from their Syft stores while the
+#: suite runs: every end-to-end test then also checks that this never cuts a call short.
+NODE_SYFT_RETENTION_S = 5
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # The learnable task of the end-to-end tests: tiny, but the Dice must clearly rise.
 TINY_PLAN_ARGS = ["--image-size", "32", "--width", "8", "--depth", "2", "--batch-size", "8", "--local-epochs", "2", "--lr", "0.003", "--seed", "0"]
@@ -50,7 +53,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     Only site-a's owner lets its personalized model leave (``--share-personalized``).
     """
     # A small message limit lets the oversized-message test stay cheap.
-    small = ["--max-message-mb", str(NODE_MAX_MB)]
+    small = ["--max-message-mb", str(NODE_MAX_MB), "--syft-retention", str(NODE_SYFT_RETENTION_S)]
     # site-a lets its IOP-FL model leave for routing; site-c keeps its LC-Fed head to itself.
     # Every other algorithm ignores both flags.
     extra = {"site-a": [*small, "--share-personalized"], "site-b": small, "site-c": [*small, "--no-share-head"]}

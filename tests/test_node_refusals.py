@@ -159,3 +159,35 @@ def test_a_credential_for_one_node_is_refused_by_another(federation, tmp_path):
     crossed.write_text(json.dumps(invite))
     result = fedseg("run", "--invite", str(crossed), "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS)
     assert result.returncode != 0 and "refused the login" in result.stderr and "Traceback" not in result.stderr
+
+
+def _syft_store(workdir) -> tuple[int, int]:
+    """(objects, bytes of blobs) in a node's Syft store; read from Syft's own files, since
+    no Syft API lists a store's objects."""
+    import sqlite3
+
+    (root,) = (workdir / "syft").iterdir()
+    (db,) = (root / "db").glob("*_json.db")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        (objects,) = con.execute("SELECT count(*) FROM ActionObject").fetchone()
+    return objects, sum(p.stat().st_size for p in (root / "blob").rglob("*") if p.is_file())
+
+
+def test_served_calls_leave_no_models_or_updates_in_the_syft_store(node):
+    import time
+
+    from conftest import NODE_SYFT_RETENTION_S
+
+    proc, transport, peer = node
+    before, _ = _syft_store(proc.workdir)
+    frame = np.random.default_rng(0).bytes(3 * 2**20)  # refused, but Syft stores it all the same
+    for _ in range(3):
+        _reply(transport, frame)
+    objects, blobs = _syft_store(proc.workdir)
+    assert blobs >= 3 * len(frame) and objects >= before + 6  # each call's request and reply
+    deadline = time.monotonic() + 12 * NODE_SYFT_RETENTION_S
+    while time.monotonic() < deadline and not ((store := _syft_store(proc.workdir))[1] == 0 and store[0] <= before):
+        time.sleep(1)
+    objects, blobs = _syft_store(proc.workdir)
+    assert blobs == 0 and objects <= before
+    _still_serving(peer)

@@ -1,4 +1,4 @@
-"""``fedseg node``: what a data owner runs. Only click is imported at module level."""
+"""``fedseg node``: what a data owner runs. Only click (and light fedseg constants) is imported at module level."""
 from __future__ import annotations
 
 import os
@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import click
+
+from .syft_retention import DEFAULT_RETENTION_S
 
 __all__ = ["node"]
 
@@ -51,10 +53,12 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--require-secure-aggregation", is_flag=True, help="Train only in secure-aggregation rounds: no coordinator ever gets this node's update unmasked.")
 @click.option("--share-personalized", is_flag=True, help="Allow this node's personalized model (IOP-FL) to leave it, "
               "so a new hospital can route over it. Off by default: the model never leaves.")
+@click.option("--syft-retention", "syft_retention_s", type=click.FloatRange(min=1.0), default=DEFAULT_RETENTION_S, show_default=True, metavar="SECONDS",
+              help="How long the Syft store keeps each served call's request and reply (models and updates) before deleting them.")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
           image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
           group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_head: bool,
-          new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool) -> None:
+          new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool, syft_retention_s: float) -> None:
     """Validate the data, start the datasite and write the coordinator's invite."""
     from .config import NodeConfig
     from .datasets import LabelKind, index_site
@@ -77,6 +81,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         share_head=share_head,
         require_secure_aggregation=require_secure_aggregation,
         share_personalized=share_personalized,
+        syft_retention_s=syft_retention_s,
     )
     config.save()
     _serve(config, index, host, port, new_credentials)

@@ -8,6 +8,8 @@ from typing import Any
 
 from fedseg.protocol.files import atomic_write
 
+from .syft_retention import DEFAULT_RETENTION_S
+
 __all__ = ["NodeConfig", "WORKDIR_ENV"]
 
 #: How the node's Syft server process, started by Syft's own launcher, finds its workdir.
@@ -37,6 +39,8 @@ class NodeConfig:
             receives this node's update unmasked.
         share_personalized: The owner allows this node's personalized model (IOP-FL's
             running mix) to leave it, to be routed over on a new site. Off by default.
+        syft_retention_s: How long the node's Syft store keeps each served call's request
+            and reply (models and updates) before deleting them.
     """
 
     name: str
@@ -54,6 +58,7 @@ class NodeConfig:
     share_head: bool = True
     require_secure_aggregation: bool = False
     share_personalized: bool = False
+    syft_retention_s: float = DEFAULT_RETENTION_S
 
     @property
     def path(self) -> Path:

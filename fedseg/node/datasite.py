@@ -31,6 +31,7 @@ from .config import WORKDIR_ENV, NodeConfig
 from .datasets import SiteIndex, load_arrays
 from .errors import NodeError
 from .node_log import log
+from .syft_retention import StoreRetention
 
 __all__ = ["DATASET_NAME", "SUMMARY_ASSET", "review_request", "serve"]
 
@@ -149,6 +150,7 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
         summary_asset.no_mock()
         dataset.add_asset(summary_asset)
         do.upload_dataset(dataset)
+        retention = StoreRetention(do, [asset.action_id for asset in do.datasets[DATASET_NAME].assets], config.syft_retention_s)
         if previous is not None:
             coordinator_email, password = previous.email, previous.password
         else:
@@ -158,7 +160,7 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
         invite.save(workdir / "invite.json")
         again = "the same invite as before" if previous is not None else "a new invite"
         say(f"node {config.name} serving {len(index)} images at {url}:{port}; {again}: {workdir / 'invite.json'}")
-        _review_loop(do, coordinator_email, stop)
+        _review_loop(do, coordinator_email, stop, retention)
     finally:
         say(f"node {config.name} shutting down")
         handle.land()
@@ -176,9 +178,13 @@ def _previous_invite(path: Path, name: str) -> Invite | None:
     return invite if invite.node == name else None
 
 
-def _review_loop(do: Any, coordinator_email: str, stop: threading.Event) -> None:
+def _review_loop(do: Any, coordinator_email: str, stop: threading.Event, retention: StoreRetention) -> None:
     period = REVIEW_PERIOD_S
     while not stop.wait(period):
+        try:
+            retention.step()
+        except Exception as exc:  # as below: the store is tidied at the next check
+            log.warning("could not tidy the Syft store: %s", exc)
         try:
             pending = do.api.services.request.get_all_pending()
         except Exception as exc:  # a transient server hiccup must not stop the node
