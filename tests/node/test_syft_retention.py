@@ -9,11 +9,20 @@ from fedseg.node.syft_retention import StoreRetention
 ASSET = "asset-summary"
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class FakeOwnerClient:
     """The two Syft services retention uses, over an in-memory store of object ids."""
 
-    def __init__(self, undeletable: frozenset[str] = frozenset()) -> None:
+    def __init__(self, undeletable: frozenset[str] = frozenset(), clock: Clock | None = None, listing_s: float = 0.0) -> None:
         self.records: list[SimpleNamespace] = []
+        self.clock, self.listing_s = clock, listing_s
         self.objects: set[str] = {ASSET}
         self.listings = 0
         self.undeletable = undeletable
@@ -26,20 +35,14 @@ class FakeOwnerClient:
 
     def _get_all(self) -> list[SimpleNamespace]:
         self.listings += 1
+        if self.clock is not None:
+            self.clock.now += self.listing_s
         return list(self.records)
 
     def _delete(self, uid: str) -> None:
         if uid in self.undeletable or uid not in self.objects:
             raise RuntimeError(f"cannot delete {uid}")
         self.objects.remove(uid)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_call_s_request_and_reply_go_after_the_retention_and_the_assets_stay():
@@ -68,6 +71,19 @@ def test_the_store_is_listed_only_when_a_check_is_due():
         retention.step()
     assert client.listings == 1
     clock.now = 30.0
+    retention.step()
+    assert client.listings == 2
+
+
+def test_a_slow_listing_spaces_the_checks_out():
+    clock = Clock()
+    client = FakeOwnerClient(clock=clock, listing_s=2.0)  # a store with many records behind it
+    retention = StoreRetention(client, keep=[ASSET], retention_s=120.0, clock=clock)
+    retention.step()
+    clock.now = 99.0
+    retention.step()
+    assert client.listings == 1
+    clock.now = 100.0  # 50 times the listing's 2 s, from when it started
     retention.step()
     assert client.listings == 2
 
