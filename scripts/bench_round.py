@@ -16,74 +16,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import REPO, Site, commit_label, git_commit, machine_info, say, start_nodes, stop_nodes, write_results
+
 SITES = ("Kvasir-SEG", "CVC-ClinicDB", "CVC-ColonDB")
 GOAL_ROUND_RATIO = 1.10  # Syft round wall time / in-process round wall time, at most
 GOAL_THROUGHPUT_RATIO = 0.95  # node training samples/s / bare PyTorch loop samples/s, at least
-NODE_START_TIMEOUT_S = 180.0
 MB = 1e6
-
-
-def say(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-# --------------------------------------------------------------------------- nodes
-
-
-def start_nodes(data: Path, workdirs: Path, limit: int, nodes: dict[str, Any]) -> dict[str, Path]:
-    """Starts one ``fedseg node start`` per site (each its own session) and waits for the invites."""
-    from fedseg.node.errors import NodeError
-    from fedseg.node.launcher import NodeProcess
-
-    extra = ["--limit", str(limit)] if limit else []
-    for site in SITES:
-        nodes[site] = NodeProcess(site, data / site, workdirs / site, extra=extra)
-        say(f"started node {site} (pid {nodes[site].process.pid}), output {nodes[site].output}")
-    invites = {}
-    for site, node in nodes.items():
-        try:
-            invites[site] = node.wait_ready(NODE_START_TIMEOUT_S)
-        except NodeError as exc:
-            raise SystemExit(f"error: {exc}") from None
-        say(f"node {site} is serving")
-    return invites
-
-
-def stop_nodes(nodes: dict[str, Any]) -> None:
-    """SIGTERM to every node's process group at once, SIGKILL to what is left after 10 s."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-        list(pool.map(lambda node: node.stop(timeout_s=10), nodes.values()))
-    left = [site for site, node in nodes.items() if group_alive(node.process.pid)]
-    if left:
-        say(f"WARNING: processes of nodes {left} are still running")
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------- in-process nodes
@@ -601,21 +552,6 @@ def raw_side(reporter: SideReporter, transports: list[TimedTransport]) -> dict[s
             "cpu_marks": reporter.cpu_marks, "calls": {t.name: t.calls for t in transports}}
 
 
-def git_commit() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty_files": len(git("status", "--porcelain").splitlines())}
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    return {
-        "nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "platform": platform.platform(),
-        "torch": metadata.version("torch"), "syft": metadata.version("syft"), "loadavg_start": os.getloadavg()[0],
-    }
-
-
 # ------------------------------------------------------------------------ main
 
 
@@ -643,8 +579,6 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
-    import numpy as np
-
     from fedseg.node.config import NodeConfig
     from fedseg.protocol.cli import plan_from_options
     from fedseg.protocol.plan import Plan
@@ -657,7 +591,7 @@ def main() -> None:
         "rounds": args.rounds, "image_size": args.image_size, "width": args.width, "depth": args.depth, "threads": args.threads,
     }))
     out = args.out.resolve()
-    for sub in ("nodes", "inproc_nodes", "syft_run", "inproc_run"):
+    for sub in ("data", "nodes", "inproc_nodes", "syft_run", "inproc_run"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     commit, machine = git_commit(), machine_info()
@@ -670,7 +604,7 @@ def main() -> None:
     pipes: dict[str, PipeTransport] = {}
     t_start = time.monotonic()
     try:
-        invites = start_nodes(args.data.resolve(), out / "nodes", args.limit, nodes)
+        invites, _ = start_nodes([Site(name, name) for name in SITES], args.data.resolve(), out, args.limit, 0, nodes)
         say(f"all nodes serving after {time.monotonic() - t_start:.0f} s; starting the in-process workers")
         configs = {}
         for site, node in nodes.items():
@@ -710,7 +644,7 @@ def main() -> None:
 
     machine["loadavg_end"] = os.getloadavg()[0]
     res = summarize(plan, syft, local, bare, syft_transports, local_transports, payload_bytes)
-    md = markdown(res, config, machine, commit["commit"][:12] + (" (dirty)" if commit["dirty_files"] else ""))
+    md = markdown(res, config, machine, commit_label(commit))
     record = {
         "config": config, "plan": plan.to_dict(), "git": commit, "machine": machine,
         "wall_seconds": time.monotonic() - t_start, "results": res,
@@ -720,11 +654,7 @@ def main() -> None:
             "bare": bare,
         },
     }
-    (out / "bench_round.json").write_text(json.dumps(record, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
-    (out / "bench_round.md").write_text(md)
-    print()
-    print(md)
-    say(f"wrote {out / 'bench_round.json'} and {out / 'bench_round.md'} ({time.monotonic() - t_start:.0f} s in all)")
+    write_results(out, "bench_round", record, md, [], record["wall_seconds"])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Writes ``<out>/bench_secagg.json`` (config, git commit, machine, every measureme
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -34,7 +33,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_round import SITES, TimedTransport, git_commit, machine_info, read_cpu, say, start_nodes, stop_nodes  # noqa: E402
+from bench_round import SITES, TimedTransport, read_cpu  # noqa: E402
+from benchlib import Site, commit_label, git_commit, machine_info, say, start_nodes, stop_nodes, write_results  # noqa: E402
 
 from fedseg.protocol.aggregate import weighted_average  # noqa: E402
 from fedseg.protocol.messages import (  # noqa: E402
@@ -221,7 +221,7 @@ def e2e_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     nodes: dict[str, Any] = {}
     results: dict[str, Any] = {}
     try:
-        invites = start_nodes(args.data.resolve(), out / "nodes", args.limit, nodes)
+        invites, _ = start_nodes([Site(name, name) for name in SITES], args.data.resolve(), out, args.limit, 0, nodes)
         # Alternate the two modes so that load from other users of the machine hits both alike.
         for repeat in range(args.repeats):
             for mode, plan in plans.items():
@@ -326,17 +326,15 @@ def main() -> None:
     args = parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
     commit, machine = git_commit(), machine_info()
     crypto = [] if args.skip_crypto else crypto_part(args.ns, args.ds, args.seed)
     e2e = None if args.skip_e2e else e2e_part(args, out)
     machine["loadavg_end"] = os.getloadavg()[0]
     record = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "git": commit, "machine": machine,
               "crypto": crypto, "end_to_end": e2e}
-    md = markdown(crypto, e2e, machine, commit["commit"][:12] + (" (dirty)" if commit["dirty_files"] else ""))
-    (out / "bench_secagg.json").write_text(json.dumps(record, indent=2, default=str))
-    (out / "bench_secagg.md").write_text(md)
-    print(md)
-    say(f"wrote {out / 'bench_secagg.json'} and {out / 'bench_secagg.md'}")
+    md = markdown(crypto, e2e, machine, commit_label(commit))
+    write_results(out, "bench_secagg", record, md, [], time.monotonic() - t_start)
 
 
 if __name__ == "__main__":

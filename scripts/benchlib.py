@@ -100,9 +100,23 @@ def start_nodes(sites: list[Site], data: Path, out: Path, limit: int, split_seed
 
 
 def stop_nodes(nodes: dict[str, Any]) -> None:
-    for name, node in list(nodes.items()):
-        node.stop(timeout_s=10)
-        nodes.pop(name)
+    """SIGTERM to every node's process group at once, SIGKILL to what is left after 10 s; empties ``nodes``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        list(pool.map(lambda node: node.stop(timeout_s=10), nodes.values()))
+    left = [name for name, node in nodes.items() if _group_alive(node.process.pid)]
+    if left:
+        say(f"WARNING: processes of nodes {left} are still running")
+    nodes.clear()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @dataclass
@@ -164,7 +178,10 @@ def commit_label(commit: dict[str, Any]) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    return {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "platform": platform.platform(),
             "torch": metadata.version("torch"), "syft": metadata.version("syft"), "loadavg_start": os.getloadavg()[0]}
 
 
@@ -220,7 +237,8 @@ def check_budget(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def write_results(out: Path, name: str, record: dict[str, Any], md: str, figures: list[str], wall_s: float) -> None:
     """Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` and prints the table."""
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    # NumPy and torch scalars keep their numeric value; anything else (paths) is written as text.
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     (out / f"{name}.md").write_text(md)
     print()
     print(md)
