@@ -349,9 +349,12 @@ def _score(rt: NodeRuntime, plan: Plan, run_id: str, round_: int, splits: list[s
     with torch_threads(plan.train.threads):
         for split in splits:
             images, masks = rt.images(split, plan), rt.masks(split, plan)
+            # One model may stand under two prefixes (LC-Fed's stage-1 model, when HC is dropped): scored once.
+            by_model: dict[int, dict[str, Any]] = {}
             for prefix, scored in models.items():
-                m = evaluate(scored, images, masks, batch_size=plan.eval_batch_size)
-                metrics[prefix + split] = _scores(m)
+                if id(scored) not in by_model:
+                    by_model[id(scored)] = _scores(evaluate(scored, images, masks, batch_size=plan.eval_batch_size))
+                metrics[prefix + split] = dict(by_model[id(scored)])
             if overlays:
                 _write_overlays(rt, models.get(PERSONAL_PREFIX, models[""]), images[:overlays], masks[:overlays], run_id, round_, split)
     bad = sorted(f"{split}.{k}" for split, values in metrics.items() for k, v in values.items() if not math.isfinite(v))
@@ -413,8 +416,10 @@ def _calibrate(rt: NodeRuntime, msg: CalibrateRequest) -> EvaluateReply:
         log.info("round %d node %s: trained HC on the heads of %s, loss %.4f, %.1f s",
                  msg.round, rt.name, sorted(heads), result.mean_loss, result.seconds)
         calibrated = CalibratedUNet(model, heads)
-        if not len(rt.splits.val) or calibration_keeps(model, calibrated, rt.images("val", plan), rt.masks("val", plan),
-                                                       plan.eval_batch_size):
+        with torch_threads(plan.train.threads):
+            keeps = not len(rt.splits.val) or calibration_keeps(model, calibrated, rt.images("val", plan), rt.masks("val", plan),
+                                                                plan.eval_batch_size)
+        if keeps:
             personal = calibrated
         else:
             log.warning("round %d node %s: HC scores a lower validation Dice than the stage-1 model, "
