@@ -32,6 +32,8 @@ from typing import Any
 from benchlib import REPO, Site, commit_label, git_commit, machine_info, say, start_nodes, stop_nodes, write_results
 
 SITES = ("Kvasir-SEG", "CVC-ClinicDB", "CVC-ColonDB")
+#: The nodes benchlib starts: each site's data folder under ``--data`` is named after it.
+NODE_SITES = [Site(name, name) for name in SITES]
 GOAL_ROUND_RATIO = 1.10  # Syft round wall time / in-process round wall time, at most
 GOAL_THROUGHPUT_RATIO = 0.95  # node training samples/s / bare PyTorch loop samples/s, at least
 MB = 1e6
@@ -604,7 +606,7 @@ def main() -> None:
     pipes: dict[str, PipeTransport] = {}
     t_start = time.monotonic()
     try:
-        invites, _ = start_nodes([Site(name, name) for name in SITES], args.data.resolve(), out, args.limit, 0, nodes)
+        invites, _ = start_nodes(NODE_SITES, args.data.resolve(), out, args.limit, 0, nodes)
         say(f"all nodes serving after {time.monotonic() - t_start:.0f} s; starting the in-process workers")
         configs = {}
         for site, node in nodes.items():

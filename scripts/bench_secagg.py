@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_round import SITES, TimedTransport, read_cpu  # noqa: E402
-from benchlib import Site, commit_label, git_commit, machine_info, say, start_nodes, stop_nodes, write_results  # noqa: E402
+from bench_round import NODE_SITES, SITES, TimedTransport, read_cpu  # noqa: E402
+from benchlib import commit_label, git_commit, machine_info, say, start_nodes, stop_nodes, write_results  # noqa: E402
 
 from fedseg.protocol.aggregate import weighted_average  # noqa: E402
 from fedseg.protocol.messages import (  # noqa: E402
@@ -221,7 +221,7 @@ def e2e_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     nodes: dict[str, Any] = {}
     results: dict[str, Any] = {}
     try:
-        invites, _ = start_nodes([Site(name, name) for name in SITES], args.data.resolve(), out, args.limit, 0, nodes)
+        invites, _ = start_nodes(NODE_SITES, args.data.resolve(), out, args.limit, 0, nodes)
         # Alternate the two modes so that load from other users of the machine hits both alike.
         for repeat in range(args.repeats):
             for mode, plan in plans.items():
