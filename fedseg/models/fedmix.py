@@ -9,7 +9,8 @@ labels. Two independently initialised U-Nets are co-trained:
 * **Weak labels** (:func:`box_from_mask`, :func:`enlarge_box`,
   :func:`random_margins`, :func:`boxes_to_mask`, :func:`synthesize_box_masks`):
   benchmark boxes are the tight box around all foreground, each side enlarged by
-  a random margin from U{1..max_box_margin} and clamped to the image.
+  a random margin from U{1..max_box_margin} px on the paper's 224 px crops, scaled
+  to the image's size, and clamped to the image.
 * **Pseudo-labels** (:func:`select_pseudo_labels`): each network's thresholded
   prediction, restricted to the box, kept only where the two networks agree
   (Dice >= tau) and, on box clients, agree with the box (Dice >= box_agreement).
@@ -46,6 +47,7 @@ from fedseg.models.losses import DiceBCELoss, Losses
 from fedseg.models.unet import UNetConfig, build_model
 
 __all__ = [
+    "MARGIN_REFERENCE_SIDE",
     "CoTrainedUNets",
     "FedMixConfig",
     "FedMixRoundResult",
@@ -63,6 +65,9 @@ __all__ = [
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), inclusive-exclusive pixel coordinates
 
+#: Side in pixels of the crops the paper's box margins U{1..9} px were drawn on.
+MARGIN_REFERENCE_SIDE = 224
+
 
 @dataclass(frozen=True)
 class FedMixConfig(DictConfig):
@@ -75,7 +80,8 @@ class FedMixConfig(DictConfig):
         box_agreement: Minimum Dice between network 1's pseudo-label and the box
             mask on box clients; in [0, 1].
         max_box_margin: Synthesised boxes are enlarged by U{1..max_box_margin} px
-            per side; >= 1.
+            per side on a :data:`MARGIN_REFERENCE_SIDE` px image, scaled to the
+            actual size (at 64 px the paper's 9 px is about 3 px); >= 1.
         adaptive: False gives plain ``n_k / sum n`` weights (the ablation).
     """
 
@@ -218,6 +224,11 @@ def synthesize_box_masks(masks: np.ndarray, rng: np.random.Generator, max_margin
     :func:`boxes_to_mask`. One margin row is drawn per image, empty or not, so the
     draws for image i do not depend on which other images are empty.
 
+    The margins are drawn in pixels of a :data:`MARGIN_REFERENCE_SIDE` px image, as
+    the paper's are, and scaled to the masks' size (x by W/224, y by H/224, rounded):
+    the same relative looseness at every size. Unscaled, a 9 px margin is 14 % of a
+    64 px side, and the box rule then rejected even the ground truth on most images.
+
     Tight single-box masks (as a loader derives them from masks) are valid input
     too: their box is recovered exactly and enlarged, so calling this once per
     round with a round-seeded ``rng`` gives fresh margins each round, as the
@@ -226,7 +237,7 @@ def synthesize_box_masks(masks: np.ndarray, rng: np.random.Generator, max_margin
     Args:
         masks: ``(N, 1, H, W)``; nonzero is foreground.
         rng: Source of the margins.
-        max_margin: Largest margin, e.g. ``FedMixConfig.max_box_margin``.
+        max_margin: Largest margin at the reference side, e.g. ``FedMixConfig.max_box_margin``.
 
     Returns:
         ``(N, 1, H, W)`` bool box masks; all False where the mask is empty.
@@ -238,7 +249,8 @@ def synthesize_box_masks(masks: np.ndarray, rng: np.random.Generator, max_margin
     if masks.ndim != 4 or masks.shape[1] != 1:
         raise ModelError(f"synthesize_box_masks expects masks (N, 1, H, W), got shape {masks.shape}")
     n, _, h, w = masks.shape
-    margins = random_margins(rng, n, max_margin)  # (N, 4)
+    scale = np.array([w, h, w, h]) / MARGIN_REFERENCE_SIDE  # left, top, right, bottom
+    margins = np.rint(random_margins(rng, n, max_margin) * scale).astype(np.int64)  # (N, 4)
     out = np.zeros(masks.shape, dtype=bool)
     for i in range(n):
         box = box_from_mask(masks[i, 0])

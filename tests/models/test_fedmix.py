@@ -86,16 +86,39 @@ def test_boxes_to_mask_union_and_synthesis() -> None:
     with pytest.raises(ModelError, match="outside|x1 <= width"):
         boxes_to_mask([(0, 0, 6, 2)], height=4, width=5)
 
-    masks = np.zeros((2, 1, 32, 32), dtype=np.uint8)
-    masks[0, 0, 10:14, 12:20] = 1  # image 1 stays empty (lesion-free)
+    # At the paper's 224 px the margins are U{1..max_margin} px as drawn.
+    masks = np.zeros((2, 1, 224, 224), dtype=np.uint8)
+    masks[0, 0, 100:140, 120:200] = 1  # image 1 stays empty (lesion-free)
     boxes = synthesize_box_masks(masks, np.random.default_rng(0), max_margin=3)
-    assert boxes.shape == (2, 1, 32, 32) and not boxes[1].any()
+    assert boxes.shape == (2, 1, 224, 224) and not boxes[1].any()
     x0, y0, x1, y1 = box_from_mask(boxes[0, 0])
-    assert 1 <= 12 - x0 <= 3 and 1 <= 10 - y0 <= 3 and 1 <= x1 - 20 <= 3 and 1 <= y1 - 14 <= 3
+    assert 1 <= 120 - x0 <= 3 and 1 <= 100 - y0 <= 3 and 1 <= x1 - 200 <= 3 and 1 <= y1 - 140 <= 3
     assert (boxes[0, 0] >= masks[0, 0].astype(bool)).all()  # the box covers the lesion
     # A tight box mask (as the loader gives) is enlarged the same way, fresh per rng.
-    tight = boxes_to_mask([(12, 10, 20, 14)], 32, 32)[None, None].astype(np.uint8)
+    tight = boxes_to_mask([(120, 100, 200, 140)], 224, 224)[None, None].astype(np.uint8)
     assert np.array_equal(synthesize_box_masks(tight, np.random.default_rng(0), 3), boxes[:1])
+
+
+def test_box_margins_scale_with_the_image_size() -> None:
+    # The paper's U{1..9} px margin is on 224 px crops; at 64 px it is at most 3 px
+    # (9 * 64 / 224 = 2.6), the same share of the side. Unscaled, up to 9 px (14 %)
+    # made even the ground truth fail the box rule Dice(y, B) >= 0.5 on small lesions.
+    masks = np.zeros((400, 1, 64, 64), dtype=np.uint8)
+    masks[:, 0, 28:34, 28:34] = 1  # a 6 x 6 lesion
+    boxes = synthesize_box_masks(masks, np.random.default_rng(0), max_margin=9)
+    sides = np.stack([np.array(box_from_mask(b[0])) for b in boxes])  # (400, 4)
+    margins = np.abs(sides - np.array([28, 28, 34, 34]))
+    assert margins.max() == 3 and margins.min() == 0
+    assert np.mean(margins) == pytest.approx(5 * 64 / 224, abs=0.15)  # E[U{1..9}] = 5 px at 224
+    gt = torch.from_numpy(masks).float()
+    passes = soft_agreement(gt, torch.from_numpy(boxes).float()) >= CFG.box_agreement
+    assert passes.float().mean() > 0.9
+    # Non-square images scale x by the width and y by the height.
+    wide = np.zeros((200, 1, 224, 448), dtype=np.uint8)
+    wide[:, 0, 100:110, 200:210] = 1
+    wide_boxes = synthesize_box_masks(wide, np.random.default_rng(0), max_margin=9)
+    x0, y0, x1, y1 = np.stack([np.array(box_from_mask(b[0])) for b in wide_boxes]).T
+    assert (200 - x0).max() == 18 and (100 - y0).max() == 9
 
 
 # ----------------------------------------------------------------------------- selection
