@@ -37,12 +37,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedseg.models.augment import augment_batch
 from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
-from fedseg.models.local_training import RoundResult, TrainConfig, _as_float_images, _check_pair, _device, torch_threads
+from fedseg.models.local_training import (
+    RoundResult, TrainConfig, _as_float_images, _check_pair, _device, load_optimizer_state, torch_threads,
+)
 from fedseg.models.losses import DiceBCELoss, Losses
 from fedseg.models.unet import UNetConfig, build_model
 
@@ -53,7 +56,10 @@ __all__ = [
     "FedMixRoundResult",
     "FedMixTrainer",
     "Selection",
+    "WEAK_TRAINING",
     "adaptive_weights",
+    "aggregation_loss",
+    "fixed_weights",
     "box_from_mask",
     "boxes_to_mask",
     "enlarge_box",
@@ -67,6 +73,8 @@ Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), inclusive-exclusive pixel c
 
 #: Side in pixels of the crops the paper's box margins U{1..9} px were drawn on.
 MARGIN_REFERENCE_SIDE = 224
+#: How weak nodes learn: FedMix's co-training, or FedST's self-training.
+WEAK_TRAINING = ("cotraining", "self_training")
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,16 @@ class FedMixConfig(DictConfig):
             per side on a :data:`MARGIN_REFERENCE_SIDE` px image, scaled to the
             actual size (at 64 px the paper's 9 px is about 3 px); >= 1.
         adaptive: False gives plain ``n_k / sum n`` weights (the ablation).
+        weak_training: How weak nodes learn: ``"cotraining"`` (FedMix's cross
+            pseudo-supervision with the acceptance rule) or ``"self_training"``
+            (FedST, the paper's comparator: each network learns its own confident
+            pixels of a gamma-shifted image; the weak labels are not used).
+        warmup_rounds: Rounds in which only pixel nodes train (FedST's warm-up).
+        weak_weight: If > 0, fixed aggregation weights replace the adaptive ones:
+            each weak node gets ``weak_weight`` and the pixel nodes share the rest
+            by sample count (FedST's [0.05, 0.05, 0.9]); in [0, 1).
+        confidence: Self-training learns pixels with ``p > confidence`` or
+            ``p < 1 - confidence``; in (0.5, 1).
     """
 
     lam: float = 10.0
@@ -91,6 +109,10 @@ class FedMixConfig(DictConfig):
     box_agreement: float = 0.5
     max_box_margin: int = 9
     adaptive: bool = True
+    weak_training: str = "cotraining"
+    warmup_rounds: int = 0
+    weak_weight: float = 0.0
+    confidence: float = 0.9
 
     def __post_init__(self) -> None:
         check_number("FedMixConfig", "lam", self.lam, lo=0)
@@ -100,6 +122,11 @@ class FedMixConfig(DictConfig):
         check_number("FedMixConfig", "max_box_margin", self.max_box_margin, lo=1, integer=True)
         if not isinstance(self.adaptive, bool):
             raise ModelError(f"FedMixConfig.adaptive must be a bool, got {self.adaptive!r}")
+        if self.weak_training not in WEAK_TRAINING:
+            raise ModelError(f"FedMixConfig.weak_training must be one of {WEAK_TRAINING}, got {self.weak_training!r}")
+        check_number("FedMixConfig", "warmup_rounds", self.warmup_rounds, lo=0, integer=True)
+        check_number("FedMixConfig", "weak_weight", self.weak_weight, lo=0, hi=1, hi_open=True)
+        check_number("FedMixConfig", "confidence", self.confidence, lo=0.5, hi=1, lo_open=True, hi_open=True)
 
 
 # --------------------------------------------------------------------------- boxes
@@ -382,18 +409,76 @@ def select_pseudo_labels(
 # --------------------------------------------------------------------------- aggregation
 
 
-def adaptive_weights(stats: Mapping[str, tuple[float, int]], config: FedMixConfig) -> dict[str, float]:
-    """FedMix aggregation weights from each node's round loss and sample count.
+def aggregation_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Per-image loss ``l`` that feeds the adaptive weights: near 0 for a correct prediction, empty or not.
 
-    With ``d_k = n_k / sum_j n_j`` and ``s_k = l_k^β / sum_j l_j^β``:
-    ``w_k = (d_k + λ s_k) / sum_j (d_j + λ s_j)``, so a higher loss gives a higher
-    weight. Nodes with ``n_k == 0`` trained nothing: they get 0 and are left out of
-    every sum. If every participating loss is 0, the loss shares are uniform (the
-    limit of equal losses). With ``config.adaptive`` False, ``w_k = d_k``.
+    On an image with foreground it is the soft Dice loss ``1 - (2 Σ p y + smooth) /
+    (Σ p + Σ y + smooth)``. On an all-background target the soft Dice stays near 1
+    however right the prediction is (0.99 with every logit at -4: the probability mass
+    of 4096 pixels), so there it is the mean foreground probability instead, the soft
+    share of false-positive pixels: 0.018 for that prediction, 1 for all foreground.
+    Without this, a node whose images are mostly lesion-free reports a high loss and,
+    with λ = 10, takes over the aggregate.
 
     Args:
-        stats: Node name to ``(l_k, n_k)``: network 1's mean training loss and the
-            number of samples it trained on (accepted pseudo-labels on weak nodes).
+        logits: ``(B, 1, H, W)``.
+        target: ``(B, 1, H, W)`` in {0, 1}.
+        smooth: Dice smoothing; > 0.
+
+    Returns:
+        ``(B,)`` float in [0, 1], detached.
+
+    Raises:
+        ModelError: On unequal or non ``(B, 1, H, W)`` shapes.
+    """
+    if logits.ndim != 4 or logits.shape[1] != 1 or logits.shape != target.shape:
+        raise ModelError(
+            f"aggregation_loss expects logits and target (B, 1, H, W) of equal shape, "
+            f"got logits {tuple(logits.shape)} and target {tuple(target.shape)}"
+        )
+    p = torch.sigmoid(logits.detach()).flatten(1)  # (B, P)
+    y = target.detach().flatten(1).to(p.dtype)
+    dice = 1 - (2 * (p * y).sum(1) + smooth) / (p.sum(1) + y.sum(1) + smooth)  # (B,)
+    return torch.where(y.sum(1) > 0, dice, p.mean(1))
+
+
+def _check_stats(stats: Mapping[str, tuple[Any, ...]]) -> dict[str, tuple[float, int, float]]:
+    out = {}
+    for node, pair in stats.items():
+        try:
+            loss, count, *rest = pair
+            (share,) = rest or (1.0,)
+        except (TypeError, ValueError):
+            raise ModelError(f"adaptive_weights: node {node!r} needs (loss, count[, share]), got {pair!r}") from None
+        is_number = isinstance(loss, (int, float, np.floating)) and not isinstance(loss, bool)
+        if not is_number or not math.isfinite(loss) or loss < 0:
+            raise ModelError(f"adaptive_weights: node {node!r} needs a finite loss >= 0, got {loss!r}")
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise ModelError(f"adaptive_weights: node {node!r} needs an int count >= 0, got {count!r}")
+        if isinstance(share, bool) or not isinstance(share, (int, float, np.floating)) or not 0 <= share <= 1:
+            raise ModelError(f"adaptive_weights: node {node!r} needs an accepted share in [0, 1], got {share!r}")
+        out[node] = (float(loss), int(count), float(share))
+    if not any(n > 0 for _, n, _ in out.values()):
+        raise ModelError(f"adaptive_weights: no node trained on any sample (counts {[n for _, n, _ in out.values()]})")
+    return out
+
+
+def adaptive_weights(stats: Mapping[str, tuple[Any, ...]], config: FedMixConfig) -> dict[str, float]:
+    """FedMix aggregation weights from each node's round loss, sample count and accepted share.
+
+    With ``d_k = n_k / sum_j n_j`` and ``s_k = a_k l_k^β / sum_j a_j l_j^β``:
+    ``w_k = (d_k + λ s_k) / sum_j (d_j + λ s_j)``, so a higher loss gives a higher
+    weight. ``a_k`` is the share of its images a weak node accepted (1 on pixel
+    nodes): the paper's formula when every image is accepted, while a weak node that
+    accepted 2 of 300 images no longer takes a loss share like one that accepted all,
+    whatever its loss on those 2. Nodes with ``n_k == 0`` trained nothing: they get 0
+    and are left out of every sum. If every participating loss is 0, the loss shares
+    follow ``a_k`` alone. With ``config.adaptive`` False, ``w_k = d_k``.
+
+    Args:
+        stats: Node name to ``(l_k, n_k)`` or ``(l_k, n_k, a_k)``: network 1's mean
+            :func:`aggregation_loss`, the number of samples it trained on (accepted
+            pseudo-labels on weak nodes) and the accepted share (default 1).
         config: ``lam``, ``beta`` and ``adaptive``.
 
     Returns:
@@ -401,27 +486,15 @@ def adaptive_weights(stats: Mapping[str, tuple[float, int]], config: FedMixConfi
 
     Raises:
         ModelError: If a loss is negative or not finite, a count is not an int
-            >= 0, or no node has ``n_k > 0``.
+            >= 0, a share is outside [0, 1], or no node has ``n_k > 0``.
     """
-    for node, pair in stats.items():
-        try:
-            loss, count = pair
-        except (TypeError, ValueError):
-            raise ModelError(f"adaptive_weights: node {node!r} needs (loss, count), got {pair!r}") from None
-        is_number = isinstance(loss, (int, float, np.floating)) and not isinstance(loss, bool)
-        if not is_number or not math.isfinite(loss) or loss < 0:
-            raise ModelError(f"adaptive_weights: node {node!r} needs a finite loss >= 0, got {loss!r}")
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-            raise ModelError(f"adaptive_weights: node {node!r} needs an int count >= 0, got {count!r}")
-    active = {k: (float(l), int(n)) for k, (l, n) in stats.items() if n > 0}
-    if not active:
-        raise ModelError(f"adaptive_weights: no node trained on any sample (counts {[n for _, n in stats.values()]})")
-    total_n = sum(n for _, n in active.values())
-    d = {k: n / total_n for k, (_, n) in active.items()}
+    active = {k: v for k, v in _check_stats(stats).items() if v[1] > 0}
+    total_n = sum(n for _, n, _ in active.values())
+    d = {k: n / total_n for k, (_, n, _) in active.items()}
     if config.adaptive:
         # Dividing by the largest loss first keeps l^β from overflowing; s is unchanged.
-        top = max(l for l, _ in active.values())
-        powered = {k: (l / top) ** config.beta if top > 0 else 1.0 for k, (l, _) in active.items()}
+        top = max(l for l, _, _ in active.values())
+        powered = {k: a * ((l / top) ** config.beta if top > 0 else 1.0) for k, (l, _, a) in active.items()}
         z = sum(powered.values())
         s = {k: p / z for k, p in powered.items()}
         raw = {k: d[k] + config.lam * s[k] for k in active}
@@ -430,6 +503,37 @@ def adaptive_weights(stats: Mapping[str, tuple[float, int]], config: FedMixConfi
     else:
         w = d
     return {k: w.get(k, 0.0) for k in stats}
+
+
+def fixed_weights(counts: Mapping[str, tuple[int, bool]], weak_weight: float) -> dict[str, float]:
+    """FedST's fixed aggregation weights: ``weak_weight`` per weak node, the rest to the pixel nodes.
+
+    Pixel nodes share ``1 - weak_weight * (weak nodes that trained)`` by sample count;
+    without pixel nodes the weak nodes share everything equally; a node that trained
+    nothing gets 0.
+
+    Args:
+        counts: Node name to ``(n_k, weak)``.
+        weak_weight: Each weak node's weight, in [0, 1).
+
+    Returns:
+        Node name to weight, in the order of ``counts``; sums to 1.
+
+    Raises:
+        ModelError: If no node trained, or the weak nodes' weights leave nothing
+            for the pixel nodes.
+    """
+    weak = [k for k, (n, is_weak) in counts.items() if n > 0 and is_weak]
+    pixel = {k: n for k, (n, is_weak) in counts.items() if n > 0 and not is_weak}
+    if not weak and not pixel:
+        raise ModelError("fixed_weights: no node trained on any sample")
+    if not pixel:
+        return {k: 1 / len(weak) if k in weak else 0.0 for k in counts}
+    rest = 1 - weak_weight * len(weak)
+    if rest <= 0:
+        raise ModelError(f"fixed_weights: {len(weak)} weak nodes of weight {weak_weight} leave nothing for the pixel nodes")
+    total = sum(pixel.values())
+    return {k: weak_weight if k in weak else rest * pixel[k] / total if k in pixel else 0.0 for k in counts}
 
 
 # --------------------------------------------------------------------------- model and training
@@ -492,28 +596,52 @@ class FedMixTrainer:
     trains one network on one target, while FedMix steps two networks with their
     own optimizers, clipping and (on weak nodes) different targets. The loop below
     keeps LocalTrainer's order (forward, loss, backward, clip, step, zero_grad),
-    sampling and augmentation. Optimizers are built afresh each round, like
-    LocalTrainer's (the reference keeps Adam state across rounds).
+    sampling and augmentation.
 
-    The loss is the plan's Dice + BCE (``TrainConfig.lambda_dice``/``lambda_bce``),
-    as FedAvg's is; ``lambda_bce=0`` gives the paper's ``1 - soft Dice``.
+    Each network has one Adam, built with the trainer; pass the state a previous
+    round left (:attr:`optimizer_state`) to continue it, as the reference keeps each
+    network's optimizer across rounds: a fresh Adam's first step moves every
+    parameter by about the full learning rate, which on a weak node that accepted a
+    few images is a large, noisy move.
+
+    Training uses the plan's Dice + BCE loss (``TrainConfig.lambda_dice``/
+    ``lambda_bce``), as FedAvg's does; ``lambda_bce=0`` gives the paper's
+    ``1 - soft Dice``. The loss each round reports (``mean_loss``), which feeds the
+    adaptive weights, is network 1's :func:`aggregation_loss`.
 
     Args:
         model: The two networks, trained in place.
         train: Optimiser, batch, epoch, augmentation, clipping and thread settings.
-        fedmix: Pseudo-label thresholds.
+        fedmix: Pseudo-label thresholds and how weak nodes learn.
+        optimizer_state: :attr:`optimizer_state` of an earlier trainer of the same
+            networks, or None for fresh optimizers.
+
+    Raises:
+        ModelError: If the model is not a :class:`CoTrainedUNets`, or the optimizer
+            state does not fit its networks.
     """
 
-    def __init__(self, model: CoTrainedUNets, train: TrainConfig, fedmix: FedMixConfig) -> None:
+    def __init__(
+        self, model: CoTrainedUNets, train: TrainConfig, fedmix: FedMixConfig, optimizer_state: dict[str, Any] | None = None
+    ) -> None:
         if not isinstance(model, CoTrainedUNets):
             raise ModelError(f"FedMixTrainer needs a CoTrainedUNets model, got {type(model).__name__}")
         self.model = model
         self.config = train
         self.fedmix = fedmix
-        # The plan's loss, as for FedAvg, so the baselines differ only in the method; the
-        # paper's pure soft Dice is lambda_bce=0. With Dice alone an all-background target
-        # keeps a loss near 1, which inflates lesion-free nodes' adaptive weights.
         self.loss_fn = DiceBCELoss(lambda_dice=train.lambda_dice, lambda_bce=train.lambda_bce)
+        self.nets = {"net1": model.net1, "net2": model.net2}
+        # One optimizer per network, holding only that network's parameters.
+        self.optimizers = {
+            name: torch.optim.Adam(net.parameters(), lr=train.lr, weight_decay=train.weight_decay) for name, net in self.nets.items()
+        }
+        if optimizer_state is not None:
+            load_optimizer_state(self.optimizers, optimizer_state)
+
+    @property
+    def optimizer_state(self) -> dict[str, Any]:
+        """Each network's Adam state (``{"net1": .., "net2": ..}``), to continue in the next round."""
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 
     def compute_loss(self, logits: torch.Tensor, target: torch.Tensor) -> Losses:
         """Loss of one network on one batch: the plan's Dice + BCE (``TrainConfig`` lambdas).
@@ -536,14 +664,15 @@ class FedMixTrainer:
         has_lesion: torch.Tensor | None = None,
         seed: int,
     ) -> FedMixRoundResult:
-        """Runs one round; deterministic given the model state, data and seed.
+        """Runs one round; deterministic given the model and optimizer state, data and seed.
 
         Exactly one label kind is given. Pixel node (``masks``): both networks
-        train on the ground truth. Weak node (``box_masks`` or ``has_lesion``): each
-        image is augmented once, both networks predict it in eval mode, and
-        :func:`select_pseudo_labels` picks the triples ``(x_aug, y1, y2)``; network 1
-        then trains toward ``y2`` and network 2 toward ``y1``. A weak node that
-        accepts nothing trains nothing (``n_samples == 0``, weights untouched).
+        train on the ground truth. Weak node (``box_masks`` or ``has_lesion``), with
+        co-training: each image is augmented once, both networks predict it in eval
+        mode, and :func:`select_pseudo_labels` picks the triples ``(x_aug, y1, y2)``;
+        network 1 then trains toward ``y2`` and network 2 toward ``y1``. A weak node
+        that accepts nothing trains nothing (``n_samples == 0``, weights untouched).
+        With self-training (FedST) every image is used and the weak labels are not.
 
         Args:
             images: ``(N, C, H, W)`` uint8 (scaled by 1/255) or float in [0, 1].
@@ -555,7 +684,7 @@ class FedMixTrainer:
                 neither read nor advanced.
 
         Returns:
-            The round summary; ``parts`` holds each network's mean loss
+            The round summary; ``parts`` holds each network's mean training loss
             (``dice_net1``, ``dice_net2``).
 
         Raises:
@@ -590,6 +719,9 @@ class FedMixTrainer:
                 x, y = _as_float_images(images), masks.float()
                 result = self._fit(x, y, y, gen, augment=cfg.augment)
                 accepted = candidates = 0
+            elif self.fedmix.weak_training == "self_training":
+                result = self._fit(_as_float_images(images), None, None, gen, augment=cfg.augment)
+                accepted = candidates = images.shape[0]
             else:
                 x, y1, y2 = self._pseudo_label(images, box_masks, has_lesion, gen)
                 accepted, candidates = x.shape[0], images.shape[0]
@@ -618,7 +750,7 @@ class FedMixTrainer:
         has_lesion: torch.Tensor | None,
         gen: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Augments every image once and keeps the accepted ``(x_aug, y1, y2)``, on the CPU."""
+        """Augments every image once and keeps the accepted ``(x_aug, y1, y2)``, on the model's device."""
         model, cfg = self.model, self.config
         device = _device(model)
         was_training = model.training
@@ -645,52 +777,76 @@ class FedMixTrainer:
                     sel = select_pseudo_labels(
                         prob1, prob2, has_lesion=has_lesion[i : i + cfg.batch_size], config=self.fedmix
                     )
-                keep = sel.accepted.cpu()  # (b,)
-                kept.append((xb[keep], sel.pseudo1.cpu()[keep], sel.pseudo2.cpu()[keep]))
+                keep = sel.accepted  # (b,)
+                kept.append((xd[keep], sel.pseudo1[keep], sel.pseudo2[keep]))
         finally:
             model.train(was_training)
         x, y1, y2 = (torch.cat(parts) for parts in zip(*kept))
         return x, y1, y2  # (n_acc, C, H, W), (n_acc, 1, H, W), (n_acc, 1, H, W)
 
+    def _self_training_loss(self, net: nn.Module, xb: torch.Tensor, gen: torch.Generator) -> Losses:
+        """FedST: BCE between the prediction on a gamma-shifted image (γ ~ U(0, 2)) and the
+        network's own thresholded prediction on the image, on its confident pixels only."""
+        with torch.no_grad():
+            prob = torch.sigmoid(net(xb))  # (b, 1, H, W)
+        confident = ((prob > self.fedmix.confidence) | (prob < 1 - self.fedmix.confidence)).float()
+        gamma = (2 * torch.rand(xb.shape[0], generator=gen)).to(xb.device)[:, None, None, None]  # (b, 1, 1, 1)
+        logits = net(xb.clamp_min(1e-6) ** gamma)
+        bce = F.binary_cross_entropy_with_logits(logits, (prob > 0.5).float(), reduction="none")
+        loss = (bce * confident).sum() / confident.sum().clamp_min(1)
+        return Losses(total=loss, parts={"bce": loss.item()})
+
     def _fit(
-        self, x: torch.Tensor, target1: torch.Tensor, target2: torch.Tensor, gen: torch.Generator, *, augment: bool
+        self, x: torch.Tensor, target1: torch.Tensor | None, target2: torch.Tensor | None, gen: torch.Generator, *, augment: bool
     ) -> tuple[int, float, int, dict[str, float]]:
         """Trains net1 toward ``target1`` and net2 toward ``target2`` for one round.
 
         With ``augment`` the targets must be the same tensor (a pixel node's masks):
-        one augmentation is drawn per batch and applied to it. Returns
-        ``(n, mean net1 loss, steps, parts)``.
+        one augmentation is drawn per batch and applied to it. Without targets each
+        network self-trains (FedST). Returns ``(n, mean net1 aggregation loss, steps,
+        parts)``.
         """
         if augment and target1 is not target2:
             raise ModelError("internal: only a single shared target can be augmented during training")
-        cfg, model = self.config, self.model
-        device = _device(model)
+        cfg = self.config
+        device = _device(self.model)
         n = x.shape[0]
         # The epsilon stops float noise (0.1 * 30 = 3.0000000000000004) adding a step.
         total = math.ceil(cfg.local_epochs * n - 1e-9)
         steps = math.ceil(total / cfg.batch_size)
         order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(total / n))])
-        nets = (model.net1, model.net2)
-        # One optimizer per network, holding only that network's parameters.
-        opts = [torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for net in nets]
-        model.train()
-        model.zero_grad(set_to_none=True)
-        sums = [0.0, 0.0]
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        sums = {"net1": 0.0, "net2": 0.0}
+        weigh = 0.0
         for step in range(steps):
             idx = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, total)]
-            xb, yb1, yb2 = x[idx], target1[idx], target2[idx]  # (b, C, H, W), (b, 1, H, W) x 2
+            xb = x[idx]  # (b, C, H, W)
+            targets = {"net1": None if target1 is None else target1[idx], "net2": None if target2 is None else target2[idx]}
             if augment:
-                # Only pixel nodes augment here, and their two targets are the same mask.
-                xb, yb1 = augment_batch(xb, yb1, gen)
-                yb2 = yb1
+                # Pixel nodes (one shared mask) and self-training nodes (none; zeros stand in).
+                shared = targets["net1"] if targets["net1"] is not None else torch.zeros_like(xb[:, :1])
+                xb, yb = augment_batch(xb, shared, gen)
+                targets = {name: None if t is None else yb for name, t in targets.items()}
             xb = xb.to(device)
-            for m, (net, opt, yb) in enumerate(zip(nets, opts, (yb1, yb2))):
-                losses = self.compute_loss(net(xb), yb.to(device))
+            for name, net in self.nets.items():
+                opt, yb = self.optimizers[name], targets[name]
+                if yb is None:
+                    # FedST's weights are fixed, so its own loss stands in for the aggregation loss.
+                    losses = self._self_training_loss(net, xb, gen)
+                    weighed = losses.total.detach().expand(len(idx))
+                else:
+                    yb = yb.to(device)
+                    logits = net(xb)
+                    losses = self.compute_loss(logits, yb)
+                    weighed = aggregation_loss(logits, yb)
                 losses.total.backward()
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
                 opt.step()
                 net.zero_grad(set_to_none=True)
-                sums[m] += losses.total.item() * len(idx)
-        return n, sums[0] / total, steps, {"dice_net1": sums[0] / total, "dice_net2": sums[1] / total}
+                sums[name] += losses.total.item() * len(idx)
+                if name == "net1":
+                    weigh += weighed.sum().item()
+        return n, weigh / total, steps, {"dice_net1": sums["net1"] / total, "dice_net2": sums["net2"] / total}
 

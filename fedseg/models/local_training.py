@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "arrays_to_state",
     "batch_indices",
     "evaluate",
+    "load_optimizer_state",
     "predict",
     "state_to_arrays",
     "torch_threads",
@@ -52,6 +53,10 @@ class TrainConfig(DictConfig):
         lambda_dice: Weight of the Dice term of the default loss.
         lambda_bce: Weight of the BCE term of the default loss.
         threads: torch intra-op threads used during the round.
+        keep_optimizer: Each node keeps its Adam state across the rounds of a run
+            (in its workdir; it never leaves the node) instead of starting a fresh
+            one every round. None: the algorithm's default (FedMix keeps it, as its
+            reference does; the others start fresh).
     """
 
     lr: float = 1e-3
@@ -63,6 +68,7 @@ class TrainConfig(DictConfig):
     lambda_dice: float = 1.0
     lambda_bce: float = 1.0
     threads: int = 1
+    keep_optimizer: bool | None = None
 
     def __post_init__(self) -> None:
         check_number("TrainConfig", "lr", self.lr, lo=0, lo_open=True)
@@ -77,6 +83,8 @@ class TrainConfig(DictConfig):
         if self.lambda_dice + self.lambda_bce == 0:
             raise ModelError("TrainConfig.lambda_dice and lambda_bce must not both be 0")
         check_number("TrainConfig", "threads", self.threads, lo=1, lo_open=False, integer=True)
+        if self.keep_optimizer is not None and not isinstance(self.keep_optimizer, bool):
+            raise ModelError(f"TrainConfig.keep_optimizer must be true, false or null, got {self.keep_optimizer!r}")
 
 
 @dataclass
@@ -149,6 +157,32 @@ def batch_indices(n: int, epochs: float, batch_size: int, generator: torch.Gener
     return [order[i : min(i + batch_size, total)] for i in range(0, total, batch_size)]
 
 
+def load_optimizer_state(optimizers: Mapping[str, torch.optim.Optimizer], state: Mapping[str, Any]) -> None:
+    """Loads each optimizer's saved state, refusing state that does not fit.
+
+    Args:
+        optimizers: Name to optimizer.
+        state: Name to ``optimizer.state_dict()``, for exactly the same names.
+
+    Raises:
+        ModelError: On other names, or a state whose parameter groups or sizes differ.
+    """
+    if set(state) != set(optimizers):
+        raise ModelError(f"optimizer state is for {sorted(state)}, expected {sorted(optimizers)}")
+    for name, opt in optimizers.items():
+        try:
+            opt.load_state_dict(state[name])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"optimizer state of {name} does not fit its parameters: {exc}") from None
+        # load_state_dict checks only the parameter counts; moments of another shape would fail mid-round.
+        for group in opt.param_groups:
+            for p in group["params"]:
+                bad = [k for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v) and v.ndim and v.shape != p.shape]
+                if bad:
+                    raise ModelError(f"optimizer state of {name} has {bad[0]} {tuple(opt.state[p][bad[0]].shape)} "
+                                     f"for a parameter {tuple(p.shape)}")
+
+
 class LocalTrainer:
     """Trains a model for one round on local data with overridable hooks.
 
@@ -156,12 +190,20 @@ class LocalTrainer:
         model: The model to train in place, mapping ``(B, C, H, W)`` to
             logits ``(B, 1, H, W)``.
         config: Round hyper-parameters.
+        optimizer_state: :attr:`optimizer_state` after an earlier round of the same
+            model, to continue its Adam instead of starting a fresh one.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, config: TrainConfig, optimizer_state: dict[str, Any] | None = None) -> None:
         self.model = model
         self.config = config
         self.loss_fn = DiceBCELoss(config.lambda_dice, config.lambda_bce)
+        self._optimizer_state = optimizer_state
+
+    @property
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """The Adam state (``{"model": ..}``) after the last :meth:`train_round`, or the one given."""
+        return self._optimizer_state
 
     def compute_loss(self, logits: torch.Tensor, target: torch.Tensor) -> Losses:
         """Loss of one batch; used by :meth:`train_round` at every step.
@@ -220,6 +262,8 @@ class LocalTrainer:
             self.before_round()
             params = self.parameters_to_train()
             opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if self._optimizer_state is not None:
+                load_optimizer_state({"model": opt}, self._optimizer_state)
             model.train()
             model.zero_grad(set_to_none=True)
             loss_sum, part_sums = 0.0, {}
@@ -240,6 +284,7 @@ class LocalTrainer:
                 loss_sum += losses.total.item() * b
                 for k, v in losses.parts.items():
                     part_sums[k] = part_sums.get(k, 0.0) + v * b
+            self._optimizer_state = {"model": opt.state_dict()}
         return RoundResult(
             n_samples=n,
             mean_loss=loss_sum / total,

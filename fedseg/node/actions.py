@@ -225,6 +225,42 @@ class NodeRuntime:
         """LC-Fed: keeps the other sites' heads that calibrated this node's model, beside it."""
         self._save(self.workdir / MODELS_DIR / _safe(run_id) / HEADS_FILE, heads)
 
+    def optimizer_state(self, run_id: str, round_: int) -> dict[str, Any] | None:
+        """The optimizer state this node kept after its latest round of the run before ``round_``.
+
+        Only rounds before ``round_`` count: after a coordinator's resume, the round it
+        repeats must not continue from the state that same round left when it was lost.
+        None before the node's first round of the run.
+        """
+        earlier = [r for r in self._optimizer_rounds(run_id) if r < round_]
+        if not earlier:
+            return None
+        return torch.load(io.BytesIO(self._optimizer_path(run_id, max(earlier)).read_bytes()), map_location="cpu", weights_only=True)
+
+    def keep_optimizer_state(self, run_id: str, round_: int, state: dict[str, Any]) -> None:
+        """Keeps the optimizer state after ``round_`` beside the personal state; it never leaves the node.
+
+        The state of the round it continued from stays too (a resume that repeats
+        ``round_`` needs it); older and later rounds' files are deleted.
+        """
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(self._optimizer_path(run_id, round_), buf.getvalue())
+        rounds = self._optimizer_rounds(run_id)
+        keep = {round_, max((r for r in rounds if r < round_), default=round_)}
+        for r in rounds:
+            if r not in keep:
+                self._optimizer_path(run_id, r).unlink(missing_ok=True)
+
+    def _optimizer_rounds(self, run_id: str) -> list[int]:
+        prefix = f"{_safe(run_id)}.optim."
+        folder = self.workdir / "personal"
+        names = [p.name[len(prefix):-3] for p in folder.glob(f"{prefix}*.pt")] if folder.is_dir() else []
+        return [int(n) for n in names if n.isdigit()]
+
+    def _optimizer_path(self, run_id: str, round_: int) -> Path:
+        return self.workdir / "personal" / f"{_safe(run_id)}.optim.{round_}.pt"
+
     def personal(self, run_id: str, what: str = "local") -> dict[str, np.ndarray] | None:
         """What this node keeps of a run: its local part ("local") or IOP-FL's running mix
         ("mix"); None before the node's first round."""
@@ -281,18 +317,24 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     seed = round_seed(plan.seed, msg.round, rt.name)
     images, labels = rt.images("train", plan), rt.training_labels(plan, seed)
     accepted = candidates = 0
+    optimizer_state = rt.optimizer_state(msg.run_id, msg.round) if plan.keeps_optimizer else None
+    trainer: FedMixTrainer | LocalTrainer | None = None
     if plan.algorithm == "fedmix":
-        result = FedMixTrainer(model, plan.train, plan.fedmix).train_round(images, **labels, seed=seed)
+        trainer = FedMixTrainer(model, plan.train, plan.fedmix, optimizer_state)
+        result = trainer.train_round(images, **labels, seed=seed)
         accepted, candidates = result.accepted, result.candidates
     elif plan.algorithm == "lcfed":
         result = lcfed_round(model, plan.train, plan.lcfed, plan.personal.head_fraction, images, labels["masks"], seed)
     elif plan.algorithm == "fedrep":
         result = fedrep_round(model, plan.train, images, labels["masks"], seed, plan.personal.head_fraction)
     else:
-        result = LocalTrainer(model, plan.train).train_round(images, labels["masks"], seed=seed)
+        trainer = LocalTrainer(model, plan.train, optimizer_state)
+        result = trainer.train_round(images, labels["masks"], seed=seed)
     if not math.isfinite(result.mean_loss):
         raise ModelError(f"training from the weights of round {msg.round} gave a non-finite loss ({result.mean_loss}); nothing was kept or sent")
     rt.keep_personal(plan, msg.run_id, model)
+    if plan.keeps_optimizer and trainer is not None and result.steps:
+        rt.keep_optimizer_state(msg.run_id, msg.round, trainer.optimizer_state)
     log.info("round %d node %s: trained %d samples (%d/%d pseudo-labels), loss %.4f, %.1f s",
              msg.round, rt.name, result.n_samples, accepted, candidates, result.mean_loss, result.seconds)
     return TrainReply(

@@ -20,6 +20,8 @@ __all__ = ["ALGORITHMS", "PERSONAL_MODELS", "SecAggConfig", "Plan"]
 ALGORITHMS = ("fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl", "lcfed")
 #: Algorithms whose nodes also score a personalized model of their own beside the global one.
 PERSONAL_MODELS = ("ft", "iopfl", "lcfed")
+#: Algorithms whose local training is one optimizer over fixed parameters, which a node can keep across rounds.
+KEEPS_OPTIMIZER = ("fedavg", "fedmix", "local", "ft", "fedbn", "iopfl")
 #: What stays on each node per algorithm; the rest is shared and averaged.
 _LOCAL_PARTS = {"local": LocalPart.ALL, "fedbn": LocalPart.NORM, "fedrep": LocalPart.HEAD, "lcfed": LocalPart.HEAD}
 
@@ -129,6 +131,9 @@ class Plan:
             raise PlanError(f"plan.sites must be distinct node names, got {self.sites!r}")
         if self.algorithm == "lcfed" and len(self.sites) == 1:
             raise PlanError("lcfed needs at least 2 sites: its contrastive loss and HC compare sites")
+        if self.keeps_optimizer and self.algorithm not in KEEPS_OPTIMIZER:
+            raise PlanError(f"plan.train.keep_optimizer: {self.algorithm} trains phases with different parameters and "
+                            f"cannot keep one optimizer across rounds (supported: {', '.join(KEEPS_OPTIMIZER)})")
         if self.image_size % 2**self.model.depth:
             raise PlanError(
                 f"plan.image_size {self.image_size} must be a multiple of 2**model.depth = {2**self.model.depth}"
@@ -173,6 +178,11 @@ class Plan:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 2**20
+
+    @property
+    def keeps_optimizer(self) -> bool:
+        """Whether nodes continue their Adam state across rounds (``train.keep_optimizer``, else FedMix only)."""
+        return self.algorithm == "fedmix" if self.train.keep_optimizer is None else self.train.keep_optimizer
 
     @property
     def local_part(self) -> LocalPart:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from fedseg.models.errors import ModelError
-from fedseg.models.fedmix import adaptive_weights
+from fedseg.models.fedmix import adaptive_weights, fixed_weights
 
 from .aggregate import weighted_average
 from .errors import PlanError, RoundError
@@ -83,7 +83,12 @@ class FedAvg(Strategy):
 
 
 class FedMix(Strategy):
-    """FedMix (TMI 2023): every label kind trains; adaptive weights from (loss, count)."""
+    """FedMix (TMI 2023): every label kind trains; adaptive weights from (loss, count, accepted share).
+
+    With ``plan.fedmix.warmup_rounds`` only pixel nodes train in the first rounds, and
+    with ``plan.fedmix.weak_weight`` the weights are fixed instead (FedST, the paper's
+    comparator). A weak node is one that reports candidates (its weak images).
+    """
 
     linear = True
 
@@ -96,9 +101,19 @@ class FedMix(Strategy):
             raise PlanError(f"fedmix cannot train nodes without labels: {unusable}")
         return list(nodes)
 
+    def configure(self, round_: int, arrays: Arrays, run_id: str, nodes: Mapping[str, DescribeReply]) -> dict[str, TrainRequest]:
+        requests = super().configure(round_, arrays, run_id, nodes)
+        if round_ <= self.plan.fedmix.warmup_rounds:
+            return {name: r for name, r in requests.items() if nodes[name].label_kind == "pixel"}
+        return requests
+
     def weights(self, replies: Mapping[str, TrainReply]) -> dict[str, float]:
+        config = self.plan.fedmix
         try:
-            return adaptive_weights({n: (r.mean_loss, r.n_samples) for n, r in replies.items()}, self.plan.fedmix)
+            if config.weak_weight > 0:
+                return fixed_weights({n: (r.n_samples, r.candidates > 0) for n, r in replies.items()}, config.weak_weight)
+            stats = {n: (r.mean_loss, r.n_samples, r.accepted / r.candidates if r.candidates else 1.0) for n, r in replies.items()}
+            return adaptive_weights(stats, config)
         except ModelError as exc:
             raise RoundError(f"fedmix aggregation: {exc}") from None
 

@@ -1,6 +1,8 @@
 """Tests for fedseg.protocol.aggregate and fedseg.protocol.strategies (pure, no I/O)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 
 import numpy as np
@@ -141,6 +143,28 @@ def test_fedmix_aggregates_with_adaptive_weights_and_skips_idle_nodes() -> None:
     assert plain["weights"] == pytest.approx({"a": 100 / 150, "b": 50 / 150, "idle": 0.0})
     with pytest.raises(RoundError, match="fedmix aggregation"):
         FedMix(plan).aggregate(1, {"idle": _reply(0.0, 0, 0.0)})
+
+
+def test_fedmix_weighs_a_weak_node_by_the_share_it_accepted() -> None:
+    plan = Plan.from_dict({"algorithm": "fedmix", "fedmix": {"lam": 10.0, "beta": 1.5}})
+    few = replace(_reply(4.0, 2, 0.9), accepted=2, candidates=300)
+    _, metrics = FedMix(plan).aggregate(1, {"pixel": _reply(1.0, 40, 0.3), "weak": few})
+    assert metrics["weights"]["weak"] < 0.05
+    most = replace(_reply(4.0, 280, 0.9), accepted=280, candidates=300)
+    _, metrics = FedMix(plan).aggregate(1, {"pixel": _reply(1.0, 40, 0.3), "weak": most})
+    assert metrics["weights"]["weak"] > 0.7
+
+
+def test_fedst_warms_up_on_pixel_nodes_then_fixes_the_weights() -> None:
+    plan = Plan.from_dict({"algorithm": "fedmix", "fedmix": {"weak_training": "self_training", "warmup_rounds": 2, "weak_weight": 0.05}})
+    mixed = {"a": _node("pixel"), "b": _node("box"), "c": _node("image")}
+    fedst = FedMix(plan)
+    assert list(fedst.configure(2, _update(0.0, (0.0, 0.0)), "r", mixed)) == ["a"]
+    assert list(fedst.configure(3, _update(0.0, (0.0, 0.0)), "r", mixed)) == ["a", "b", "c"]
+    replies = {"a": _reply(1.0, 30, 0.5), "b": replace(_reply(2.0, 50, 0.1), accepted=50, candidates=50),
+               "c": replace(_reply(3.0, 80, 0.9), accepted=80, candidates=80)}
+    _, metrics = fedst.aggregate(3, replies)
+    assert metrics["weights"] == pytest.approx({"a": 0.9, "b": 0.05, "c": 0.05})
 
 
 def _reply(value: float, n: int, loss: float) -> TrainReply:

@@ -136,3 +136,14 @@ def test_lcfed_model_gets_the_hc_filter_of_the_plans_image_size():
     assert model.hc.gaussian.shape == (1, 1, 5, 5) and model.hc.config.gaussian_sigma == 1.0
     # The plan keeps "unset" (so it means the same at any size) and survives the wire.
     assert plan.lcfed.window is None and Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_keep_optimizer_defaults_to_fedmix_and_is_refused_for_phased_training() -> None:
+    assert Plan.from_dict({"algorithm": "fedmix"}).keeps_optimizer
+    assert not Plan.from_dict({"algorithm": "fedavg"}).keeps_optimizer
+    assert Plan.from_dict({"algorithm": "fedavg", "train": {"keep_optimizer": True}}).keeps_optimizer
+    assert not Plan.from_dict({"algorithm": "fedmix", "train": {"keep_optimizer": False}}).keeps_optimizer
+    with pytest.raises(PlanError, match="keep_optimizer: fedrep"):
+        Plan.from_dict({"algorithm": "fedrep", "train": {"keep_optimizer": True}})
+    with pytest.raises(PlanError, match="keep_optimizer"):
+        Plan.from_dict({"train": {"keep_optimizer": 1}})

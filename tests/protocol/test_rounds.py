@@ -41,7 +41,7 @@ from fedseg.protocol.rounds import Peer, initial_arrays, run_federation
 from fedseg.protocol.run_store import RunStore
 from fedseg.protocol.wire import encode_frame
 
-from engine_doubles import SITES, CannedTransport, FailingTransport, InMemoryTransport, Reporter, TamperingTransport, tiny_plan
+from engine_doubles import SITES, TINY, CannedTransport, FailingTransport, InMemoryTransport, Reporter, TamperingTransport, tiny_plan
 
 METRIC_COLUMNS = {f"{split}_{k}" for split in ("val", "test") for k in ("dice", "iou", "assd", "loss", "n")}
 
@@ -213,6 +213,41 @@ def test_resume_continues_exactly_where_it_stopped(runtimes: dict[str, NodeRunti
     for r in rows:
         other = straight_rows[(r["round"], r["site"])]
         assert {k: v for k, v in r.items() if k != "train_seconds"} == {k: v for k, v in other.items() if k != "train_seconds"}
+
+
+def test_kept_optimizer_state_stays_on_the_node_and_survives_a_lost_round(
+    runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None
+) -> None:
+    import shutil
+
+    keep = {**TINY["train"], "keep_optimizer": True}
+    straight = tmp_path / "straight"
+    run_federation(tiny_plan(rounds=3, train=keep), [InMemoryTransport(rt) for rt in runtimes.values()], straight, Reporter())
+    fresh = tmp_path / "fresh"
+    run_federation(tiny_plan(rounds=3), [InMemoryTransport(rt) for rt in runtimes.values()], fresh, Reporter())
+
+    # Round 3 is trained on the nodes (each keeps its state after it), then lost by the
+    # coordinator: the resume repeats round 3, which must continue from round 2's state.
+    broken, backup = tmp_path / "broken", tmp_path / "backup"
+    run_federation(tiny_plan(rounds=2, train=keep), [InMemoryTransport(rt) for rt in runtimes.values()], broken, Reporter())
+    shutil.copytree(broken, backup)
+    run_id = RunStore(broken).load()[0].run_id
+    transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+    run_federation(tiny_plan(rounds=3, train=keep), transports, broken, Reporter(), resume=True)
+    shutil.rmtree(broken)
+    shutil.copytree(backup, broken)
+    run_federation(tiny_plan(rounds=3, train=keep), [InMemoryTransport(rt) for rt in runtimes.values()], broken, Reporter(), resume=True)
+
+    _, expected = RunStore(straight).load()
+    _assert_arrays_equal(RunStore(broken).load()[1], expected)
+    with pytest.raises(AssertionError):  # keeping the optimizer changes training
+        _assert_arrays_equal(RunStore(fresh).load()[1], expected)
+    for rt, transport in zip(runtimes.values(), transports):
+        # The state stays in the node's workdir: its last round and the one before, nothing older.
+        kept = sorted(p.name for p in (rt.workdir / "personal").glob(f"{run_id}.optim.*"))
+        assert kept == [f"{run_id}.optim.2.pt", f"{run_id}.optim.3.pt"]
+        # ... and never leaves it: updates carry exactly the model's weights.
+        assert all(set(r.weights) == set(expected) for r in transport.train_replies().values())
 
 
 def test_resume_without_checkpoint_names_the_file(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
