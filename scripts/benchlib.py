@@ -127,6 +127,10 @@ class Reporter:
     rounds: int
     lines: list[str] = field(default_factory=list)
     round_seconds: dict[int, float] = field(default_factory=dict)
+    #: Print every n-th round (and the last); long in-process runs would flood the log.
+    every: int = 1
+    #: Each round's strategy summary (train loss, aggregation weights).
+    summaries: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def info(self, text: str) -> None:
         self.lines.append(text)
@@ -138,6 +142,9 @@ class Reporter:
 
     def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         self.round_seconds[round_] = summary["seconds"]
+        self.summaries[round_] = summary
+        if round_ % self.every and round_ != self.rounds:
+            return
         key = "personal_val_dice" if summary.get("stage") == "calibration" else "val_dice"
         dice = "  ".join(f"{r['site']} {r[key]:.3f}" for r in rows if key in r)
         pseudo = "  ".join(f"{r['site']} {r['pseudo_accepted']}/{r['pseudo_candidates']}" for r in rows if "pseudo_candidates" in r)
@@ -182,7 +189,21 @@ def machine_info() -> dict[str, Any]:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "platform": platform.platform(),
-            "torch": metadata.version("torch"), "syft": metadata.version("syft"), "loadavg_start": os.getloadavg()[0]}
+            "torch": metadata.version("torch"), "syft": _version("syft"), "gpu": _gpu(), "loadavg_start": os.getloadavg()[0]}
+
+
+def _version(package: str) -> str | None:
+    # In-process benchmarks run where Syft is not installed.
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gpu() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def with_budget(args: argparse.Namespace, full: dict[str, Any], defaults: dict[str, Any]) -> argparse.Namespace:
@@ -243,4 +264,76 @@ def write_results(out: Path, name: str, record: dict[str, Any], md: str, figures
     print()
     print(md)
     say(f"wrote {out / name}.json, {name}.md and {', '.join(figures) or 'no figure'} ({wall_s / 60:.1f} min)")
+
+
+# ----------------------------------------------------------------- runs without Syft
+
+
+class InProcessTransport:
+    """A :class:`fedseg.protocol.rounds.Transport` to a node in this process: every frame goes
+    straight to the node's own dispatcher (:func:`fedseg.node.actions.handle`), so the node
+    validates, trains and answers exactly as a datasite does, without Syft."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.name = runtime.name
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def connect(self) -> None:
+        pass
+
+    def exchange(self, frame: bytes) -> bytes:
+        from fedseg.node.actions import handle
+
+        reply = handle(self.runtime, frame)
+        self.bytes_sent += len(frame)
+        self.bytes_received += len(reply)
+        return reply
+
+
+def run_plan_in_process(plan: Any, runtimes: list[Any], run_dir: Path, label: str, every: int = 1) -> dict[str, Any]:
+    """One federated run over in-process nodes, recorded in ``run_dir``; same result shape as :func:`run_plan`."""
+    from fedseg.protocol.rounds import run_federation
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    reporter = Reporter(label, plan.rounds, every=every)
+    t0 = time.monotonic()
+    rows = run_federation(plan, [InProcessTransport(rt) for rt in runtimes], run_dir, reporter)
+    return {"plan": plan.to_dict(), "seconds": time.monotonic() - t0, "round_seconds": reporter.round_seconds,
+            "summaries": reporter.summaries, "node_info": reporter.lines, "run_dir": str(run_dir), "rows": rows}
+
+
+def run_jobs(fn: Any, jobs: list[Any], workers: int) -> list[dict[str, Any]]:
+    """Runs ``fn(job)`` for every job in ``workers`` spawned processes (in this one if 1).
+
+    A job that raises becomes ``{"job": job, "error": traceback}``, and the others still
+    finish. Results come back in the order of ``jobs``.
+    """
+    import traceback
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing as mp
+
+    def failed(job: Any, text: str) -> dict[str, Any]:
+        say(f"job {job} FAILED:\n{text}")
+        return {"job": job, "error": text}
+
+    if workers <= 1:
+        out = []
+        for job in jobs:
+            try:
+                out.append(fn(job))
+            except Exception:
+                out.append(failed(job, traceback.format_exc()))
+        return out
+    results: dict[int, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                results[i] = future.result()
+            except Exception:
+                results[i] = failed(jobs[i], traceback.format_exc())
+    return [results[i] for i in range(len(jobs))]
 
