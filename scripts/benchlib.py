@@ -293,9 +293,15 @@ class InProcessTransport:
 
 
 def run_plan_in_process(plan: Any, runtimes: list[Any], run_dir: Path, label: str, every: int = 1) -> dict[str, Any]:
-    """One federated run over in-process nodes, recorded in ``run_dir``; same result shape as :func:`run_plan`."""
+    """One federated run over in-process nodes, recorded in ``run_dir``; same result shape as :func:`run_plan`.
+
+    The run's own Dice plot is not drawn: redrawn every round from every row, it cost
+    more CPU than a 64 px round's training on a GPU, and the benchmark draws its own.
+    """
+    from fedseg.protocol import rounds
     from fedseg.protocol.rounds import run_federation
 
+    rounds.plot_dice = lambda rows, path, title: None  # this process only serves benchmark runs
     shutil.rmtree(run_dir, ignore_errors=True)
     reporter = Reporter(label, plan.rounds, every=every)
     t0 = time.monotonic()
