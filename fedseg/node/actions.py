@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedseg.models.device import describe_device, resolve_device
 from fedseg.models.errors import ModelError
 from fedseg.models.iopfl import running_mix
 from fedseg.models.lcfed import CalibratedUNet, calibration_keeps, lcfed_round, split_heads, train_hc_round
@@ -95,14 +96,21 @@ class NodeRuntime:
     its weak labels were derived from those masks and the plan asks for the
     ``full_masks`` upper bound.
 
+    Every model the node builds goes through :meth:`place`, onto the device its owner
+    chose; the trainers and scorers follow their model's device.
+
     Args:
         config: The node's settings.
         audit: Keep the node's signed audit log of every message (the serving process
             does; tools that only read a node's data do not).
+
+    Raises:
+        ModelError: If the configured device is misspelt or absent on this machine.
     """
 
     def __init__(self, config: NodeConfig, audit: bool = False) -> None:
         self.config = config
+        self.device = resolve_device(config.device)
         self.workdir = Path(config.workdir)
         self.labels = LabelKind(config.labels)
         self.index = index_site(
@@ -126,6 +134,10 @@ class NodeRuntime:
     def can_score(self) -> bool:
         """Whether this node holds masks to score a model with."""
         return self.index.has_masks
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Moves a model onto this node's device (in place) and returns it."""
+        return model.to(self.device)
 
     def _loaded(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
         key = (plan.image_size, plan.model.in_channels)
@@ -179,7 +191,7 @@ class NodeRuntime:
         dtype); the local part comes from the node's personal state for this run, or
         from the plan's seeded initialisation before the node's first round.
         """
-        model = plan.build_model(self.name)
+        model = self.place(plan.build_model(self.name))
         local = local_keys(model, plan.local_part)
         check_arrays(weights, {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in local}, what)
         saved = self.personal(run_id) if local else None
@@ -367,7 +379,7 @@ def _personal_model(rt: NodeRuntime, plan: Plan, msg: EvaluateRequest, global_mo
     if plan.algorithm == "iopfl":
         mix = rt.personal(msg.run_id, "mix")
         if mix is not None:
-            model = plan.build_model(rt.name)
+            model = rt.place(plan.build_model(rt.name))
             arrays_to_state(model, mix)
             return model
     return None
@@ -498,7 +510,7 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
         raise PlanError(f"adapt settings: {exc}") from None
     experts = unpack_experts(msg)
     seed = round_seed(plan.seed, 0, rt.name)
-    routed = route_experts(plan.model, experts, config.routing, seed)
+    routed = rt.place(route_experts(plan.model, experts, config.routing, seed))
     images = rt.images(ALL_IMAGES, plan)
     per_epoch = math.ceil(len(images) / config.batch_size)
 
@@ -508,7 +520,7 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
                      msg.run_id, rt.name, step, steps, parts["entropy"], parts["consistency"])
 
     result = adapt(routed, images, config, seed, progress)
-    global_model = plan.build_model()
+    global_model = rt.place(plan.build_model())
     arrays_to_state(global_model, dict(experts[-1][1]))
     rt.keep_models(plan, msg.run_id, {"global": global_model, "routed": routed},
                    {"routed": {"experts": msg.experts, "adapt": config.to_dict()}})
