@@ -140,10 +140,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     args = argparse.Namespace(**job["args"])
     task, method, seed = job["task"], job["method"], job["seed"]
     run_dir = Path(job["out"]) / "runs" / task / method / f"seed{seed}"
-    device = {"device": args.device} if "device" in NodeConfig.__dataclass_fields__ else {}
     runtimes = [
         NodeRuntime(NodeConfig(name=s["name"], data=s["data"], labels=s["labels"], workdir=str(run_dir / "nodes" / s["name"]),
-                               split_seed=args.split_seed, labels_from_masks=s["labels"] != "pixel", **device))
+                               split_seed=args.split_seed, labels_from_masks=s["labels"] != "pixel", device=args.device))
         for s in job["sites"]
     ]
     plan = make_plan(args, task, method, seed)
@@ -448,7 +447,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--transport", choices=("inprocess", "syft"), default="inprocess",
                    help="in-process nodes (no Syft) or real fedseg datasites (the spot check)")
     p.add_argument("--workers", type=int, default=1, help="in-process runs at once, each in its own process")
-    p.add_argument("--device", default="cpu", help="torch device of the nodes (cpu, cuda)")
+    p.add_argument("--device", default="cpu", help="torch device of the nodes: cpu, cuda, cuda:N or auto")
     p.add_argument("--log-every", type=int, default=10, help="print every n-th round of each run")
     p.add_argument("--budget-note", default="", help="a line printed at the top of the Markdown (e.g. 'smoke budget')")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_fedmix")
