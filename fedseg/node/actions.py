@@ -72,11 +72,12 @@ from fedseg.protocol.syft_action import from_payload, to_payload
 from fedseg.protocol.wire import decode_frame
 
 from .config import WORKDIR_ENV, NodeConfig
-from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
+from .datasets import LabelKind, load_arrays, load_weak_labels
 from .errors import ActionRefused
 from .node_log import log, log_to_workdir
 from .predict import HEADS_FILE, MODELS_DIR
 from .secure_actions import secure_keys, secure_mask, secure_train, secure_unmask
+from .site import open_site
 
 __all__ = ["ALL_IMAGES", "COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "round_seed"]
 
@@ -105,11 +106,7 @@ class NodeRuntime:
         self.config = config
         self.workdir = Path(config.workdir)
         self.labels = LabelKind(config.labels)
-        self.index = index_site(
-            Path(config.data), self.labels, config.limit, config.group_by, config.where or None,
-            boxes=_path(config.boxes), image_labels=_path(config.image_labels), labels_from_masks=config.labels_from_masks,
-        )
-        self.splits: Splits = make_splits(self.index, config.split_seed)
+        self.index, self.splits = open_site(config)
         self.identity = load_or_create_identity(self.workdir / "identity.key")
         self.fingerprint = fingerprint(self.identity.public_key())
         #: This round's secure-aggregation secrets; in memory only, gone on restart.
@@ -249,10 +246,6 @@ def _require_finite(model: torch.nn.Module, what: str) -> None:
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ModelError(f"{what} has NaN or Inf values in {bad[:3]}; nothing was kept or sent")
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
 
 
 def round_seed(seed: int, round_: int, node: str) -> int:

@@ -39,7 +39,11 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--workdir", required=True, type=click.Path(path_type=Path), help="Private folder for keys, invite, logs and overlays.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--limit", type=click.IntRange(3), default=None, help="Use only the first N images (subsets).")
+@click.option("--limit", type=click.IntRange(3), default=None, help="Use only the first N images in sorted-name order (after --where); "
+              "on a site sorted by class or video that is one class or video: prefer --sample.")
+@click.option("--sample", type=click.IntRange(3), default=None, help="Use a seeded random N images (after --where), "
+              "stratified by has_lesion where meta.csv or the label file gives it.")
+@click.option("--sample-seed", default=0, show_default=True, type=int, help="Seed of --sample.")
 @click.option("--group-by", default="auto", show_default=True, help="meta.csv column that keeps related images in one split; 'none' for random.")
 @click.option("--where", multiple=True, help="Keep images whose meta.csv COLUMN starts with PREFIX (COLUMN=PREFIX).")
 @click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the local train/val/test split.")
@@ -56,25 +60,26 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--syft-retention", "syft_retention_s", type=click.FloatRange(min=1.0), default=DEFAULT_RETENTION_S, show_default=True, metavar="SECONDS",
               help="How long the Syft store keeps each served call's request and reply (models and updates) before deleting them.")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
-          image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
+          image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None, sample: int | None, sample_seed: int,
           group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_head: bool,
           new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool, syft_retention_s: float) -> None:
-    """Validate the data, start the datasite and write the coordinator's invite."""
+    """Check everything the node needs, start the datasite and write the coordinator's invite.
+
+    The data folder, its labels and its train/val/test splits are checked before anything
+    is served: a node that could not answer its coordinator's calls does not start.
+    """
     from .config import NodeConfig
-    from .datasets import LabelKind, index_site
     from .errors import NodeError
+    from .site import open_site
 
     if boxes_from_masks and labels != "box" or image_labels_from_masks and labels != "image":
         raise click.UsageError("--boxes-from-masks goes with --labels box, --image-labels-from-masks with --labels image")
+    if limit is not None and sample is not None:
+        raise click.UsageError("--limit (the first N names) and --sample (a random N) exclude each other")
     from_masks = boxes_from_masks or image_labels_from_masks
-    try:
-        index = index_site(data, LabelKind(labels), limit, None if group_by == "none" else group_by, _parse_where(where) or None,
-                           boxes=boxes, image_labels=image_labels, labels_from_masks=from_masks)
-    except NodeError as exc:
-        raise click.ClickException(f"node {name} will not start on bad data: {exc}") from None
-    workdir.mkdir(parents=True, exist_ok=True)
     config = NodeConfig(
         name=name, data=str(data.resolve()), labels=labels, workdir=str(workdir.resolve()), limit=limit,
+        sample=sample, sample_seed=sample_seed,
         group_by=None if group_by == "none" else group_by, where=_parse_where(where), split_seed=split_seed,
         max_message_mb=max_message_mb, boxes=str(boxes.resolve()) if boxes else None,
         image_labels=str(image_labels.resolve()) if image_labels else None, labels_from_masks=from_masks,
@@ -83,6 +88,11 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         share_personalized=share_personalized,
         syft_retention_s=syft_retention_s,
     )
+    try:
+        index, _ = open_site(config)
+    except NodeError as exc:
+        raise click.ClickException(f"node {name} will not start: {exc}") from None
+    workdir.mkdir(parents=True, exist_ok=True)
     config.save()
     _serve(config, index, host, port, new_credentials)
 
