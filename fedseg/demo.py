@@ -12,16 +12,18 @@ from pathlib import Path
 
 import click
 
+from fedseg.cli_help import option
+
 __all__ = ["demo"]
 
 _MARKER = ".fedseg-demo"
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("fedseg-demo"), show_default=True, help="Where data, nodes and the run go (a previous demo there is replaced).")
-@click.option("--rounds", type=click.IntRange(1), default=6, show_default=True)
-@click.option("--images-per-site", type=click.IntRange(10), default=60, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@option("--workdir", type=click.Path(path_type=Path), default=Path("fedseg-demo"), show_default=True, help="Where data, nodes and the run go (a previous demo there is replaced).")
+@option("--rounds", type=click.IntRange(1), default=6, show_default=True)
+@option("--images-per-site", type=click.IntRange(10), default=60, show_default=True)
+@option("--seed", type=int, default=0, show_default=True)
 def demo(workdir: Path, rounds: int, images_per_site: int, seed: int) -> None:
     """Run a short federation of three synthetic hospitals end to end."""
     from fedseg.node.errors import NodeError
