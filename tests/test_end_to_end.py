@@ -94,6 +94,19 @@ def test_unreadable_invite_is_one_clear_line(tmp_path):
     assert result.returncode != 0 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_unreachable_node_is_one_line_without_library_warnings(tmp_path):
+    from fedseg.node.launcher import free_port
+    from fedseg.protocol.invite import Invite
+
+    port = free_port()  # nothing listens there
+    invite = tmp_path / "invite.json"
+    Invite(url="http://127.0.0.1", port=port, node="ghost", email="c@fedseg.org", password="pw", fingerprint="sha256:" + "0" * 64).save(invite)
+    result = fedseg("run", "--invite", str(invite), "--out", str(tmp_path / "run"), timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"Error: node ghost at http://127.0.0.1:{port} is not reachable"]
+    assert "Retrying" not in result.stdout + result.stderr and "urllib3" not in result.stdout + result.stderr
+
+
 def test_real_polyp_site_runs_a_round(tmp_path):
     from conftest import shared_data
     from fedseg.node.launcher import NodeProcess
