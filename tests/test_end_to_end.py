@@ -54,6 +54,19 @@ def test_overlays_stay_on_the_node(finished_run, federation):
     assert not list(run.rglob("*overlay*")) and not any(p.suffix == ".png" and p.name != "dice.png" for p in run.rglob("*"))
 
 
+def test_output_to_a_pipe_is_neither_wrapped_nor_cut(federation, tmp_path):
+    """A log has no width: even with COLUMNS=30, round lines stay whole and the table keeps every site name."""
+    invites = [arg for node in federation.values() for arg in ("--invite", str(node.invite))]
+    result = fedseg("run", *invites, "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS, columns=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert len(rounds) == 2 and all(all(f"{site} 0." in line for site in federation) for line in rounds)
+    assert "…" not in result.stdout
+    for site in federation:
+        assert any(line.startswith(f"│ {site} ") for line in lines), f"no table row for {site}"
+
+
 def test_resume_continues_from_last_completed_round(finished_run, tmp_path):
     run, _ = finished_run
     before = _rows(run)
