@@ -350,3 +350,16 @@ def test_real_busi_sample_keeps_normal_images(real_data: Path) -> None:
     assert kinds == {"benign", "malignant", "normal"}
     # 133 of BUSI's 780 images have no lesion: 60 * 133 / 780 = 10.2, so 10 of the sample.
     assert sum(n.startswith("normal") for n in index.names) == 10
+
+
+def test_benchmark_subsets_are_the_nodes_own_sample(tmp_path: Path) -> None:
+    """scripts/benchlib.make_subset serves the images `node start --sample` would pick."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
+    from benchlib import make_subset
+
+    site = write_site(tmp_path / "site", DEFAULT_SITES[0], 20, size=SIZE, seed=1)
+    subset = make_subset(site, tmp_path / "subset", 8, None, 5)
+    assert subset["images"] == 8
+    assert index_site(tmp_path / "subset").names == index_site(site, sample=8, sample_seed=5).names
