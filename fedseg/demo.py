@@ -66,7 +66,7 @@ def _demo(workdir: Path, rounds: int, images_per_site: int, seed: int) -> None:
         click.echo("starting 3 nodes (each a PySyft datasite in its own process) ...")
         invites = [node.wait_ready() for node in nodes]
         transports = [SyftTransport(load_invite(p)) for p in invites]
-        rows = run_federation(plan, transports, workdir / "run", ConsoleReporter(rounds), [str(p) for p in invites])
+        rows = run_federation(plan, transports, workdir / "run", ConsoleReporter(rounds), [str(p) for p in invites], channels_from_nodes=True)
     finally:
         click.echo("stopping nodes ...")
         for node in nodes:

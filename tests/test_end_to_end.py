@@ -200,3 +200,41 @@ def test_audit_detects_a_tampered_node_log(finished_run, federation, tmp_path):
     log.write_bytes(b"".join(lines))
     result = fedseg("audit", "verify", str(run), str(copy))
     assert result.returncode != 0 and "entry 1 (line 2)" in result.stderr and "audit.jsonl" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def grey_node(tmp_path_factory):
+    import dataclasses
+
+    from fedseg.node.launcher import NodeProcess
+    from fedseg.node.synthetic import DEFAULT_SITES, write_site
+
+    root = tmp_path_factory.mktemp("grey")
+    site = write_site(root / "data", dataclasses.replace(DEFAULT_SITES[1], name="grey-site", channels=1), 24, size=32, seed=3)
+    node = NodeProcess("grey-site", site, root / "node")
+    try:
+        node.wait_ready()
+        yield node
+    finally:
+        node.stop()
+
+
+def test_a_grey_site_trains_a_grey_model(grey_node, tmp_path):
+    from fedseg.protocol.run_store import RunStore
+
+    result = fedseg("run", "--invite", str(grey_node.invite), "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "node grey-site: " in result.stdout and ", grey, pixel labels" in result.stdout
+    state, arrays = RunStore(tmp_path / "run").load()
+    assert state.plan["model"]["in_channels"] == 1
+    assert arrays["encoder.0.0.weight"].shape[1] == 1  # (out, in, k, k): the first convolution takes one channel
+
+
+def test_grey_and_rgb_nodes_are_refused_in_one_line_unless_the_user_chooses(grey_node, federation, tmp_path):
+    rgb = next(iter(federation.values()))
+    invites = ["--invite", str(grey_node.invite), "--invite", str(rgb.invite)]
+    result = fedseg("run", *invites, "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: the nodes' images differ (grey-site grey, {rgb.name} RGB): choose the model's input with --in-channels "
+        "(3: grey copied into RGB; 1: colour made grey)"]

@@ -138,7 +138,10 @@ def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - th
                 raise PlanError(f"plan {plan_file} cannot be read: {exc}") from None
     plan = Plan.from_dict(plan_from_options(base, options))
     transports = [SyftTransport(load_invite(p), approval_timeout_s=min(plan.timeout_s, 120)) for p in invite_paths]
-    rows = run_federation(plan, transports, out, ConsoleReporter(plan.rounds), [str(p) for p in invite_paths], resume is not None)
+    # Unless the user or the plan file chose the model's input, the nodes' images decide it.
+    chosen = options.get("in_channels") is not None or "in_channels" in base.get("model", {})
+    rows = run_federation(plan, transports, out, ConsoleReporter(plan.rounds), [str(p) for p in invite_paths], resume is not None,
+                          channels_from_nodes=resume is None and not chosen)
     return rows, out, plan
 
 
