@@ -14,9 +14,23 @@ import click
 
 from fedseg.cli_help import option
 
-__all__ = ["demo"]
+__all__ = ["DEMO_IMAGE_SIZE", "demo", "demo_plan"]
 
 _MARKER = ".fedseg-demo"
+#: Side of the demo's synthetic images, which the plan trains at.
+DEMO_IMAGE_SIZE = 64
+
+
+def demo_plan(rounds: int, seed: int) -> dict:
+    """The demo's plan, as ``scripts/bench_demo.py`` measures it."""
+    return {
+        "rounds": rounds,
+        "image_size": DEMO_IMAGE_SIZE,
+        "seed": seed,
+        "overlays": 4,
+        "model": {"width": 8, "depth": 3, "groups": 4},
+        "train": {"batch_size": 8, "local_epochs": 2.0, "lr": 3e-3},
+    }
 
 
 @click.command()
@@ -52,15 +66,8 @@ def _demo(workdir: Path, rounds: int, images_per_site: int, seed: int) -> None:
     workdir.mkdir(parents=True)
     (workdir / _MARKER).touch()
     click.echo(f"writing {images_per_site} synthetic images for each of 3 sites into {workdir / 'data'}")
-    sites = write_federation(workdir / "data", n_per_site=images_per_site, size=64, seed=seed)
-    plan = Plan.from_dict({
-        "rounds": rounds,
-        "image_size": 64,
-        "seed": seed,
-        "overlays": 4,
-        "model": {"width": 8, "depth": 3, "groups": 4},
-        "train": {"batch_size": 8, "local_epochs": 2.0, "lr": 3e-3},
-    })
+    sites = write_federation(workdir / "data", n_per_site=images_per_site, size=DEMO_IMAGE_SIZE, seed=seed)
+    plan = Plan.from_dict(demo_plan(rounds, seed))
     nodes = [NodeProcess(site.name, site, workdir / "nodes" / site.name) for site in sites]
     try:
         click.echo("starting 3 nodes (each a PySyft datasite in its own process) ...")
