@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=6, help="the demo's default")
-    p.add_argument("--out", type=Path, default=REPO / "bench-out" / "demo")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_demo")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0, runs = time.monotonic(), []
