@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from fedseg.cli_help import option
+
 __all__ = ["audit"]
 
 
@@ -76,7 +78,7 @@ def verify(run_dir: Path, node_dirs: tuple[Path, ...]) -> None:
 @audit.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("node_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for the reports [default: RUN_DIR/audit].")
+@option("--out", type=click.Path(path_type=Path), default=None, show_default="RUN_DIR/audit", help="Folder for the reports.")
 def report(run_dir: Path, node_dirs: tuple[Path, ...], out: Path | None) -> None:
     """Write a plain-language report per node: messages, bytes in and out, what left, refusals."""
     from fedseg.protocol.audit import check_policy, summarize, write_report

@@ -10,7 +10,6 @@ import csv
 import json
 import os
 import platform
-import random
 import shutil
 import signal
 import statistics
@@ -34,17 +33,22 @@ def say(text: str) -> None:
 def make_subset(src: Path, dst: Path, limit: int, where: tuple[str, str] | None, seed: int) -> dict[str, Any]:
     """A seeded random subset of a site as a folder of symlinks plus the matching meta.csv rows.
 
-    ``fedseg node start --limit`` keeps the first N names in sorted order, which for BUSI is
-    benign images only (no normal, no malignant) and for CVC-ClinicDB the first videos only;
-    a random sample keeps each site's mix. Nothing is copied: images and masks are symlinks.
+    The subset is the one ``fedseg node start --sample limit --sample-seed seed`` serves
+    (one sampler, :func:`fedseg.node.datasets.sample_names`, stratified by ``has_lesion``
+    where meta.csv has it); ``--limit`` would keep the first N names in sorted order, which
+    for BUSI is benign images only. Nothing is copied: images and masks are symlinks.
     """
+    from fedseg.node.datasets import sample_names
+
     with open(src / "meta.csv", newline="") as f:
         reader = csv.DictReader(f)
         columns, rows = reader.fieldnames or [], list(reader)
     if where:
         rows = [r for r in rows if r[where[0]].startswith(where[1])]
     if limit and len(rows) > limit:
-        rows = sorted(random.Random(seed).sample(rows, limit), key=lambda r: r["name"])
+        flags = {r["name"]: r["has_lesion"] == "1" for r in rows} if "has_lesion" in columns else None
+        chosen = set(sample_names([r["name"] for r in rows], limit, seed, flags))
+        rows = sorted((r for r in rows if r["name"] in chosen), key=lambda r: r["name"])
     shutil.rmtree(dst, ignore_errors=True)
     for sub in ("images", "masks"):
         (dst / sub).mkdir(parents=True)

@@ -17,10 +17,10 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_PLAN_ARGS = ["--image-size", "32", "--width", "8", "--depth", "2", "--batch-size", "8", "--local-epochs", "2", "--lr", "0.003", "--seed", "0"]
 
 
-def fedseg(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Runs the ``fedseg`` command as a user would, in a separate process."""
+def fedseg(*args: str, cwd: Path | None = None, timeout: float = 600, columns: int = 120) -> subprocess.CompletedProcess[str]:
+    """Runs the ``fedseg`` command as a user would, in a separate process, its output to pipes."""
     return subprocess.run([sys.executable, "-m", "fedseg", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "120"})
+                          env={**os.environ, "COLUMNS": str(columns)})
 
 
 def shared_data(*parts: str) -> Path:

@@ -54,6 +54,19 @@ def test_overlays_stay_on_the_node(finished_run, federation):
     assert not list(run.rglob("*overlay*")) and not any(p.suffix == ".png" and p.name != "dice.png" for p in run.rglob("*"))
 
 
+def test_output_to_a_pipe_is_neither_wrapped_nor_cut(federation, tmp_path):
+    """A log has no width: even with COLUMNS=30, round lines stay whole and the table keeps every site name."""
+    invites = [arg for node in federation.values() for arg in ("--invite", str(node.invite))]
+    result = fedseg("run", *invites, "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS, columns=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert len(rounds) == 2 and all(all(f"{site} 0." in line for site in federation) for line in rounds)
+    assert "…" not in result.stdout
+    for site in federation:
+        assert any(line.startswith(f"│ {site} ") for line in lines), f"no table row for {site}"
+
+
 def test_resume_continues_from_last_completed_round(finished_run, tmp_path):
     run, _ = finished_run
     before = _rows(run)
@@ -92,6 +105,19 @@ def test_unreadable_invite_is_one_clear_line(tmp_path):
     bad.write_text("{not json")
     result = fedseg("run", "--invite", str(bad), "--out", str(tmp_path / "run"))
     assert result.returncode != 0 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_node_is_one_line_without_library_warnings(tmp_path):
+    from fedseg.node.launcher import free_port
+    from fedseg.protocol.invite import Invite
+
+    port = free_port()  # nothing listens there
+    invite = tmp_path / "invite.json"
+    Invite(url="http://127.0.0.1", port=port, node="ghost", email="c@fedseg.org", password="pw", fingerprint="sha256:" + "0" * 64).save(invite)
+    result = fedseg("run", "--invite", str(invite), "--out", str(tmp_path / "run"), timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"Error: node ghost at http://127.0.0.1:{port} is not reachable"]
+    assert "Retrying" not in result.stdout + result.stderr and "urllib3" not in result.stdout + result.stderr
 
 
 def test_real_polyp_site_runs_a_round(tmp_path):
@@ -174,3 +200,41 @@ def test_audit_detects_a_tampered_node_log(finished_run, federation, tmp_path):
     log.write_bytes(b"".join(lines))
     result = fedseg("audit", "verify", str(run), str(copy))
     assert result.returncode != 0 and "entry 1 (line 2)" in result.stderr and "audit.jsonl" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def grey_node(tmp_path_factory):
+    import dataclasses
+
+    from fedseg.node.launcher import NodeProcess
+    from fedseg.node.synthetic import DEFAULT_SITES, write_site
+
+    root = tmp_path_factory.mktemp("grey")
+    site = write_site(root / "data", dataclasses.replace(DEFAULT_SITES[1], name="grey-site", channels=1), 24, size=32, seed=3)
+    node = NodeProcess("grey-site", site, root / "node")
+    try:
+        node.wait_ready()
+        yield node
+    finally:
+        node.stop()
+
+
+def test_a_grey_site_trains_a_grey_model(grey_node, tmp_path):
+    from fedseg.protocol.run_store import RunStore
+
+    result = fedseg("run", "--invite", str(grey_node.invite), "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "node grey-site: " in result.stdout and ", grey, pixel labels" in result.stdout
+    state, arrays = RunStore(tmp_path / "run").load()
+    assert state.plan["model"]["in_channels"] == 1
+    assert arrays["encoder.0.0.weight"].shape[1] == 1  # (out, in, k, k): the first convolution takes one channel
+
+
+def test_grey_and_rgb_nodes_are_refused_in_one_line_unless_the_user_chooses(grey_node, federation, tmp_path):
+    rgb = next(iter(federation.values()))
+    invites = ["--invite", str(grey_node.invite), "--invite", str(rgb.invite)]
+    result = fedseg("run", *invites, "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: the nodes' images differ (grey-site grey, {rgb.name} RGB): choose the model's input with --in-channels "
+        "(3: grey copied into RGB; 1: colour made grey)"]

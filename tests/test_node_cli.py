@@ -54,6 +54,29 @@ def test_port_in_use_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def _refuses_unsplittable(result, tmp_path):
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "node x will not start" in result.stderr and "group column 'sequence' has 1 group(s)" in result.stderr
+    assert not (tmp_path / "w" / "invite.json").exists()
+
+
+def test_a_site_whose_splits_cannot_be_made_does_not_start(tmp_path):
+    site = _site(tmp_path)
+    names = sorted(p.stem for p in (site / "images").iterdir())
+    (site / "meta.csv").write_text("name,sequence\n" + "".join(f"{n},1\n" for n in names))
+    _refuses_unsplittable(_start(site, tmp_path), tmp_path)
+
+
+def test_24_images_of_one_real_video_do_not_start(tmp_path):
+    # CVC-ClinicDB's first 25 frames are one sequence: its group-aware splits need three.
+    _refuses_unsplittable(_start(shared_data("polyp", "CVC-ClinicDB"), tmp_path, "--limit", "24"), tmp_path)
+
+
+def test_limit_and_sample_exclude_each_other(tmp_path):
+    result = _start(_site(tmp_path), tmp_path, "--limit", "4", "--sample", "4")
+    assert result.returncode != 0 and "--limit" in result.stderr and "--sample" in result.stderr
+
+
 def test_real_site_is_indexed_with_group_splits(tmp_path):
     from fedseg.node.datasets import describe, index_site, make_splits
 

@@ -194,3 +194,27 @@ def test_served_calls_leave_no_models_or_updates_in_the_syft_store(node):
         time.sleep(1)
     assert not _stored(proc.workdir, calls)
     _still_serving(peer)
+
+
+def test_a_node_whose_data_went_away_answers_a_typed_error_and_logs_it(tmp_path):
+    """Data moved after the node started: the coordinator hears why, not Syft's "contact the Server Admin"."""
+    from conftest import TINY_PLAN_ARGS, fedseg
+    from fedseg.node.launcher import NodeProcess
+    from fedseg.node.synthetic import DEFAULT_SITES, write_site
+
+    site = write_site(tmp_path / "site", DEFAULT_SITES[0], 12, size=32, seed=2)
+    node = NodeProcess("moved", site, tmp_path / "node")
+    try:
+        invite = node.wait_ready()
+        # The node reads its data at its first call, so this is what it finds then.
+        (site / "images").rename(tmp_path / "elsewhere")
+        result = fedseg("run", "--invite", str(invite), "--out", str(tmp_path / "run"), "--rounds", "1", *TINY_PLAN_ARGS, timeout=300)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and "Traceback" not in output
+        assert "node moved refused (node_data)" in output and str(site / "images") in output
+        assert "Server Admin" not in output
+        log = (tmp_path / "node" / "node.log").read_text()
+        assert "node moved cannot serve" in log and str(site / "images") in log
+        assert node.alive()
+    finally:
+        node.stop()

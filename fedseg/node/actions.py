@@ -73,11 +73,12 @@ from fedseg.protocol.syft_action import from_payload, to_payload
 from fedseg.protocol.wire import decode_frame
 
 from .config import WORKDIR_ENV, NodeConfig
-from .datasets import LabelKind, Splits, index_site, load_arrays, load_weak_labels, make_splits
-from .errors import ActionRefused
+from .datasets import LabelKind, load_arrays, load_weak_labels
+from .errors import ActionRefused, NodeError
 from .node_log import log, log_to_workdir
 from .predict import HEADS_FILE, MODELS_DIR
 from .secure_actions import secure_keys, secure_mask, secure_train, secure_unmask
+from .site import open_site
 
 __all__ = ["ALL_IMAGES", "COORDINATOR", "Action", "ACTIONS", "NodeRuntime", "handle", "handle_syft_call", "round_seed"]
 
@@ -113,11 +114,7 @@ class NodeRuntime:
         self.device = resolve_device(config.device)
         self.workdir = Path(config.workdir)
         self.labels = LabelKind(config.labels)
-        self.index = index_site(
-            Path(config.data), self.labels, config.limit, config.group_by, config.where or None,
-            boxes=_path(config.boxes), image_labels=_path(config.image_labels), labels_from_masks=config.labels_from_masks,
-        )
-        self.splits: Splits = make_splits(self.index, config.split_seed)
+        self.index, self.splits = open_site(config)
         self.identity = load_or_create_identity(self.workdir / "identity.key")
         self.fingerprint = fingerprint(self.identity.public_key())
         #: This round's secure-aggregation secrets; in memory only, gone on restart.
@@ -297,10 +294,6 @@ def _require_finite(model: torch.nn.Module, what: str) -> None:
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ModelError(f"{what} has NaN or Inf values in {bad[:3]}; nothing was kept or sent")
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
 
 
 def round_seed(seed: int, round_: int, node: str) -> int:
@@ -636,14 +629,42 @@ _lock = threading.Lock()
 def _get_runtime() -> NodeRuntime:
     global _runtime
     if _runtime is None:
-        config = NodeConfig.load(Path(os.environ[WORKDIR_ENV]))
-        log_to_workdir(Path(config.workdir))
-        _runtime = NodeRuntime(config, audit=True)
+        workdir = Path(os.environ[WORKDIR_ENV])
+        # First, so that a runtime that cannot load is logged too.
+        log_to_workdir(workdir)
+        _runtime = NodeRuntime(NodeConfig.load(workdir), audit=True)
     return _runtime
+
+
+def _node_name() -> str:
+    if _runtime is not None:
+        return _runtime.name
+    try:
+        return NodeConfig.load(Path(os.environ[WORKDIR_ENV])).name
+    except Exception:  # naming the node must not hide the error being reported
+        return "(unconfigured)"
+
+
+def _unserved(exc: Exception) -> bytes:
+    """The reply to a call the node could not serve at all: a typed error naming the cause, logged here.
+
+    ``fedseg node start`` checked the data before serving, so this is data moved or
+    changed since (``node_data``), or a fault of the node itself (``internal``).
+    """
+    name = _node_name()
+    if isinstance(exc, NodeError):
+        log.error("node %s cannot serve: %s", name, exc)
+        return encode(ErrorReply(code=ErrorCode.NODE_DATA.value, message=f"node {name} cannot read its data: {exc}"))
+    log.error("node %s cannot serve: internal error\n%s", name, traceback.format_exc())
+    return encode(ErrorReply(code=ErrorCode.INTERNAL.value, message=f"node {name}: internal error: {type(exc).__name__}: {exc}"))
 
 
 def handle_syft_call(site: Any, message: Any) -> dict[str, np.ndarray]:
     """Entry point of the approved Syft function, run inside the node's server process.
+
+    Whatever goes wrong here is answered as a typed :class:`ErrorReply` and logged in
+    ``node.log``: an exception escaping to Syft would reach the coordinator only as
+    Syft's "please contact the Server Admin", with nothing on the node.
 
     Args:
         site: The node's site summary asset (Syft requires one private input).
@@ -657,8 +678,11 @@ def handle_syft_call(site: Any, message: Any) -> dict[str, np.ndarray]:
         # empty pointer) and discards that result; doing no work there halves a round.
         return to_payload(b"")
     with _lock:
-        rt = _get_runtime()
-        frame = from_payload(message)
-        if frame is None:
-            return to_payload(_refuse(rt, ErrorCode.BAD_MESSAGE, "payload must be {'frame': uint8 array}"))
-        return to_payload(handle(rt, frame))
+        try:
+            rt = _get_runtime()
+            frame = from_payload(message)
+            if frame is None:
+                return to_payload(_refuse(rt, ErrorCode.BAD_MESSAGE, "payload must be {'frame': uint8 array}"))
+            return to_payload(handle(rt, frame))
+        except Exception as exc:  # the audit log, the runtime's data: whatever it is, the coordinator learns it
+            return to_payload(_unserved(exc))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from fedseg.cli_help import option
+
 from .syft_retention import DEFAULT_RETENTION_S
 
 __all__ = ["node"]
@@ -28,53 +30,58 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
 
 
 @node.command()
-@click.option("--name", required=True, help="Site name shown to the coordinator.")
-@click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="Site folder with images/, masks/ and optional meta.csv.")
-@click.option("--labels", type=click.Choice(["pixel", "box", "image", "none"]), default="pixel", show_default=True,
+@option("--name", required=True, help="Site name shown to the coordinator.")
+@option("--data", "data", required=True, type=click.Path(path_type=Path), help="Site folder with images/, masks/ and optional meta.csv.")
+@option("--labels", type=click.Choice(["pixel", "box", "image", "none"]), default="pixel", show_default=True,
               help="Labels this site has. none: a new site that only adapts (masks, if present, only score it).")
-@click.option("--boxes", type=click.Path(path_type=Path), default=None, help="With --labels box: CSV name,x0,y0,x1,y1 (one row per lesion).")
-@click.option("--image-labels", type=click.Path(path_type=Path), default=None, help="With --labels image: CSV name,has_lesion (else meta.csv's has_lesion).")
-@click.option("--boxes-from-masks", is_flag=True, help="Benchmarks: derive boxes from the masks (never trains on the masks).")
-@click.option("--image-labels-from-masks", is_flag=True, help="Benchmarks: derive image-level labels from the masks.")
-@click.option("--workdir", required=True, type=click.Path(path_type=Path), help="Private folder for keys, invite, logs and overlays.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--limit", type=click.IntRange(3), default=None, help="Use only the first N images (subsets).")
-@click.option("--group-by", default="auto", show_default=True, help="meta.csv column that keeps related images in one split; 'none' for random.")
-@click.option("--where", multiple=True, help="Keep images whose meta.csv COLUMN starts with PREFIX (COLUMN=PREFIX).")
-@click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the local train/val/test split.")
-@click.option("--max-message-mb", default=256, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--share-head/--no-share-head", default=True, show_default=True,
+@option("--boxes", type=click.Path(path_type=Path), default=None, show_default="none", help="With --labels box: CSV name,x0,y0,x1,y1 (one row per lesion).")
+@option("--image-labels", type=click.Path(path_type=Path), default=None, show_default="meta.csv's has_lesion", help="With --labels image: CSV name,has_lesion.")
+@option("--boxes-from-masks", is_flag=True, help="Benchmarks: derive boxes from the masks (never trains on the masks).")
+@option("--image-labels-from-masks", is_flag=True, help="Benchmarks: derive image-level labels from the masks.")
+@option("--workdir", required=True, type=click.Path(path_type=Path), help="Private folder for keys, invite, logs and overlays.")
+@option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
+@option("--limit", type=click.IntRange(3), default=None, show_default="all images", help="Use only the first N images in sorted-name order (after --where); "
+              "on a site sorted by class or video that is one class or video: prefer --sample.")
+@option("--sample", type=click.IntRange(3), default=None, show_default="all images", help="Use a seeded random N images (after --where), "
+              "stratified by has_lesion where meta.csv or the label file gives it.")
+@option("--sample-seed", default=0, show_default=True, type=int, help="Seed of --sample.")
+@option("--group-by", default="auto", show_default=True, help="meta.csv column that keeps related images in one split; 'none' for random.")
+@option("--where", multiple=True, help="Keep images whose meta.csv COLUMN starts with PREFIX (COLUMN=PREFIX).")
+@option("--split-seed", default=0, show_default=True, type=int, help="Seed of the local train/val/test split.")
+@option("--max-message-mb", default=256, show_default=True, type=click.IntRange(1, 4096))
+@option("--share-head/--no-share-head", default=True, show_default=True,
               help="LC-Fed: let this site's 1x1 segmentation head go to the other sites for their calibration "
                    "(--no-share-head: it stays here, and calibration runs without this site).")
-@click.option("--new-credentials", is_flag=True,
+@option("--new-credentials", is_flag=True,
               help="On a restart: issue new coordinator credentials, so the previous invite stops working "
                    "(by default a restarted node keeps them, and its coordinator reconnects by itself).")
-@click.option("--require-secure-aggregation", is_flag=True, help="Train only in secure-aggregation rounds: no coordinator ever gets this node's update unmasked.")
-@click.option("--share-personalized", is_flag=True, help="Allow this node's personalized model (IOP-FL) to leave it, "
+@option("--require-secure-aggregation", is_flag=True, help="Train only in secure-aggregation rounds: no coordinator ever gets this node's update unmasked.")
+@option("--share-personalized", is_flag=True, help="Allow this node's personalized model (IOP-FL) to leave it, "
               "so a new hospital can route over it. Off by default: the model never leaves.")
-@click.option("--syft-retention", "syft_retention_s", type=click.FloatRange(min=1.0), default=DEFAULT_RETENTION_S, show_default=True, metavar="SECONDS",
+@option("--syft-retention", "syft_retention_s", type=click.FloatRange(min=1.0), default=DEFAULT_RETENTION_S, show_default=True, metavar="SECONDS",
               help="How long the Syft store keeps each served call's request and reply (models and updates) before deleting them.")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
-          image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
+          image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None, sample: int | None, sample_seed: int,
           group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_head: bool,
           new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool, syft_retention_s: float) -> None:
-    """Validate the data, start the datasite and write the coordinator's invite."""
+    """Check everything the node needs, start the datasite and write the coordinator's invite.
+
+    The data folder, its labels and its train/val/test splits are checked before anything
+    is served: a node that could not answer its coordinator's calls does not start.
+    """
     from .config import NodeConfig
-    from .datasets import LabelKind, index_site
     from .errors import NodeError
+    from .site import open_site
 
     if boxes_from_masks and labels != "box" or image_labels_from_masks and labels != "image":
         raise click.UsageError("--boxes-from-masks goes with --labels box, --image-labels-from-masks with --labels image")
+    if limit is not None and sample is not None:
+        raise click.UsageError("--limit (the first N names) and --sample (a random N) exclude each other")
     from_masks = boxes_from_masks or image_labels_from_masks
-    try:
-        index = index_site(data, LabelKind(labels), limit, None if group_by == "none" else group_by, _parse_where(where) or None,
-                           boxes=boxes, image_labels=image_labels, labels_from_masks=from_masks)
-    except NodeError as exc:
-        raise click.ClickException(f"node {name} will not start on bad data: {exc}") from None
-    workdir.mkdir(parents=True, exist_ok=True)
     config = NodeConfig(
         name=name, data=str(data.resolve()), labels=labels, workdir=str(workdir.resolve()), limit=limit,
+        sample=sample, sample_seed=sample_seed,
         group_by=None if group_by == "none" else group_by, where=_parse_where(where), split_seed=split_seed,
         max_message_mb=max_message_mb, boxes=str(boxes.resolve()) if boxes else None,
         image_labels=str(image_labels.resolve()) if image_labels else None, labels_from_masks=from_masks,
@@ -83,6 +90,11 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         share_personalized=share_personalized,
         syft_retention_s=syft_retention_s,
     )
+    try:
+        index, _ = open_site(config)
+    except NodeError as exc:
+        raise click.ClickException(f"node {name} will not start: {exc}") from None
+    workdir.mkdir(parents=True, exist_ok=True)
     config.save()
     _serve(config, index, host, port, new_credentials)
 
@@ -109,12 +121,12 @@ def _serve(config, index, host: str, port: int, new_credentials: bool) -> None: 
 
 
 @node.command(name="predict")
-@click.option("--workdir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="The node's workdir.")
-@click.option("--run", "run_id", default=None, help="Run id (default: the run this node evaluated last).")
-@click.option("--model", "which", type=click.Choice(["personalized", "global", "routed"]), default="personalized", show_default=True,
+@option("--workdir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="The node's workdir.")
+@option("--run", "run_id", default=None, show_default="the run this node evaluated last", help="Run id.")
+@option("--model", "which", type=click.Choice(["personalized", "global", "routed"]), default="personalized", show_default=True,
               help="routed: the model a new site adapted with `fedseg adapt`.")
-@click.option("--images", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Folder of images to segment.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where masks/ and overlays/ go.")
+@option("--images", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Folder of images to segment.")
+@option("--out", required=True, type=click.Path(path_type=Path), help="Where masks/ and overlays/ go.")
 def predict_cmd(workdir: Path, run_id: str | None, which: str, images: Path, out: Path) -> None:
     """Segment new images locally with a model this node holds."""
     from .errors import NodeError

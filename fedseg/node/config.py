@@ -25,7 +25,9 @@ class NodeConfig:
         data: Absolute path of the site folder.
         labels: Label kind: "pixel", "box", "image" or "none".
         workdir: Absolute path of the node's private working directory.
-        limit: Keep only the first N images (subsets for tests and benchmarks).
+        limit: Keep only the first N images in sorted-name order.
+        sample: Keep a seeded random N images instead, stratified by has_lesion where known.
+        sample_seed: Seed of ``sample``.
         group_by: meta.csv column for group-aware splits; "auto" or None.
         where: meta.csv prefix filters, e.g. {"device": "GE Logiq 5"}.
         split_seed: Seed of the train/val/test split, which never leaves the node.
@@ -51,6 +53,8 @@ class NodeConfig:
     labels: str
     workdir: str
     limit: int | None = None
+    sample: int | None = None
+    sample_seed: int = 0
     group_by: str | None = "auto"
     where: dict[str, str] = field(default_factory=dict)
     split_seed: int = 0

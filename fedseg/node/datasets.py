@@ -65,6 +65,7 @@ __all__ = [
     "load_arrays",
     "load_weak_labels",
     "make_splits",
+    "sample_names",
 ]
 
 #: Image file suffixes recognised in ``images/`` (compared case-insensitively).
@@ -279,6 +280,8 @@ def index_site(
     boxes: Path | None = None,
     image_labels: Path | None = None,
     labels_from_masks: bool = False,
+    sample: int | None = None,
+    sample_seed: int = 0,
 ) -> SiteIndex:
     """Index and validate a site folder and its labels.
 
@@ -316,6 +319,10 @@ def index_site(
             ``masks/`` only to score (a benchmark's held-out site).
         limit: Keep only the first ``limit`` images in sorted-name order, after
             ``where`` filtering. ``None`` keeps all.
+        sample: Keep a seeded random ``sample`` of the images instead, after
+            ``where`` filtering, stratified by ``has_lesion`` where it is known
+            (see :func:`sample_names`). Excludes ``limit``.
+        sample_seed: Seed of ``sample``.
         group_by: meta.csv column whose values keep related images in the same
             split. ``"auto"`` picks the first of :data:`AUTO_GROUP_COLUMNS`
             present in meta.csv, or none; ``None`` means random splits.
@@ -336,12 +343,14 @@ def index_site(
         DatasetError: If the folder or a label file is missing or malformed, or
             the label options contradict each other or ``labels``. The message
             names every offending file or line (up to ten, then a count).
-        ValueError: If ``limit`` is smaller than 1.
+        ValueError: If ``limit`` or ``sample`` is smaller than 1, or both are given.
     """
     root = Path(root)
     labels = LabelKind(labels)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    if sample is not None and (sample < 1 or limit is not None):
+        raise ValueError(f"sample must be >= 1 and excludes limit, got sample={sample}, limit={limit}")
     boxes = Path(boxes) if boxes is not None else None
     image_labels = Path(image_labels) if image_labels is not None else None
     _check_label_options(labels, boxes, image_labels, labels_from_masks)
@@ -416,6 +425,12 @@ def index_site(
         names = _filter_where(root, names, meta_columns, meta_rows, where)
     if limit is not None:
         names = names[:limit]
+    if sample is not None:
+        strata = flags
+        if not flag_source and _HAS_LESION in meta_columns:
+            # Pixel and box sites may still say in meta.csv which images hold a lesion.
+            strata, _ = _meta_flags(meta_rows, meta_lines)
+        names = sample_names(names, sample, sample_seed, strata)
 
     group_column = _resolve_group_column(root, group_by, meta_columns)
     groups = None
@@ -465,6 +480,40 @@ def index_site(
         labels_from_masks=labels_from_masks,
         label_file=boxes if boxes is not None else image_labels,
     )
+
+
+def sample_names(
+    names: Sequence[str], n: int, seed: int, has_lesion: Mapping[str, bool] | None = None
+) -> list[str]:
+    """A seeded random subset of ``n`` names, stratified by ``has_lesion`` where known.
+
+    Names with a known flag are drawn from their stratum (lesion, no lesion) in
+    proportion to its share of ``names``, by largest remainder; names without one
+    form a third stratum. So a subset of BUSI keeps its benign, malignant and normal
+    mix, where the first ``n`` sorted names would all be benign.
+
+    Args:
+        names: Names to draw from.
+        n: How many to keep; all of them if ``n >= len(names)``.
+        seed: Seed of ``np.random.default_rng``; the same arguments give the same subset.
+        has_lesion: Name to flag, for the names where it is known.
+
+    Returns:
+        The chosen names, sorted.
+    """
+    flags = has_lesion or {}
+    strata: dict[bool | None, list[str]] = {}
+    for name in sorted(names):
+        strata.setdefault(flags.get(name), []).append(name)
+    if n >= len(names):
+        return sorted(names)
+    keys = sorted(strata, key=lambda k: (k is None, k))
+    share = np.array([len(strata[k]) for k in keys], dtype=np.float64) * n / len(names)
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(-(share - counts), kind="stable")[: n - int(counts.sum())]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [name for k, c in zip(keys, counts) for name in rng.choice(strata[k], size=int(c), replace=False).tolist()]
+    return sorted(chosen)
 
 
 def _check_label_options(
@@ -1189,7 +1238,7 @@ def make_splits(
     if keys.size < 3:
         raise DatasetError(
             f"group column {index.group_column!r} has {keys.size} group(s): at least 3 are "
-            "needed for train/val/test splits (use group_by=None for a random split)",
+            "needed for train/val/test splits (group_by=None, --group-by none on the CLI, for a random split)",
             where=str(index.root),
         )
     sizes = np.bincount(inverse)  # (n_groups,)

@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from fedseg.cli_help import option
+
 __all__ = ["adapt", "run", "plan_from_options"]
 
 # CLI options that map onto plan keys; the rest of the plan comes from --plan or defaults.
@@ -44,44 +46,51 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 
 
 @click.command()
-@click.option("--invite", "invites", multiple=True, type=click.Path(path_type=Path), help="A node's invite.json (repeat per node).")
-@click.option("--algorithm", type=click.Choice(["fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl", "lcfed"]), default=None,
+@option("--invite", "invites", multiple=True, type=click.Path(path_type=Path), help="A node's invite.json (repeat per node).")
+@option("--algorithm", type=click.Choice(["fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl", "lcfed"]), default=None,
+              show_default="fedavg",
               help="fedavg (pixel-labelled nodes train), fedmix (every label kind trains), or a personalized method: "
                    "local (nothing shared), ft (FedAvg, scored after local fine-tuning), fedbn (norm layers stay local), "
                    "fedrep (head stays local), iopfl (each node also keeps a running mix of its models), "
-                   "lcfed (site channel selection and a local head, then head calibration) [default: fedavg].")
-@click.option("--out", type=click.Path(path_type=Path), help="Run directory for checkpoints, metrics, report and plot.")
-@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue the run in this directory from its last completed round.")
-@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Plan JSON; options below override it.")
-@click.option("--rounds", type=click.IntRange(1), default=None)
-@click.option("--image-size", type=int, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--width", type=int, default=None, help="U-Net channels at the first level.")
-@click.option("--depth", type=int, default=None, help="U-Net down-samplings.")
-@click.option("--in-channels", type=click.Choice(["1", "3"]), default=None, help="1 = grey, 3 = RGB.")
-@click.option("--norm", type=click.Choice(["group", "batch"]), default=None, help="U-Net normalization [default: group]; "
+                   "lcfed (site channel selection and a local head, then head calibration).")
+@option("--out", type=click.Path(path_type=Path), show_default="none, required without --resume",
+              help="Run directory for checkpoints, metrics, report and plot.")
+@option("--resume", type=click.Path(path_type=Path), default=None, show_default="none",
+              help="Continue the run in this directory from its last completed round.")
+@option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, show_default="none",
+              help="Plan JSON; options below override it, and the defaults shown are the plan's.")
+@option("--rounds", type=click.IntRange(1), default=None, show_default="20")
+@option("--image-size", type=int, default=None, show_default="128", help="Side in pixels images are resized to.")
+@option("--seed", type=int, default=None, show_default="0")
+@option("--width", type=int, default=None, show_default="16", help="U-Net channels at the first level.")
+@option("--depth", type=int, default=None, show_default="4", help="U-Net down-samplings.")
+@option("--in-channels", type=click.Choice(["1", "3"]), default=None, show_default="the nodes' channels",
+              help="1 = grey, 3 = RGB. By default every node must hold the same kind; this option converts the others to it.")
+@option("--norm", type=click.Choice(["group", "batch"]), default=None, show_default="group", help="U-Net normalization; "
               "batch for IOP-FL's norm-statistics baseline.")
-@click.option("--lr", type=float, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--local-epochs", type=float, default=None)
-@click.option("--threads", type=int, default=None, help="torch threads per node.")
-@click.option("--timeout-s", type=float, default=None, help="How long to wait for one node per step.")
-@click.option("--min-nodes", type=int, default=None, help="Nodes that must answer for a round to count (0 = all).")
-@click.option("--overlays", type=int, default=None, help="Prediction overlays each node writes into its own workdir per evaluation.")
-@click.option("--lam", type=float, default=None, help="FedMix λ: weight of the loss share in the aggregation weights.")
-@click.option("--beta", type=float, default=None, help="FedMix β: exponent on the losses.")
-@click.option("--tau", type=float, default=None, help="FedMix τ: agreement needed to accept a pseudo-label.")
-@click.option("--adaptive/--no-adaptive", default=None, help="FedMix adaptive aggregation weights (--no-adaptive: plain n_k, the ablation).")
-@click.option("--alpha", type=float, default=None, help="IOP-FL: weight of the previous running mix (default 0.1).")
-@click.option("--head-fraction", type=float, default=None, help="FedRep, LC-Fed: share of each round spent on the head (default 0.2).")
-@click.option("--contrastive-weight", type=float, default=None, help="LC-Fed: weight of the contrastive site loss (default 0.1; 0 = the ablation).")
-@click.option("--hc-epochs", type=float, default=None, help="LC-Fed: local epochs that train the calibration head (default 5).")
-@click.option("--finetune-epochs", type=float, default=None, help="FT: local fine-tuning epochs before scoring (default 1).")
-@click.option("--full-masks", is_flag=True, default=False, help="Benchmark upper bound: nodes whose weak labels came from masks train on the masks.")
-@click.option("--secure-aggregation", is_flag=True, default=False,
+@option("--lr", type=float, default=None, show_default="0.001", help="Adam learning rate.")
+@option("--batch-size", type=int, default=None, show_default="8")
+@option("--local-epochs", type=float, default=None, show_default="1.0", help="Passes over a node's training split per round.")
+@option("--threads", type=int, default=None, show_default="1", help="torch threads per node.")
+@option("--timeout-s", type=float, default=None, show_default="900.0", help="How long to wait for one node per step.")
+@option("--min-nodes", type=int, default=None, show_default="0 = all", help="Nodes that must answer for a round to count.")
+@option("--overlays", type=int, default=None, show_default="0", help="Prediction overlays each node writes into its own workdir per evaluation.")
+@option("--lam", type=float, default=None, show_default="10.0", help="FedMix λ: weight of the loss share in the aggregation weights.")
+@option("--beta", type=float, default=None, show_default="1.5", help="FedMix β: exponent on the losses.")
+@option("--tau", type=float, default=None, show_default="0.9", help="FedMix τ: agreement needed to accept a pseudo-label.")
+@option("--adaptive/--no-adaptive", default=None, show_default="adaptive",
+              help="FedMix adaptive aggregation weights (--no-adaptive: plain n_k, the ablation).")
+@option("--alpha", type=float, default=None, show_default="0.1", help="IOP-FL: weight of the previous running mix.")
+@option("--head-fraction", type=float, default=None, show_default="0.2", help="FedRep, LC-Fed: share of each round spent on the head.")
+@option("--contrastive-weight", type=float, default=None, show_default="0.1", help="LC-Fed: weight of the contrastive site loss (0 = the ablation).")
+@option("--hc-epochs", type=float, default=None, show_default="5.0", help="LC-Fed: local epochs that train the calibration head.")
+@option("--finetune-epochs", type=float, default=None, show_default="1.0", help="FT: local fine-tuning epochs before scoring.")
+@option("--full-masks", is_flag=True, default=False, help="Benchmark upper bound: nodes whose weak labels came from masks train on the masks.")
+@option("--secure-aggregation", is_flag=True, default=False,
               help="The coordinator learns only the weighted sum of the updates (masked, t-of-n recoverable from dropouts).")
-@click.option("--secagg-threshold", type=int, default=None, help="Secure aggregation: nodes that must survive to unmask (default: a majority).")
-@click.option("--secagg-clip", type=float, default=None, help="Secure aggregation: clip bound of update values (default 8); clipped values are counted and reported.")
+@option("--secagg-threshold", type=int, default=None, show_default="0 = a majority", help="Secure aggregation: nodes that must survive to unmask.")
+@option("--secagg-clip", type=float, default=None, show_default="8.0",
+              help="Secure aggregation: clip bound of update values; clipped values are counted and reported.")
 def run(invites: tuple[Path, ...], out: Path | None, resume: Path | None, plan_file: Path | None, **options: Any) -> None:
     """Run federated rounds across the nodes in the invites."""
     from fedseg.protocol.errors import ProtocolError
@@ -129,18 +138,21 @@ def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - th
                 raise PlanError(f"plan {plan_file} cannot be read: {exc}") from None
     plan = Plan.from_dict(plan_from_options(base, options))
     transports = [SyftTransport(load_invite(p), approval_timeout_s=min(plan.timeout_s, 120)) for p in invite_paths]
-    rows = run_federation(plan, transports, out, ConsoleReporter(plan.rounds), [str(p) for p in invite_paths], resume is not None)
+    # Unless the user or the plan file chose the model's input, the nodes' images decide it.
+    chosen = options.get("in_channels") is not None or "in_channels" in base.get("model", {})
+    rows = run_federation(plan, transports, out, ConsoleReporter(plan.rounds), [str(p) for p in invite_paths], resume is not None,
+                          channels_from_nodes=resume is None and not chosen)
     return rows, out, plan
 
 
 @click.command()
-@click.option("--invite", "invite", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False), help="The new site's invite.json.")
-@click.option("--from", "run_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="A run directory of `fedseg run`.")
-@click.option("--epochs", type=float, default=None, help="Passes over the new site's images [default: 10].")
-@click.option("--lr", type=float, default=None, help="Adam learning rate of the routers and norm parameters [default: 1e-3].")
-@click.option("--batch-size", type=int, default=None, help="Images per step [default: 8].")
-@click.option("--routing", type=click.Choice(["softmax", "sigmoid"]), default=None, help="Expert weights [default: softmax].")
-@click.option("--threads", type=int, default=None, help="torch threads on the new node [default: 1].")
+@option("--invite", "invite", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False), help="The new site's invite.json.")
+@option("--from", "run_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="A run directory of `fedseg run`.")
+@option("--epochs", type=float, default=None, show_default="10.0", help="Passes over the new site's images.")
+@option("--lr", type=float, default=None, show_default="0.001", help="Adam learning rate of the routers and norm parameters.")
+@option("--batch-size", type=int, default=None, show_default="8", help="Images per step.")
+@option("--routing", type=click.Choice(["softmax", "sigmoid"]), default=None, show_default="softmax", help="Expert weights.")
+@option("--threads", type=int, default=None, show_default="1", help="torch threads on the new node.")
 def adapt(invite: Path, run_dir: Path, **options: Any) -> None:
     """Adapt a run's models to a new hospital's unlabelled images (IOP-FL test-time routing).
 

@@ -104,6 +104,8 @@ class ErrorCode(StrEnum):
     DECLINED = "declined"
     #: The node holds no such model, e.g. it never trained in that run.
     NO_MODEL = "no_model"
+    #: The node's own data can no longer be read as it was at start (moved or changed since).
+    NODE_DATA = "node_data"
     INTERNAL = "internal"
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from fedseg.models.config import DictConfig
@@ -174,6 +174,23 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON would give it back (lists, not tuples), so a saved plan compares equal."""
         return {**asdict(self), "sites": list(self.sites)}
+
+    def with_node_channels(self, channels: dict[str, int]) -> Plan:
+        """The plan with the model's input channels the nodes' images have.
+
+        Args:
+            channels: Node name to the channels it described (1 grey, 3 RGB).
+
+        Raises:
+            PlanError: If the nodes differ, naming each: the model takes one kind, and
+                copying grey into RGB (or the reverse) is the user's choice to make.
+        """
+        kinds = set(channels.values())
+        if len(kinds) != 1:
+            listed = ", ".join(f"{name} {'grey' if c == 1 else 'RGB'}" for name, c in sorted(channels.items()))
+            raise PlanError(f"the nodes' images differ ({listed}): choose the model's input with --in-channels "
+                            "(3: grey copied into RGB; 1: colour made grey)")
+        return replace(self, model=replace(self.model, in_channels=kinds.pop()))
 
     @property
     def max_message_bytes(self) -> int:

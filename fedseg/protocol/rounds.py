@@ -171,6 +171,7 @@ def run_federation(
     invites: Sequence[str] = (),
     resume: bool = False,
     strategy: Strategy | None = None,
+    channels_from_nodes: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs (or resumes) a federation and records it in ``out``.
 
@@ -182,6 +183,9 @@ def run_federation(
         invites: Invite paths, kept in the checkpoint so ``--resume`` needs nothing else.
         resume: Continue from ``out``'s last completed round.
         strategy: Defaults to the plan's algorithm.
+        channels_from_nodes: A new run takes the model's input channels from the nodes'
+            images (refused if they differ) instead of ``plan.model.in_channels``; the
+            default strategy is then made for that plan.
 
     Returns:
         All metrics rows of the run.
@@ -226,12 +230,17 @@ def run_federation(
             described = _fan_out(pool, peers, lambda p: p.request(DescribeRequest(run_id=run_id), DescribeReply), plan.timeout_s, reporter.step)
             _require(described, len(peers), "describe", start)
             nodes = described.replies
+            if channels_from_nodes and start == 0:
+                plan = plan.with_node_channels({name: d.channels for name, d in nodes.items()})
+                strategy, arrays = make_strategy(plan), initial_arrays(plan)
+                layout = {k: tuple(v.shape) for k, v in arrays.items()}
             strategy.participants(nodes)  # refuses a plan that cannot work before any round runs
             scorers = [p for p in peers if nodes[p.name].can_score]
             if not scorers:
                 raise ProtocolError("no node holds masks to score the model with")
             for name, d in nodes.items():
-                reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {d.label_kind} labels, key {d.fingerprint[7:19]}")
+                reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {'grey' if d.channels == 1 else 'RGB'}, "
+                              f"{d.label_kind} labels, key {d.fingerprint[7:19]}")
 
             def evaluate(round_: int, weights: Arrays) -> _Outcome:
                 request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=list(SCORED_SPLITS), overlays=plan.overlays, weights=weights)

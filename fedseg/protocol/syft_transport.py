@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 from typing import Any
 
@@ -57,6 +58,9 @@ class SyftTransport:
         import syft as sy
         from syft.service.policy.policy import OutputPolicyExecuteCount
 
+        # Syft's client retries a refused connection and urllib3 logs each retry as a warning
+        # on the root handler Syft installs; the one line below says what failed.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         try:
             with _quiet():
                 client = sy.login(url=self.invite.url, port=self.invite.port, email=self.invite.email, password=self.invite.password)

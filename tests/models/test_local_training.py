@@ -165,9 +165,20 @@ def test_predict_and_overlay(tmp_path) -> None:
     pred = predict(model, images, batch_size=2)
     assert pred.shape == (3, 1, 32, 32) and pred.dtype == torch.bool and model.training
     path = tmp_path / "overlay.png"
-    overlay_png(images[0], pred[0], masks[0].bool(), path)
+    truth = masks[0].bool()
+    overlay_png(images[0], pred[0], truth, path)
     png = np.asarray(Image.open(path))
-    assert png.shape == (32, 32, 3)
-    assert (png[masks[0, 0].bool().numpy()] == [0, 255, 64]).all(axis=1).any()  # truth outline drawn
+    # Three panels of 32 px enlarged 8 times (256 px), 6 px apart, under an 18 px header of labels.
+    assert png.shape == (18 + 256, 3 * 256 + 2 * 6, 3)
+    image, truth_panel, pred_panel = (png[18:, i * 262: i * 262 + 256] for i in range(3))
+    enlarged = images[0].numpy().transpose(1, 2, 0).repeat(8, axis=0).repeat(8, axis=1)
+    assert np.array_equal(image, enlarged)
+    inside = truth[0].numpy().repeat(8, axis=0).repeat(8, axis=1)
+    assert (truth_panel[inside] == [0, 220, 64]).all(axis=1).any() and not np.array_equal(truth_panel, image)  # truth outlined
+    assert np.array_equal(truth_panel[~inside], image[~inside])  # nothing drawn outside the truth
+    predicted = pred[0, 0].numpy().repeat(8, axis=0).repeat(8, axis=1)
+    assert np.array_equal(pred_panel[~predicted], image[~predicted])
+    overlay_png(images[0], pred[0], None, path)
+    assert np.asarray(Image.open(path)).shape == (18 + 256, 2 * 256 + 6, 3)  # image and prediction only
     with pytest.raises(ModelError, match=r"\(1, 16, 16\)"):
         overlay_png(images[0], pred[0, :, :16, :16], None, path)

@@ -317,3 +317,49 @@ def test_real_kvasir_limit_loads(real_data: Path) -> None:
     assert images.shape == (20, 3, 64, 64) and images.dtype == np.uint8
     assert masks is not None and masks.shape == (20, 1, 64, 64)
     assert set(np.unique(masks).tolist()) == {0, 1}
+
+
+# --------------------------------------------------------------------------- #
+# Seeded, stratified samples
+# --------------------------------------------------------------------------- #
+
+
+def test_sample_is_seeded_and_keeps_the_lesion_share(tmp_path: Path) -> None:
+    site = write_site(tmp_path / "site", DEFAULT_SITES[0], 20, size=SIZE, seed=1)
+    names = sorted(p.stem for p in (site / "images").glob("*.png"))
+    # The first half of the sorted names have a lesion and the rest none: the first 10 are all lesions.
+    _write_meta(site, ["name", "has_lesion"], [[n, int(i < 10)] for i, n in enumerate(names)])
+    first = index_site(site, sample=10, sample_seed=3)
+    assert first.names == index_site(site, sample=10, sample_seed=3).names
+    assert first.names != index_site(site, sample=10, sample_seed=4).names
+    assert first.names != tuple(names[:10])
+    assert sum(n in names[:10] for n in first.names) == 5
+
+
+def test_sample_and_limit_exclude_each_other(site: Path) -> None:
+    with pytest.raises(ValueError, match="excludes limit"):
+        index_site(site, limit=4, sample=4)
+
+
+def test_real_busi_sample_keeps_normal_images(real_data: Path) -> None:
+    # BUSI sorts benign first: the first 60 names hold no normal (lesion-free) image.
+    root = real_data / "breast" / "BUSI"
+    assert all(n.startswith("benign") for n in index_site(root, limit=60).names)
+    index = index_site(root, sample=60, sample_seed=0)
+    kinds = {n.split("_")[0] for n in index.names}
+    assert kinds == {"benign", "malignant", "normal"}
+    # 133 of BUSI's 780 images have no lesion: 60 * 133 / 780 = 10.2, so 10 of the sample.
+    assert sum(n.startswith("normal") for n in index.names) == 10
+
+
+def test_benchmark_subsets_are_the_nodes_own_sample(tmp_path: Path) -> None:
+    """scripts/benchlib.make_subset serves the images `node start --sample` would pick."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
+    from benchlib import make_subset
+
+    site = write_site(tmp_path / "site", DEFAULT_SITES[0], 20, size=SIZE, seed=1)
+    subset = make_subset(site, tmp_path / "subset", 8, None, 5)
+    assert subset["images"] == 8
+    assert index_site(tmp_path / "subset").names == index_site(site, sample=8, sample_seed=5).names

@@ -203,3 +203,19 @@ def test_write_report_and_plot(tmp_path: Path) -> None:
     assert "| mean, image-weighted | 4 | 0.3500 | 0.1750 | 0.3000 |" in text
     plot_dice(ROWS, tmp_path / "dice.png", "t")
     assert (tmp_path / "dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_without_a_terminal_prints_a_line_only_while_a_call_runs_long(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from fedseg.protocol import progress
+
+    out = io.StringIO()
+    reporter = progress.ConsoleReporter(3, Console(file=out, width=10_000))
+    reporter.step("round 1: training on 3 nodes")
+    assert out.getvalue() == ""  # the round has only begun
+    monkeypatch.setattr(progress, "PLAIN_PROGRESS_S", 0.0)
+    reporter.step("round 1 training: 1/3 nodes done, waiting for site-b, site-c")
+    assert out.getvalue() == "  ... round 1 training: 1/3 nodes done, waiting for site-b, site-c\n"
