@@ -573,6 +573,21 @@ class LCFedTrainer(PhaseTrainer):
     def _capture(self, module: nn.Module, args: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._captured = (args[0], output[1])  # deepest features (B, C, h, w), A_k (B, C, 1, 1)
 
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """PCS's site embedding without weight decay, the rest with the config's.
+
+        On node k the embedding's columns for the other sites' codes get no loss
+        gradient, only the decay, which Adam rescales into a full step toward zero at
+        every step: measured over 12 rounds, the embedding's norm fell from 2.71 to 1.33
+        and the sites' channel attentions stayed identical (spread 8e-4, against 0.11
+        without decay on it). The reference uses no weight decay at all.
+        """
+        model: LCFedUNet = self.model  # type: ignore[assignment]
+        embed = {id(p) for p in model.pcs.embed.parameters()} if model.pcs is not None else set()
+        groups = [{"params": [p for p in params if id(p) not in embed]},
+                  {"params": [p for p in params if id(p) in embed], "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
     def compute_loss(self, logits: torch.Tensor, target: torch.Tensor) -> Losses:
         """Segmentation loss, plus ``alpha * L_con`` in the shared phase."""
         losses = super().compute_loss(logits, target)

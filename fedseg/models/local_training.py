@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -192,6 +192,10 @@ class LocalTrainer:
         """Parameters the optimizer of :meth:`train_round` updates; default all."""
         return list(self.model.parameters())
 
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups over ``params``; default one group with the config's weight decay."""
+        return [{"params": params}]
+
     def train_round(self, images: torch.Tensor, masks: torch.Tensor, seed: int) -> RoundResult:
         """Runs one round; deterministic given the model state, data and seed.
 
@@ -219,7 +223,7 @@ class LocalTrainer:
         with torch_threads(cfg.threads):
             self.before_round()
             params = self.parameters_to_train()
-            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.Adam(self.param_groups(params), lr=cfg.lr, weight_decay=cfg.weight_decay)
             model.train()
             model.zero_grad(set_to_none=True)
             loss_sum, part_sums = 0.0, {}
