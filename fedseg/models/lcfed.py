@@ -32,7 +32,9 @@ phase are left out of the optimizer, so weight decay and Adam momentum cannot mo
 them; the heads a node needs for HC travel as a declared message
 (:func:`head_arrays`), never its features or predictions; and HC's Gaussian and peak
 window, given in pixels of the reference's 384 px images, scale with the image size
-(:meth:`LCFedConfig.at_size`).
+(:meth:`LCFedConfig.at_size`) while the blurred probabilities keep the reference's
+strength (:meth:`HeadCalibration.smooth_probabilities`); PCS's site embedding has no
+weight decay (:meth:`LCFedTrainer.param_groups`).
 
 The segmentation loss is the project's ``DiceBCELoss`` from ``TrainConfig``
 (per-image soft Dice plus BCE by default); set ``lambda_bce=0`` for the paper's
@@ -391,7 +393,9 @@ class HeadCalibration(nn.Module):
 
     * ``U = sqrt(sum_j (p_j - p_k)^2 / (K-1))``, divided by its max per image and class;
     * ``P = 1[U == maxpool_window(U)] * 1[U > peak_threshold]``, the disagreement peaks;
-    * ``S_u = G(P)``, ``S_p = G(p_k)`` with G the fixed Gaussian (peak 1);
+    * ``S_u = G(P)`` with G the fixed Gaussian (peak 1), ``S_p = g * G(p_k)`` with the gain
+      g that gives G the sum of the reference's filter at 384 px (1 there), so that the
+      boost of a lesion does not fade with the image size;
     * per class c: ``F * S_u[c] + F`` and ``F * S_p[c] + F``, concatenated
       to ``(B, 2 * width * C, H, W)``, then ``Conv3x3 -> C`` logits.
 
@@ -414,6 +418,11 @@ class HeadCalibration(nn.Module):
         # A fixed filter, not a parameter; not persistent, as it follows from the config.
         kernel = gaussian_kernel(self.config.window, self.config.gaussian_sigma)  # (1, 1, window, window)
         self.register_buffer("gaussian", kernel, persistent=False)
+        # The peak-1 filter sums to 222 at the reference's 384 px but to 6.2 at 64 px, so a
+        # blurred probability map, which is dense, would boost a lesion 36 times less at
+        # 64 px. Scaled to the reference's sum, G(p_k) keeps its strength at every size.
+        # Disagreement peaks are one per window at any size, so their peak-1 bumps already do.
+        self.dense_gain = (gaussian_kernel(REFERENCE_WINDOW, REFERENCE_SIGMA).sum() / kernel.sum()).item()
 
     @staticmethod
     def disagreement(own: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
@@ -459,6 +468,11 @@ class HeadCalibration(nn.Module):
         out = F.conv2d(m.reshape(b * c, 1, h, w), self.gaussian.to(m.dtype), padding=self.config.window // 2)
         return out.reshape(b, c, h, w)
 
+    def smooth_probabilities(self, p: torch.Tensor) -> torch.Tensor:
+        """``S_p``: the node's probabilities ``(B, C, H, W)`` blurred with the Gaussian scaled to
+        the reference's sum, so a lesion's plateau is as strong at every image size."""
+        return self.smooth(p) * self.dense_gain
+
     def forward(self, features: torch.Tensor, own_head: HeadLike, other_heads: Sequence[HeadLike]) -> torch.Tensor:
         """Calibrated logits.
 
@@ -488,7 +502,7 @@ class HeadCalibration(nn.Module):
             own = torch.sigmoid(F.conv2d(feat, own_w, own_b))  # (B, C, H, W)
             others = torch.sigmoid(F.conv2d(feat, others_w, others_b)).reshape(b, len(pairs), c, h, w)
             s_u = self.smooth(self.peak_map(self.disagreement(own, others)))  # (B, C, H, W)
-            s_p = self.smooth(own)  # (B, C, H, W)
+            s_p = self.smooth_probabilities(own)  # (B, C, H, W)
             maps = torch.stack([s_u, s_p], dim=2).reshape(b, 2 * c, 1, h, w)  # (B, 2C, 1, H, W): c-major
             calibrated = (feat[:, None] * maps + feat[:, None]).reshape(b, 2 * c * self.width, h, w)
         return self.conv(calibrated)  # (B, C, H, W)

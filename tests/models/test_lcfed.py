@@ -15,6 +15,7 @@ from fedseg.models.lcfed import (
     LCFedUNet,
     Phase,
     calibration_keeps,
+    gaussian_kernel,
     head_arrays,
     lcfed_round,
     predict_calibrated,
@@ -318,3 +319,17 @@ def test_site_attentions_separate_over_federated_rounds_despite_weight_decay():
     # Measured: spread 0.038 and norm 2.10 (from 2.03); with decay on the embedding, 0.0 and 0.73.
     assert models[0].pcs.embed[0].weight.norm().item() > 0.95 * norm
     assert _attention_spread(models[0], probe) > 0.02
+
+
+@pytest.mark.parametrize("size", [384, 128, 64, 32])
+def test_hc_blur_has_the_same_effect_at_every_image_size(size):
+    # One scene at several sizes: a lesion of radius size/8 with probability 1, and one
+    # disagreement peak. The reference (384 px) blurs both with its peak-1 filter.
+    hc = HeadCalibration(4, 1, image_size=size)
+    u = torch.arange(size, dtype=torch.float32) - size // 2
+    lesion = ((u[:, None] ** 2 + u[None] ** 2) <= (size / 8) ** 2).float()[None, None]  # (1, 1, S, S)
+    reference = gaussian_kernel(31, 6.0).sum().item()  # 222: a dense map's plateau at 384 px
+    assert hc.smooth_probabilities(lesion)[0, 0, size // 2, size // 2].item() == pytest.approx(reference, rel=0.03)
+    peak = torch.zeros(1, 1, size, size)
+    peak[0, 0, size // 2, size // 2] = 1
+    assert hc.smooth(peak).max().item() == pytest.approx(1.0)
