@@ -55,7 +55,7 @@ from torch import nn
 
 from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
-from fedseg.models.local_training import RoundResult, TrainConfig, evaluate, predict
+from fedseg.models.local_training import RoundResult, TrainConfig, _as_float_images, _check_pair, evaluate, predict, torch_threads
 from fedseg.models.losses import Losses
 from fedseg.models.personalization import PhaseTrainer
 from fedseg.models.unet import UNet, UNetConfig
@@ -103,7 +103,8 @@ class LCFedConfig(DictConfig):
         pcs: Whether the model has PCS at all (False: the "HC only" ablation).
         hc_epochs: Stage 2: local epochs that train HC once the heads are
             distributed. The heads and the shared body no longer change then, so
-            one distribution and one local run equal the reference's repeated rounds.
+            one distribution and one local run equal the reference's repeated rounds
+            (300 of 50 steps). Its inputs are computed once, so epochs are cheap.
         peak_threshold: HC keeps disagreement peaks whose normalized value is above this.
         gaussian_sigma: Standard deviation, in pixels, of HC's fixed Gaussian filter;
             None scales the reference's 6 px at 384 px to the plan's image size.
@@ -113,7 +114,7 @@ class LCFedConfig(DictConfig):
 
     alpha: float = 0.1
     pcs: bool = True
-    hc_epochs: float = 5.0
+    hc_epochs: float = 50.0
     peak_threshold: float = 0.2
     gaussian_sigma: float | None = None
     window: int | None = None
@@ -473,8 +474,8 @@ class HeadCalibration(nn.Module):
         the reference's sum, so a lesion's plateau is as strong at every image size."""
         return self.smooth(p) * self.dense_gain
 
-    def forward(self, features: torch.Tensor, own_head: HeadLike, other_heads: Sequence[HeadLike]) -> torch.Tensor:
-        """Calibrated logits.
+    def maps(self, features: torch.Tensor, own_head: HeadLike, other_heads: Sequence[HeadLike]) -> torch.Tensor:
+        """``S_u`` and ``S_p`` per class: everything HC derives from F and the heads, without gradient.
 
         Args:
             features: Decoder output F ``(B, width, H, W)``.
@@ -482,7 +483,7 @@ class HeadCalibration(nn.Module):
             other_heads: The other sites' heads, at least one; see :data:`HeadLike`.
 
         Returns:
-            Logits ``(B, C, H, W)``.
+            ``(B, 2C, H, W)``, class-major: ``S_u[c], S_p[c]`` for each class c.
 
         Raises:
             ModelError: On wrong shapes or no other head.
@@ -503,9 +504,24 @@ class HeadCalibration(nn.Module):
             others = torch.sigmoid(F.conv2d(feat, others_w, others_b)).reshape(b, len(pairs), c, h, w)
             s_u = self.smooth(self.peak_map(self.disagreement(own, others)))  # (B, C, H, W)
             s_p = self.smooth_probabilities(own)  # (B, C, H, W)
-            maps = torch.stack([s_u, s_p], dim=2).reshape(b, 2 * c, 1, h, w)  # (B, 2C, 1, H, W): c-major
-            calibrated = (feat[:, None] * maps + feat[:, None]).reshape(b, 2 * c * self.width, h, w)
-        return self.conv(calibrated)  # (B, C, H, W)
+            return torch.stack([s_u, s_p], dim=2).reshape(b, 2 * c, h, w)
+
+    def calibrate(self, features: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, H, W)`` from F ``(B, width, H, W)`` and :meth:`maps` ``(B, 2C, H, W)``;
+        only here does the gradient reach ``conv``."""
+        b, _, h, w = features.shape
+        with torch.no_grad():
+            feat = features.detach()[:, None]  # (B, 1, width, H, W)
+            calibrated = (feat * maps[:, :, None] + feat).reshape(b, 2 * self.n_classes * self.width, h, w)
+        return self.conv(calibrated)
+
+    def forward(self, features: torch.Tensor, own_head: HeadLike, other_heads: Sequence[HeadLike]) -> torch.Tensor:
+        """Calibrated logits ``(B, C, H, W)`` from F ``(B, width, H, W)`` and the heads (see :meth:`maps`).
+
+        Raises:
+            ModelError: On wrong shapes or no other head.
+        """
+        return self.calibrate(features, self.maps(features, own_head, other_heads))
 
 
 def head_arrays(model: LCFedUNet) -> dict[str, np.ndarray]:
@@ -693,17 +709,61 @@ class CalibratedUNet(nn.Module):
             for j, site in enumerate(self.sites)
         })
 
+    def _heads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(getattr(self, f"other_weight_{j}"), getattr(self, f"other_bias_{j}")) for j in range(self.n_heads)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """HC logits ``(B, out_channels, H, W)`` for images ``(B, in_channels, H, W)``."""
         with torch.no_grad():
             feat, _ = self.model.features(x)  # (B, width, H, W)
-        heads = [(getattr(self, f"other_weight_{j}"), getattr(self, f"other_bias_{j}")) for j in range(self.n_heads)]
-        return self.model.hc(feat, self.model.head, heads)
+        return self.model.hc(feat, self.model.head, self._heads())
+
+    @torch.no_grad()
+    def hc_inputs(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """What HC sees of each image, computed once in eval mode: F and :meth:`HeadCalibration.maps`.
+
+        Args:
+            images: ``(N, C, H, W)`` uint8 or float in [0, 1].
+            batch_size: Images per forward pass.
+
+        Returns:
+            ``(N, width + 2 * out_channels, H, W)`` float32 on the model's device
+            (``4 * (width + 2C) * H * W`` bytes per image).
+
+        Raises:
+            ModelError: On a wrong input shape.
+        """
+        device = self.model.head.weight.device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = []
+            for i in range(0, images.shape[0], batch_size):
+                feat, _ = self.model.features(_as_float_images(images[i : i + batch_size]).to(device))  # (b, width, H, W)
+                out.append(torch.cat([feat, self.model.hc.maps(feat, self.model.head, self._heads())], dim=1))
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out)
+
+
+class _CachedCalibration(nn.Module):
+    """HC's conv over :meth:`CalibratedUNet.hc_inputs`, so that a trainer runs it like a model."""
+
+    def __init__(self, hc: HeadCalibration) -> None:
+        super().__init__()
+        self.hc = hc
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.hc.calibrate(inputs[:, : self.hc.width], inputs[:, self.hc.width :])
 
 
 def train_hc_round(model: LCFedUNet, other_heads: Mapping[str, HeadLike] | Sequence[HeadLike], images: torch.Tensor, masks: torch.Tensor,
                    config: TrainConfig, seed: int) -> RoundResult:
     """One stage-2 round: only ``model.hc`` trains, on the segmentation loss of its output.
+
+    HC is one 3x3 conv on inputs that the fixed body and heads determine, so those inputs
+    are computed once (:meth:`CalibratedUNet.hc_inputs`) and the epochs run over them,
+    without augmentation: 50 epochs cost about one forward pass of the U-Net.
 
     Args:
         model: The node's model; everything but ``hc`` stays bit-identical.
@@ -719,9 +779,12 @@ def train_hc_round(model: LCFedUNet, other_heads: Mapping[str, HeadLike] | Seque
     Raises:
         ModelError: On mismatched shapes, empty data or bad heads.
     """
-    wrapped = CalibratedUNet(model, other_heads)
-    keys = frozenset(n for n, _ in wrapped.named_parameters() if n.startswith("model.hc."))
-    return PhaseTrainer(wrapped, config, keys).train_round(images, masks, seed)
+    _check_pair(images, masks, "train_hc_round")
+    with torch_threads(config.threads):
+        inputs = CalibratedUNet(model, other_heads).hc_inputs(images, config.batch_size)
+    cached = _CachedCalibration(model.hc)
+    keys = frozenset(n for n, _ in cached.named_parameters())
+    return PhaseTrainer(cached, replace(config, augment=False), keys).train_round(inputs, masks, seed)
 
 
 def calibration_keeps(model: LCFedUNet, calibrated: CalibratedUNet, images: torch.Tensor, masks: torch.Tensor,

@@ -75,7 +75,7 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @click.option("--alpha", type=float, default=None, help="IOP-FL: weight of the previous running mix (default 0.1).")
 @click.option("--head-fraction", type=float, default=None, help="FedRep, LC-Fed: share of each round spent on the head (default 0.2).")
 @click.option("--contrastive-weight", type=float, default=None, help="LC-Fed: weight of the contrastive site loss (default 0.1; 0 = the ablation).")
-@click.option("--hc-epochs", type=float, default=None, help="LC-Fed: local epochs that train the calibration head (default 5).")
+@click.option("--hc-epochs", type=float, default=None, help="LC-Fed: local epochs that train the calibration head (default 50).")
 @click.option("--finetune-epochs", type=float, default=None, help="FT: local fine-tuning epochs before scoring (default 1).")
 @click.option("--full-masks", is_flag=True, default=False, help="Benchmark upper bound: nodes whose weak labels came from masks train on the masks.")
 @click.option("--secure-aggregation", is_flag=True, default=False,

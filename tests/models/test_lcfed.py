@@ -333,3 +333,25 @@ def test_hc_blur_has_the_same_effect_at_every_image_size(size):
     peak = torch.zeros(1, 1, size, size)
     peak[0, 0, size // 2, size // 2] = 1
     assert hc.smooth(peak).max().item() == pytest.approx(1.0)
+
+
+def test_hc_trains_on_inputs_computed_once_per_image_not_once_per_epoch():
+    images, masks = squares(8, 1)
+    model = _model()
+    passes = []
+    handle = model.encoder[0].register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    config = TrainConfig(batch_size=4, augment=False, local_epochs=60.0)
+    result = train_hc_round(model, _other_heads(), images, masks, config, seed=0)
+    handle.remove()
+    assert result.steps == 120 and sum(passes) == 8  # 60 epochs, one U-Net pass per image
+
+
+def test_cached_hc_inputs_give_the_calibrated_model_output():
+    images = squares(5, 2)[0]
+    model = _model()
+    calibrated = CalibratedUNet(model, _other_heads())
+    inputs = calibrated.hc_inputs(images, batch_size=2)
+    assert inputs.shape == (5, 4 + 2, 32, 32)
+    with torch.no_grad():
+        direct = calibrated(images.float() / 255)
+        assert torch.allclose(model.hc.calibrate(inputs[:, :4], inputs[:, 4:]), direct, rtol=1e-5, atol=1e-3)
