@@ -10,7 +10,7 @@ import click
 __all__ = ["adapt", "run", "plan_from_options"]
 
 # CLI options that map onto plan keys; the rest of the plan comes from --plan or defaults.
-_TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays")
+_TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays", "aggregation")
 _MODEL = ("width", "depth", "in_channels", "norm")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
 _FEDMIX = ("lam", "beta", "tau", "adaptive")
@@ -68,6 +68,8 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @click.option("--timeout-s", type=float, default=None, help="How long to wait for one node per step.")
 @click.option("--min-nodes", type=int, default=None, help="Nodes that must answer for a round to count (0 = all).")
 @click.option("--overlays", type=int, default=None, help="Prediction overlays each node writes into its own workdir per evaluation.")
+@click.option("--aggregation", type=click.Choice(["samples", "uniform"]), default=None,
+              help="Averaging of the shared parameters: by each node's training images, or uniform 1/K [default: samples].")
 @click.option("--lam", type=float, default=None, help="FedMix λ: weight of the loss share in the aggregation weights.")
 @click.option("--beta", type=float, default=None, help="FedMix β: exponent on the losses.")
 @click.option("--tau", type=float, default=None, help="FedMix τ: agreement needed to accept a pseudo-label.")
