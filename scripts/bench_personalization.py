@@ -182,7 +182,7 @@ class JobReporter:
     def __init__(self, label: str, rounds: int, run_dir: Path, workdirs: list[Path], keep_best: bool) -> None:
         self.label, self.rounds, self.run_dir, self.workdirs, self.keep_best = label, rounds, run_dir, workdirs, keep_best
         self.best: tuple[float, int] = (-1.0, -1)
-        self.round_seconds: dict[int, float] = {}
+        self.round_seconds: dict[str, float] = {}
 
     def info(self, text: str) -> None:
         if "left out" in text or "stays on it" in text:
@@ -192,7 +192,7 @@ class JobReporter:
         pass
 
     def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-        self.round_seconds[round_] = summary["seconds"]
+        self.round_seconds[f"{summary['stage']} {round_}" if "stage" in summary else str(round_)] = summary["seconds"]
         dice = image_weighted(rows, "", "val", "dice")
         if round_ % 10 == 0 or round_ >= self.rounds:
             say(f"{self.label}: {summary.get('stage') or f'round {round_}/{self.rounds}'} {summary['seconds']:.1f} s, val Dice {dice:.3f}")
@@ -386,7 +386,11 @@ def gate(methods: dict[str, Any]) -> dict[str, Any]:
         return {}
     best = max(have, key=lambda m: methods[m]["val"]["mean_iou"][0])
     margin = methods[best]["val"]["mean_iou"][0] - methods["FedAvg"]["val"]["mean_iou"][0]
-    return {"personalization_over_fedavg": {**_goal(round(margin, 4), f">= +{GATE_IOU}", margin >= GATE_IOU), "method": best}}
+    return {"personalization_over_fedavg": {**_goal(round(margin, 4), _points(GATE_IOU), margin >= GATE_IOU), "method": best}}
+
+
+def _points(target: float) -> str:
+    return f">= +{100 * target:g} IoU points"
 
 
 def goals(methods: dict[str, Any], paired: dict[str, Any]) -> dict[str, Any]:
@@ -399,7 +403,7 @@ def goals(methods: dict[str, Any], paired: dict[str, Any]) -> dict[str, Any]:
         if baseline in methods:
             diff = lc - methods[baseline]["val"]["mean_iou"][0]
             seeds = paired["val"].get(baseline, {})
-            out[name] = {**_goal(round(diff, 4), f">= +{target}, positive on every seed", diff >= target and all(v > 0 for v in seeds.values())),
+            out[name] = {**_goal(round(diff, 4), f"{_points(target)}, positive on every seed", diff >= target and all(v > 0 for v in seeds.values())),
                          "per_seed": seeds}
     assd = {m: v["val"]["mean_assd"][0] for m, v in methods.items() if m in (*BASELINES, "LC-Fed")}
     lowest = min(assd, key=assd.get)
@@ -407,7 +411,7 @@ def goals(methods: dict[str, Any], paired: dict[str, Any]) -> dict[str, Any]:
     for name, ablation in (("pcs_adds", "LC-Fed HC only"), ("hc_adds", PCS_ONLY)):
         if ablation in methods:
             diff = lc - methods[ablation]["val"]["mean_iou"][0]
-            out[name] = {**_goal(round(diff, 4), f">= +{GOAL_ABLATION} over {ablation}", diff >= GOAL_ABLATION)}
+            out[name] = {**_goal(round(diff, 4), f"{_points(GOAL_ABLATION)} over {ablation}", diff >= GOAL_ABLATION)}
     return out
 
 
@@ -469,7 +473,7 @@ def markdown(res: dict[str, Any], config: dict[str, Any], commit: str, wall_s: f
         lines += [f"## Sites {variant}", ""]
         for name, g in v["gate"].items():
             lines += [f"**Gate** ({name}: best of FT and FedRep, here {g['method']}, minus FedAvg, mean test IoU at val): "
-                      f"{100 * g['measured']:+.1f} points, target ≥ +{100 * GATE_IOU:.0f}: {_verdict(g)}.", ""]
+                      f"{100 * g['measured']:+.1f} points (target {g['target']}): {_verdict(g)}.", ""]
         for metric, title, fmt in (("iou", "IoU (%)", pct), ("dice", "Dice (%)", pct), ("assd", "ASSD (px, lower is better)", px)):
             lines += [f"### Test {title}", "", "| method | at | " + " | ".join(sites) + " | mean | rounds |", "|---|---|" + "---|" * (len(sites) + 2)]
             for name, m in v["methods"].items():
