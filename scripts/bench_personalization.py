@@ -183,6 +183,9 @@ class JobReporter:
         self.label, self.rounds, self.run_dir, self.workdirs, self.keep_best = label, rounds, run_dir, workdirs, keep_best
         self.best: tuple[float, int] = (-1.0, -1)
         self.round_seconds: dict[str, float] = {}
+        # CPU seconds of this job's process per round: the cost on a quiet machine, whatever else runs.
+        self.round_cpu_seconds: dict[str, float] = {}
+        self._cpu = time.process_time()
 
     def info(self, text: str) -> None:
         if "left out" in text or "stays on it" in text:
@@ -192,7 +195,9 @@ class JobReporter:
         pass
 
     def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-        self.round_seconds[f"{summary['stage']} {round_}" if "stage" in summary else str(round_)] = summary["seconds"]
+        key = f"{summary['stage']} {round_}" if "stage" in summary else str(round_)
+        cpu = time.process_time()
+        self.round_seconds[key], self.round_cpu_seconds[key], self._cpu = summary["seconds"], cpu - self._cpu, cpu
         dice = image_weighted(rows, "", "val", "dice")
         if round_ % 10 == 0 or round_ >= self.rounds:
             say(f"{self.label}: {summary.get('stage') or f'round {round_}/{self.rounds}'} {summary['seconds']:.1f} s, val Dice {dice:.3f}")
@@ -238,10 +243,10 @@ def _run_job(job: dict[str, Any], label: str) -> dict[str, Any]:
     lcfed = plan.algorithm == "lcfed"
     reporter = JobReporter(label, plan.rounds, root / "run", [Path(rt.workdir) for rt in runtimes], keep_best=lcfed)
     rows = run_federation(plan, transports, root / "run", reporter)
-    result: dict[str, Any] = {"rows": rows, "round_seconds": reporter.round_seconds}
+    result: dict[str, Any] = {"rows": rows, "round_seconds": reporter.round_seconds, "round_cpu_seconds": reporter.round_cpu_seconds}
     if lcfed:
         result["best_rows"] = _calibrate_at_best(plan, runtimes, transports, root, reporter, rows)
-    result["seconds"] = time.monotonic() - t0
+    result["seconds"], result["cpu_seconds"] = time.monotonic() - t0, time.process_time()
     result["syft_imported"] = "syft" in sys.modules
     say(f"{label}: done in {result['seconds']:.0f} s")
     return result
