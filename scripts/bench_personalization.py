@@ -171,6 +171,12 @@ class LocalTransport:
         return reply
 
 
+def node_has_device() -> bool:
+    from fedseg.node.config import NodeConfig
+
+    return "device" in {f.name for f in dataclasses.fields(NodeConfig)}
+
+
 def image_weighted(rows: list[dict[str, Any]], prefix: str, split: str, metric: str) -> float:
     return sum(r[f"{prefix}{split}_{metric}"] * r[f"{prefix}{split}_n"] for r in rows) / sum(r[f"{prefix}{split}_n"] for r in rows)
 
@@ -232,9 +238,7 @@ def _run_job(job: dict[str, Any], label: str) -> dict[str, Any]:
     plan, root = job["plan"], Path(job["dir"])
     shutil.rmtree(root, ignore_errors=True)
     lock = threading.Lock()
-    device = {"device": job["device"]} if "device" in {f.name for f in dataclasses.fields(NodeConfig)} else {}
-    if job["device"] != "cpu" and not device:
-        raise RuntimeError("--device needs NodeConfig.device (merge main once the artefacts branch's 'Node device:' commit is in)")
+    device = {"device": job["device"]} if node_has_device() else {}
     runtimes = [NodeRuntime(NodeConfig(name=site, data=str(folder), labels="pixel", workdir=str(root / "nodes" / site),
                                        split_seed=job["split_seed"], **device))
                 for site, folder in job["sites"].items()]
@@ -526,6 +530,8 @@ def parse_args() -> argparse.Namespace:
         p.error(f"unknown method or variant: {bad}")
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    if args.device != "cpu" and not node_has_device():
+        p.error("--device needs NodeConfig.device (merge main once the artefacts branch's 'Node device:' commit is in)")
     check_budget(p, args)
     require_data(p, args.data, [s.folder for s in SITES])
     return args
