@@ -427,6 +427,18 @@ def goals(methods: dict[str, Any], paired: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------- output
 
 
+def round_costs(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of a training round (not round 0, not a calibration) per method."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method and "round_cpu_seconds" in r]
+        keys = [(r, k) for r in mine for k in r["round_cpu_seconds"] if k.isdigit() and k != "0"]
+        if keys:
+            out[method] = {"wall_s": statistics.median(r["round_seconds"][k] for r, k in keys),
+                           "cpu_s": statistics.median(r["round_cpu_seconds"][k] for r, k in keys)}
+    return out
+
+
 def plot(res: dict[str, Any], out: Path) -> str:
     import matplotlib
 
@@ -560,12 +572,16 @@ def main() -> None:
     primary = res[args.variants[0]]
     png = plot(res, out)
     md = markdown(res, config, commit_label(commit), wall, failures)
-    for r in runs:
-        r["plan"] = r["plan"] if isinstance(r["plan"], dict) else r["plan"].to_dict()
-    record = {"config": config, "git": commit, "machine": machine, "wall_seconds": wall, "subsets": subsets,
+    # Every job's metrics rows stay in its run directory (metrics.jsonl); the summary keeps its costs.
+    jobs_summary = [{**{k: v for k, v in r.items() if k not in ("rows", "best_rows", "plan", "node_info")},
+                     "plan": r["plan"] if isinstance(r["plan"], dict) else r["plan"].to_dict()} for r in runs]
+    cost = round_costs(runs)
+    md += "\n" + "\n".join(["## Cost per training round (median over rounds and seeds)", "", "| method | wall s | CPU s |", "|---|---|---|",
+                             *(f"| {m} | {c['wall_s']:.2f} | {c['cpu_s']:.2f} |" for m, c in cost.items())]) + "\n"
+    record = {"config": config, "git": commit, "machine": machine, "wall_seconds": wall, "subsets": subsets, "cost_per_round": cost,
               "gate": primary["gate"], "goals": {**primary["goals"],
                                                  **{f"{k} ({v})": g for v in args.variants[1:] for k, g in res[v]["goals"].items()}},
-              "failures": failures, "results": res, "plot": png, "runs": runs,
+              "failures": failures, "results": res, "plot": png, "jobs": jobs_summary,
               "syft_imported": any(r.get("syft_imported") for r in runs) or "syft" in sys.modules}
     write_results(out, "bench_personalization", record, md, [png], wall)
 
