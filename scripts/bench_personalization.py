@@ -29,7 +29,7 @@ dilated by 5% of the image side, GE Logiq 7 the lesion's bounding box, Toshiba d
 
 Writes ``<out>/bench_personalization.json`` (config, commit, machine, ``gate``, ``goals``,
 every metrics row), ``<out>/bench_personalization.md`` (per-site test IoU, Dice and ASSD
-as mean ± std over seeds, paired differences per seed) and ``<out>/iou_per_site.png``.
+as mean ± std over seeds, paired differences per seed) and ``<out>/bench_personalization.png``.
 
     python scripts/bench_personalization.py                          # smoke run, a few minutes
     python scripts/bench_personalization.py --full --workers 5 --threads 3 --device cuda --data D --out runs/bench_personalization
@@ -463,9 +463,9 @@ def plot(res: dict[str, Any], out: Path) -> str:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=5)
     fig.tight_layout()
-    fig.savefig(out / "iou_per_site.png", dpi=110)
+    fig.savefig(out / "bench_personalization.png", dpi=110)
     plt.close(fig)
-    return "iou_per_site.png"
+    return "bench_personalization.png"
 
 
 def _verdict(g: dict[str, Any]) -> str:
@@ -519,7 +519,7 @@ def markdown(res: dict[str, Any], config: dict[str, Any], commit: str, wall_s: f
             lines.append("")
     lines += [
         "Anchor: the LC-Fed paper's polyp table (384 px, four sites, 300 rounds): LC-Fed 75.6 IoU, FedAvg 69.6, FedRep 71.7, "
-        "FT 70.8, FedBN 55.4, Local 51.2. Compare differences, not levels.", "", "Plot: `iou_per_site.png`.", "",
+        "FT 70.8, FedBN 55.4, Local 51.2. Compare differences, not levels.", "", "Plot: `bench_personalization.png`.", "",
     ]
     return "\n".join(lines)
 
