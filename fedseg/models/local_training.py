@@ -234,6 +234,10 @@ class LocalTrainer:
         """Parameters the optimizer of :meth:`train_round` updates; default all."""
         return list(self.model.parameters())
 
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups over ``params``; default one group with the config's weight decay."""
+        return [{"params": params}]
+
     def train_round(self, images: torch.Tensor, masks: torch.Tensor, seed: int) -> RoundResult:
         """Runs one round; deterministic given the model state, data and seed.
 
@@ -261,7 +265,7 @@ class LocalTrainer:
         with torch_threads(cfg.threads):
             self.before_round()
             params = self.parameters_to_train()
-            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.Adam(self.param_groups(params), lr=cfg.lr, weight_decay=cfg.weight_decay)
             if self._optimizer_state is not None:
                 load_optimizer_state({"model": opt}, self._optimizer_state)
             model.train()

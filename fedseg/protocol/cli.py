@@ -12,7 +12,7 @@ from fedseg.cli_help import option
 __all__ = ["adapt", "run", "plan_from_options"]
 
 # CLI options that map onto plan keys; the rest of the plan comes from --plan or defaults.
-_TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays")
+_TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays", "aggregation")
 _MODEL = ("width", "depth", "in_channels", "norm")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
 _FEDMIX = ("lam", "beta", "tau", "adaptive")
@@ -75,6 +75,8 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @option("--timeout-s", type=float, default=None, show_default="900.0", help="How long to wait for one node per step.")
 @option("--min-nodes", type=int, default=None, show_default="0 = all", help="Nodes that must answer for a round to count.")
 @option("--overlays", type=int, default=None, show_default="0", help="Prediction overlays each node writes into its own workdir per evaluation.")
+@option("--aggregation", type=click.Choice(["samples", "uniform"]), default=None, show_default="samples",
+        help="Averaging of the shared parameters: by each node's training images, or uniform 1/K.")
 @option("--lam", type=float, default=None, show_default="10.0", help="FedMix λ: weight of the loss share in the aggregation weights.")
 @option("--beta", type=float, default=None, show_default="1.5", help="FedMix β: exponent on the losses.")
 @option("--tau", type=float, default=None, show_default="0.9", help="FedMix τ: agreement needed to accept a pseudo-label.")
@@ -83,7 +85,7 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @option("--alpha", type=float, default=None, show_default="0.1", help="IOP-FL: weight of the previous running mix.")
 @option("--head-fraction", type=float, default=None, show_default="0.2", help="FedRep, LC-Fed: share of each round spent on the head.")
 @option("--contrastive-weight", type=float, default=None, show_default="0.1", help="LC-Fed: weight of the contrastive site loss (0 = the ablation).")
-@option("--hc-epochs", type=float, default=None, show_default="5.0", help="LC-Fed: local epochs that train the calibration head.")
+@option("--hc-epochs", type=float, default=None, show_default="50.0", help="LC-Fed: local epochs that train the calibration head.")
 @option("--finetune-epochs", type=float, default=None, show_default="1.0", help="FT: local fine-tuning epochs before scoring.")
 @option("--full-masks", is_flag=True, default=False, help="Benchmark upper bound: nodes whose weak labels came from masks train on the masks.")
 @option("--secure-aggregation", is_flag=True, default=False,

@@ -15,13 +15,16 @@ from fedseg.models.unet import UNet, UNetConfig, build_model
 
 from .errors import PlanError
 
-__all__ = ["ALGORITHMS", "PERSONAL_MODELS", "SecAggConfig", "Plan"]
+__all__ = ["AGGREGATIONS", "ALGORITHMS", "PERSONAL_MODELS", "SecAggConfig", "Plan"]
 
 ALGORITHMS = ("fedavg", "fedmix", "local", "ft", "fedbn", "fedrep", "iopfl", "lcfed")
 #: Algorithms whose nodes also score a personalized model of their own beside the global one.
 PERSONAL_MODELS = ("ft", "iopfl", "lcfed")
 #: Algorithms whose local training is one optimizer over fixed parameters, which a node can keep across rounds.
 KEEPS_OPTIMIZER = ("fedavg", "fedmix", "local", "ft", "fedbn", "iopfl")
+#: How the shared parameters are averaged: by each node's training images n_k (FedAvg), or
+#: uniformly, 1/K (LC-Fed's reference). FedMix weighs by its own adaptive weights.
+AGGREGATIONS = ("samples", "uniform")
 #: What stays on each node per algorithm; the rest is shared and averaged.
 _LOCAL_PARTS = {"local": LocalPart.ALL, "fedbn": LocalPart.NORM, "fedrep": LocalPart.HEAD, "lcfed": LocalPart.HEAD}
 
@@ -78,6 +81,8 @@ class Plan:
         personal: Settings of the personalized baselines (FedRep's and LC-Fed's head phase,
             FT's fine-tuning, IOP-FL's running mix).
         lcfed: LC-Fed settings (contrastive weight, HC); used by "lcfed".
+        aggregation: How the shared parameters are averaged, one of :data:`AGGREGATIONS`:
+            "samples" weighs node k by its training images n_k, "uniform" by 1/K.
         sites: The federation's node names in a fixed order; LC-Fed's site index k of a
             node is its position here. The coordinator fills it from the invites.
         secure_aggregation: The coordinator learns only the weighted sum of the shared
@@ -100,6 +105,7 @@ class Plan:
     full_masks: bool = False
     personal: PersonalConfig = field(default_factory=PersonalConfig)
     lcfed: LCFedConfig = field(default_factory=LCFedConfig)
+    aggregation: str = "samples"
     sites: tuple[str, ...] = ()
     secure_aggregation: bool = False
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
@@ -125,6 +131,11 @@ class Plan:
         for name in ("full_masks", "secure_aggregation"):
             if not isinstance(getattr(self, name), bool):
                 raise PlanError(f"plan.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise PlanError(f"plan.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.aggregation != "samples" and self.algorithm == "fedmix":
+            raise PlanError("plan.aggregation applies to the averaging of fedavg and the personalized methods; "
+                            "fedmix weighs nodes by its own adaptive weights (plan.fedmix.adaptive)")
         if self.secure_aggregation and self.local_part is LocalPart.ALL:
             raise PlanError(f"plan.secure_aggregation needs shared parameters; algorithm {self.algorithm!r} shares none")
         if not isinstance(self.sites, tuple) or not all(isinstance(n, str) and n for n in self.sites) or len(set(self.sites)) != len(self.sites):

@@ -64,7 +64,8 @@ class Strategy(ABC):
 
 
 class FedAvg(Strategy):
-    """McMahan et al.: average of node weights, weighted by their sample counts.
+    """McMahan et al.: average of node weights, weighted by their sample counts (or
+    uniformly, with ``plan.aggregation = "uniform"``).
 
     Only pixel-labelled nodes train (the FedAvg-pixel baseline of a mixed federation);
     with ``plan.full_masks`` every node trains on masks (the benchmark upper bound).
@@ -79,6 +80,8 @@ class FedAvg(Strategy):
         return names
 
     def weights(self, replies: Mapping[str, TrainReply]) -> dict[str, float]:
+        if self.plan.aggregation == "uniform":
+            return {name: 1.0 for name in replies}
         return {name: float(r.n_samples) for name, r in replies.items()}
 
 

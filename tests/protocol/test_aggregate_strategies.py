@@ -188,6 +188,14 @@ def test_fedavg_aggregate_equal_counts_is_plain_mean() -> None:
     assert metrics == {"train_loss": pytest.approx(0.3), "n_train": 10, "weights": {"a": 5.0, "b": 5.0}}
 
 
+def test_uniform_aggregation_weighs_every_node_alike() -> None:
+    uniform = Plan.from_dict({**PLAN.to_dict(), "algorithm": "lcfed", "aggregation": "uniform"})
+    replies = {"a": _reply(1.0, 10, 0.5), "b": _reply(4.0, 30, 1.0)}
+    arrays, metrics = make_strategy(uniform).aggregate(1, replies)
+    np.testing.assert_allclose(arrays["conv.weight"], np.full((2, 3), 2.5), atol=1e-7)  # (1 + 4) / 2, not 3.25
+    assert metrics["weights"] == {"a": 1.0, "b": 1.0} and metrics["n_train"] == 40
+
+
 def test_fedavg_aggregate_with_no_samples_raises() -> None:
     with pytest.raises(RoundError, match="no updates to aggregate"):
         FedAvg(PLAN).aggregate(1, {"a": _reply(1.0, 0, 0.1), "b": _reply(2.0, 0, 0.2)})

@@ -73,6 +73,8 @@ def test_unknown_keys_are_rejected_by_name(d: dict[str, Any], key: str) -> None:
         ({"timeout_s": math.nan}, r"plan\.timeout_s must be a positive number, got nan"),
         ({"timeout_s": "60"}, r"plan\.timeout_s must be a positive number"),
         ({"algorithm": "fedprox"}, re.escape(f"plan.algorithm must be one of {ALGORITHMS}, got 'fedprox'")),
+        ({"aggregation": "median"}, r"plan\.aggregation must be one of \('samples', 'uniform'\), got 'median'"),
+        ({"aggregation": "uniform", "algorithm": "fedmix"}, r"fedmix weighs nodes by its own adaptive weights"),
         ({"train": {"lr": -0.1}}, r"TrainConfig\.lr must be > 0, got -0\.1"),
         ({"train": {"lr": 0}}, r"TrainConfig\.lr must be > 0"),
         ({"train": {"batch_size": 0}}, r"TrainConfig\.batch_size must be >= 1"),
@@ -118,7 +120,7 @@ def test_to_dict_from_dict_round_trip(d: dict[str, Any]) -> None:
     assert set(as_dict) == {
         "algorithm", "rounds", "image_size", "seed", "model", "train",
         "eval_batch_size", "timeout_s", "min_nodes", "overlays", "max_message_mb", "fedmix", "full_masks", "personal",
-        "secure_aggregation", "secagg", "lcfed", "sites",
+        "secure_aggregation", "secagg", "lcfed", "aggregation", "sites",
     }
     assert as_dict["model"] == plan.model.to_dict() and as_dict["train"] == plan.train.to_dict()
 
