@@ -55,17 +55,28 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
               "so a new hospital can route over it. Off by default: the model never leaves.")
 @click.option("--syft-retention", "syft_retention_s", type=click.FloatRange(min=1.0), default=DEFAULT_RETENTION_S, show_default=True, metavar="SECONDS",
               help="How long the Syft store keeps each served call's request and reply (models and updates) before deleting them.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="Where this node trains, scores and predicts; auto takes the first CUDA GPU if PyTorch sees one, else the CPU.")
+@click.option("--amp", is_flag=True, help="Mixed precision (bfloat16) on a CUDA GPU: faster, less memory; refused on the CPU.")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
           image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None,
           group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_head: bool,
-          new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool, syft_retention_s: float) -> None:
+          new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool, syft_retention_s: float,
+          device: str, amp: bool) -> None:
     """Validate the data, start the datasite and write the coordinator's invite."""
+    from fedseg.models.device import check_amp, resolve_device
+    from fedseg.models.errors import ModelError
+
     from .config import NodeConfig
     from .datasets import LabelKind, index_site
     from .errors import NodeError
 
     if boxes_from_masks and labels != "box" or image_labels_from_masks and labels != "image":
         raise click.UsageError("--boxes-from-masks goes with --labels box, --image-labels-from-masks with --labels image")
+    try:
+        check_amp(resolve_device(device), amp)
+    except ModelError as exc:
+        raise click.ClickException(f"node {name} will not start: {exc}") from None
     from_masks = boxes_from_masks or image_labels_from_masks
     try:
         index = index_site(data, LabelKind(labels), limit, None if group_by == "none" else group_by, _parse_where(where) or None,
@@ -82,6 +93,8 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         require_secure_aggregation=require_secure_aggregation,
         share_personalized=share_personalized,
         syft_retention_s=syft_retention_s,
+        device=device,
+        amp=amp,
     )
     config.save()
     _serve(config, index, host, port, new_credentials)

@@ -152,7 +152,8 @@ class DescribeReply(Message):
     """Counts and kinds only: a node never describes itself with pixels.
 
     ``can_score`` says whether the node holds masks to score a model with (a weak-label
-    node may keep them for evaluation only).
+    node may keep them for evaluation only). ``device`` is where it trains, e.g.
+    ``"cpu"`` or ``"cuda:0 (NVIDIA H200), amp"``.
     """
 
     KIND: ClassVar[MessageKind] = MessageKind.DESCRIBE_REPLY
@@ -165,6 +166,7 @@ class DescribeReply(Message):
     n_test: int
     can_score: bool
     fingerprint: str
+    device: str = "cpu"
 
     def validate(self) -> None:
         for name in ("n_train", "n_val", "n_test", "channels", "image_size"):

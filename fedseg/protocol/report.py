@@ -48,11 +48,14 @@ def site_table(rows: list[dict[str, Any]], round_: int) -> list[list[str]]:
     at = sorted(_by_round(rows)[round_], key=lambda r: r["site"])
     # Personalized methods also score each node's own model: shown beside the global one.
     keys = [k for k in _COLUMNS if all(k in r for r in at)]
-    table = [["site", "test n", *(_COLUMNS[k] for k in keys)]]
+    # Where each node trained; runs recorded before nodes reported it have no column.
+    device = all("device" in r for r in at)
+    table = [["site", "test n", *(_COLUMNS[k] for k in keys), *(["device"] if device else [])]]
     for r in at:
-        table.append([r["site"], str(r["test_n"]), *(f"{r[k]:.4f}" for k in keys)])
+        table.append([r["site"], str(r["test_n"]), *(f"{r[k]:.4f}" for k in keys), *([r["device"]] if device else [])])
     for label, weighted in (("mean over sites", False), ("mean, image-weighted", True)):
-        table.append([label, str(sum(r["test_n"] for r in at)), *(f"{_mean_over_sites(at, k, weighted):.4f}" for k in keys)])
+        table.append([label, str(sum(r["test_n"] for r in at)), *(f"{_mean_over_sites(at, k, weighted):.4f}" for k in keys),
+                      *([""] if device else [])])
     return table
 
 

@@ -231,7 +231,7 @@ def run_federation(
             if not scorers:
                 raise ProtocolError("no node holds masks to score the model with")
             for name, d in nodes.items():
-                reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {d.label_kind} labels, key {d.fingerprint[7:19]}")
+                reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {d.label_kind} labels, on {d.device}, key {d.fingerprint[7:19]}")
 
             def evaluate(round_: int, weights: Arrays) -> _Outcome:
                 request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=list(SCORED_SPLITS), overlays=plan.overlays, weights=weights)
@@ -282,7 +282,7 @@ def run_federation(
                 secure = SecureRounds(plan, strategy, run_id, peers, nodes, pool, reporter)
             if start == 0:
                 t0 = time.monotonic()
-                rows += _rows(0, evaluate(0, arrays), None)
+                rows += _rows(0, evaluate(0, arrays), None, nodes)
                 _record(store, RunState(run_id, 0, plan.to_dict(), list(invites)), arrays, rows)
                 reporter.round_done(0, [r for r in rows if r["round"] == 0], {"seconds": time.monotonic() - t0})
                 start = 1
@@ -295,14 +295,14 @@ def run_federation(
                     arrays, summary, trained = _plain_round(pool, peers, requests, layout, min(needed, len(requests)), round_, strategy, plan, reporter)
                 t_train = time.monotonic() - t0
                 evaluated = evaluate(round_, arrays)
-                new_rows = _rows(round_, evaluated, trained)
+                new_rows = _rows(round_, evaluated, trained, nodes)
                 rows += new_rows
                 _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
                 summary.update(seconds=time.monotonic() - t0, train_seconds=t_train)
                 reporter.round_done(round_, new_rows, summary)
             if plan.algorithm == "lcfed" and start <= plan.rounds + 1:
                 t0, round_ = time.monotonic(), plan.rounds + 1
-                new_rows = _rows(round_, calibrate(round_, arrays), None)
+                new_rows = _rows(round_, calibrate(round_, arrays), None, nodes)
                 rows += new_rows
                 _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
                 reporter.round_done(round_, new_rows, {"seconds": time.monotonic() - t0, "stage": "calibration"})
@@ -337,12 +337,12 @@ def _plain_round(
     return arrays, summary, trained
 
 
-def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None) -> list[dict[str, Any]]:
+def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None, nodes: dict[str, DescribeReply]) -> list[dict[str, Any]]:
     rows = []
     # A weak-label node without masks trains but cannot be scored: it still gets a row.
     names = sorted(set(evaluated.replies) | set(trained.replies if trained else ()))
     for name in names:
-        row: dict[str, Any] = {"round": round_, "site": name}
+        row: dict[str, Any] = {"round": round_, "site": name, "device": nodes[name].device}
         if name in evaluated.replies:
             for split, values in evaluated.replies[name].metrics.items():
                 row.update({f"{split}_{k}": v for k, v in values.items()})

@@ -16,12 +16,12 @@ import torch
 
 from fedseg.models.device import check_device, resolve_device
 from fedseg.models.errors import ModelError
-from fedseg.node.actions import NodeRuntime
+from fedseg.node.actions import NodeRuntime, handle
 from fedseg.node.config import NodeConfig
 from fedseg.node.predict import predict_folder
 from fedseg.node.synthetic import write_federation
 from fedseg.protocol.adapt import adapt_new_site
-from fedseg.protocol.messages import Message
+from fedseg.protocol.messages import DescribeReply, DescribeRequest, Message, decode, encode
 from fedseg.protocol.plan import Plan
 from fedseg.protocol.rounds import run_federation
 from fedseg.protocol.run_store import RunStore
@@ -132,3 +132,28 @@ def test_a_gpu_node_adapts_and_predicts(sites: list[Path], tmp_path: Path) -> No
     for mask in (tmp_path / "routed" / "masks").iterdir():
         a, b = (np.asarray(Image.open(p)) for p in (mask, tmp_path / "routed-cpu" / "masks" / mask.name))
         assert (a != b).mean() < 0.01, mask.name
+
+
+def test_a_node_describes_its_device_and_the_run_records_it_per_site(sites: list[Path], tmp_path: Path) -> None:
+    nodes = _nodes(sites, tmp_path, "cpu")
+    reply = decode(handle(nodes[0], encode(DescribeRequest(run_id="r"))))
+    assert isinstance(reply, DescribeReply) and reply.device == "cpu"
+    reporter = Reporter()
+    rows = run_federation(Plan.from_dict({**TINY, "rounds": 1}), [SerialTransport(rt) for rt in nodes], tmp_path / "run", reporter)
+    assert {r["device"] for r in rows} == {"cpu"} and len(rows) == 2 * len(nodes)
+    assert sum("on cpu" in line for line in reporter.infos) == len(nodes)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| device |" in report and f"| {sites[0].name} |" in report and "| cpu |" in report
+
+
+@needs_gpu
+def test_mixed_precision_trains_on_the_gpu_as_full_precision_does(sites: list[Path], tmp_path: Path) -> None:
+    plan = Plan.from_dict(TINY)
+    rows = {}
+    for amp in (False, True):
+        nodes = [NodeRuntime(NodeConfig(name=s.name, data=str(s), labels="pixel", workdir=str(tmp_path / str(amp) / s.name),
+                                        device="cuda", amp=amp)) for s in sites]
+        assert nodes[0].device_name.endswith(", amp") == amp
+        rows[amp] = run_federation(plan, [SerialTransport(rt) for rt in nodes], tmp_path / f"run-{amp}", Reporter())
+    for full, mixed in zip(rows[False], rows[True]):
+        assert mixed["val_dice"] == pytest.approx(full["val_dice"], abs=0.1), (full["site"], full["round"])

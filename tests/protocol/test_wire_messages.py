@@ -386,6 +386,7 @@ def test_extra_field() -> None:
                 "n_test": 1,
                 "can_score": True,
                 "fingerprint": "f",
+                "device": "cpu",
             },
             "describe_reply: field n_train must be int, got NoneType",
         ),
