@@ -7,7 +7,7 @@ from typing import Any
 
 from .files import atomic_write
 
-__all__ = ["best_round", "site_table", "write_report", "plot_dice"]
+__all__ = ["best_round", "markdown_table", "site_table", "write_report", "plot_dice"]
 
 
 _COLUMNS = {
@@ -59,7 +59,7 @@ def site_table(rows: list[dict[str, Any]], round_: int) -> list[list[str]]:
     return table
 
 
-def _markdown(table: list[list[str]]) -> str:
+def markdown_table(table: list[list[str]]) -> str:
     lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
     return "\n".join(lines)
@@ -73,11 +73,11 @@ def write_report(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         "",
         f"## Best round by validation Dice: round {best}",
         "",
-        _markdown(site_table(rows, best)),
+        markdown_table(site_table(rows, best)),
         "",
         f"## Last round: round {last}",
         "",
-        _markdown(site_table(rows, last)),
+        markdown_table(site_table(rows, last)),
         "",
         "Dice and IoU count the foreground only, per image, then per site. ASSD is the average symmetric "
         "surface distance in pixels (lower is better; a lesion missed or invented entirely counts as the image diagonal). "

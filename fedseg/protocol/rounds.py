@@ -39,7 +39,7 @@ from .messages import (
     encode,
 )
 from .plan import Plan
-from .report import plot_dice, write_report
+from .report import best_round, plot_dice, write_report
 from .run_store import RunState, RunStore
 from .strategies import Strategy, make_strategy
 
@@ -360,6 +360,9 @@ def _record(store: RunStore, state: RunState, arrays: Arrays, rows: list[dict[st
     # which a resume drops, never a checkpoint without its rows.
     store.write_metrics(rows)
     store.save(state, arrays)
+    if best_round(rows) == state.round:
+        # After the checkpoint, so best.npz never holds a round a resume would drop.
+        store.save(state, arrays, best=True)
     title = f"fedseg run {state.run_id} ({state.plan['algorithm']})"
     write_report(rows, store.report, title)
     plot_dice(rows, store.plot, title)
