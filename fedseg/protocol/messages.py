@@ -61,7 +61,7 @@ __all__ = [
 
 Arrays = dict[str, np.ndarray]
 #: Aggregate metrics a node may report per split; nothing per image ever leaves.
-METRIC_KEYS = frozenset({"dice", "iou", "assd", "loss", "n"})
+METRIC_KEYS = frozenset({"dice", "iou", "assd", "hd95", "loss", "n"})
 SPLITS = ("train", "val", "test")
 #: An evaluate reply may also score the node's personalized model, as "personal_val" etc.
 PERSONAL_PREFIX = "personal_"

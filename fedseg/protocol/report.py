@@ -14,10 +14,12 @@ _COLUMNS = {
     "test_dice": "test Dice",
     "test_iou": "test IoU",
     "test_assd": "test ASSD (px)",
+    "test_hd95": "test HD95 (px)",
     "val_dice": "val Dice",
     "personal_test_dice": "personal test Dice",
     "personal_test_iou": "personal test IoU",
     "personal_test_assd": "personal test ASSD (px)",
+    "personal_test_hd95": "personal test HD95 (px)",
 }
 
 
@@ -80,7 +82,8 @@ def write_report(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         markdown_table(site_table(rows, last)),
         "",
         "Dice and IoU count the foreground only, per image, then per site. ASSD is the average symmetric "
-        "surface distance in pixels (lower is better; a lesion missed or invented entirely counts as the image diagonal). "
+        "surface distance in pixels, HD95 the larger of the two directed 95th percentiles of the surface distances "
+        "(MONAI's definition), in pixels (both lower is better; a lesion missed or invented entirely counts as the image diagonal). "
         "Curves: `dice.png`.",
         "",
     ]
