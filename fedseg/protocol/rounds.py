@@ -42,6 +42,7 @@ from .plan import Plan
 from .report import best_round, plot_dice, write_report
 from .run_store import RunState, RunStore
 from .strategies import Strategy, make_strategy
+from .tensorboard import TENSORBOARD_DIR, ScalarLog
 
 __all__ = ["Transport", "Peer", "Reporter", "initial_arrays", "run_federation"]
 
@@ -220,6 +221,7 @@ def run_federation(
     else:
         run_id, start, rows, arrays = uuid.uuid4().hex[:12], 0, [], initial_arrays(plan)
     layout = {k: tuple(v.shape) for k, v in arrays.items()}
+    board = ScalarLog(store.root / TENSORBOARD_DIR, start)
 
     try:
         with ThreadPoolExecutor(max_workers=len(peers)) as pool:
@@ -283,7 +285,7 @@ def run_federation(
             if start == 0:
                 t0 = time.monotonic()
                 rows += _rows(0, evaluate(0, arrays), None, nodes)
-                _record(store, RunState(run_id, 0, plan.to_dict(), list(invites)), arrays, rows)
+                _record(store, board, RunState(run_id, 0, plan.to_dict(), list(invites)), arrays, rows)
                 reporter.round_done(0, [r for r in rows if r["round"] == 0], {"seconds": time.monotonic() - t0})
                 start = 1
             for round_ in range(start, plan.rounds + 1):
@@ -297,16 +299,17 @@ def run_federation(
                 evaluated = evaluate(round_, arrays)
                 new_rows = _rows(round_, evaluated, trained, nodes)
                 rows += new_rows
-                _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
+                _record(store, board, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
                 summary.update(seconds=time.monotonic() - t0, train_seconds=t_train)
                 reporter.round_done(round_, new_rows, summary)
             if plan.algorithm == "lcfed" and start <= plan.rounds + 1:
                 t0, round_ = time.monotonic(), plan.rounds + 1
                 new_rows = _rows(round_, calibrate(round_, arrays), None, nodes)
                 rows += new_rows
-                _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
+                _record(store, board, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
                 reporter.round_done(round_, new_rows, {"seconds": time.monotonic() - t0, "stage": "calibration"})
     finally:
+        board.close()
         audit.close()
     return rows
 
@@ -355,7 +358,7 @@ def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None, nodes: dic
     return rows
 
 
-def _record(store: RunStore, state: RunState, arrays: Arrays, rows: list[dict[str, Any]]) -> None:
+def _record(store: RunStore, board: ScalarLog, state: RunState, arrays: Arrays, rows: list[dict[str, Any]]) -> None:
     # Metrics first, checkpoint last: a crash in between leaves rows past the checkpoint,
     # which a resume drops, never a checkpoint without its rows.
     store.write_metrics(rows)
@@ -366,3 +369,4 @@ def _record(store: RunStore, state: RunState, arrays: Arrays, rows: list[dict[st
     title = f"fedseg run {state.run_id} ({state.plan['algorithm']})"
     write_report(rows, store.report, title)
     plot_dice(rows, store.plot, title)
+    board.write([r for r in rows if r["round"] == state.round])
