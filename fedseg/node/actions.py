@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import math
@@ -55,6 +56,7 @@ from fedseg.protocol.messages import (
     Message,
     MessageKind,
     PERSONAL_PREFIX,
+    SPLITS,
     SecAggKeysRequest,
     SecAggMaskRequest,
     SecAggTrainRequest,
@@ -146,6 +148,13 @@ class NodeRuntime:
     def precision(self) -> contextlib.AbstractContextManager[None]:
         """Mixed precision for the block where the owner chose ``--amp``; else a no-op."""
         return autocast(self.device, self.config.amp)
+
+    @property
+    def split_hashes(self) -> dict[str, str]:
+        """Each split's SHA-256 of its sorted image file names (``DescribeReply.split_hashes``):
+        a run's manifest tells whether two runs saw the same images, though no name leaves the node."""
+        return {split: hashlib.sha256("\n".join(sorted(self.index.image_paths[i].name for i in getattr(self.splits, split))).encode()).hexdigest()
+                for split in SPLITS}
 
     @property
     def device_name(self) -> str:
@@ -298,6 +307,7 @@ def _describe(rt: NodeRuntime, msg: DescribeRequest) -> DescribeReply:
         can_score=rt.can_score,
         fingerprint=rt.fingerprint,
         device=rt.device_name,
+        split_hashes=rt.split_hashes,
     )
 
 

@@ -21,6 +21,7 @@ from fedseg.models.lcfed import join_heads
 from .audit import AuditLog
 from .errors import MessageError, ProtocolError, RemoteError, RoundError
 from .identity import load_or_create_identity
+from .manifest import MANIFEST_FILE, record_manifest
 from .messages import (
     Arrays,
     CalibrateRequest,
@@ -234,6 +235,8 @@ def run_federation(
                 raise ProtocolError("no node holds masks to score the model with")
             for name, d in nodes.items():
                 reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {d.label_kind} labels, on {d.device}, key {d.fingerprint[7:19]}")
+            for line in record_manifest(store.root / MANIFEST_FILE, run_id, plan, nodes, start):
+                reporter.info(line)
 
             def evaluate(round_: int, weights: Arrays) -> _Outcome:
                 request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=list(SCORED_SPLITS), overlays=plan.overlays, weights=weights)

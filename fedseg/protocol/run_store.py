@@ -7,6 +7,8 @@ Files:
         ``report.md`` chooses it (:func:`~fedseg.protocol.report.best_round`).
     ``metrics.jsonl``: one row per round and site.
     ``report.md`` and ``dice.png``: regenerated from the metrics after each round.
+    ``manifest.json``: plan, seed, versions and each node's split hashes
+        (:mod:`fedseg.protocol.manifest`).
     ``tensorboard/``: the same figures as TensorBoard scalars (:mod:`fedseg.protocol.tensorboard`).
 """
 from __future__ import annotations

@@ -387,6 +387,7 @@ def test_extra_field() -> None:
                 "can_score": True,
                 "fingerprint": "f",
                 "device": "cpu",
+                "split_hashes": {},
             },
             "describe_reply: field n_train must be int, got NoneType",
         ),
