@@ -94,15 +94,17 @@ def test_a_gpu_node_trains_and_scores_as_a_cpu_node(sites: list[Path], tmp_path:
         nodes = _nodes(sites, tmp_path, device)
         assert all(rt.device.type == device for rt in nodes)
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.max_memory_allocated()
         rows[device] = run_federation(plan, [SerialTransport(rt) for rt in nodes], tmp_path / f"run-{device}", Reporter())
         # Training and scoring really ran on the GPU, or not at all.
-        assert (torch.cuda.max_memory_allocated() > 0) == (device == "cuda")
-    # Same seeds, same data: the runs differ only by floating-point noise (cuDNN, TF32).
+        assert (torch.cuda.max_memory_allocated() > before) == (device == "cuda")
+    # Same seeds, same data: the runs differ only by floating-point noise (cuDNN, TF32),
+    # which the losses (continuous, unlike thresholded Dice) show as a small relative change.
     assert len(rows["cpu"]) == len(rows["cuda"])
     for cpu, gpu in zip(rows["cpu"], rows["cuda"]):
-        assert (cpu["round"], cpu["site"]) == (gpu["round"], gpu["site"])
-        for key in (k for k in cpu if k.endswith("_dice")):
-            assert gpu[key] == pytest.approx(cpu[key], abs=0.05), key
+        assert (cpu["round"], cpu["site"], cpu.keys()) == (gpu["round"], gpu["site"], gpu.keys())
+        for key in (k for k in cpu if k.endswith("_loss")):
+            assert gpu[key] == pytest.approx(cpu[key], rel=0.05), (key, cpu["site"], cpu["round"])
     # What the coordinator keeps came back as CPU float32 arrays.
     _, arrays = RunStore(tmp_path / "run-cuda").load()
     assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in arrays.values())
@@ -156,4 +158,5 @@ def test_mixed_precision_trains_on_the_gpu_as_full_precision_does(sites: list[Pa
         assert nodes[0].device_name.endswith(", amp") == amp
         rows[amp] = run_federation(plan, [SerialTransport(rt) for rt in nodes], tmp_path / f"run-{amp}", Reporter())
     for full, mixed in zip(rows[False], rows[True]):
-        assert mixed["val_dice"] == pytest.approx(full["val_dice"], abs=0.1), (full["site"], full["round"])
+        # bfloat16 keeps 8 bits of mantissa: close to full precision, not equal.
+        assert mixed["val_loss"] == pytest.approx(full["val_loss"], rel=0.1), (full["site"], full["round"])
