@@ -32,15 +32,14 @@ sys.path.insert(0, str(REPO))
 def measure(args: argparse.Namespace, images: Any, masks: Any, device: str, amp: bool, augment: bool) -> dict[str, Any]:
     import torch
 
-    from fedseg.models.device import autocast, check_amp, resolve_device
+    from fedseg.models.device import autocast, resolve_device
     from fedseg.models.local_training import LocalTrainer, torch_threads
     from fedseg.protocol.plan import Plan
 
     plan = Plan.from_dict({"image_size": args.image_size, "model": {"width": args.width, "depth": args.depth},
                            "train": {"batch_size": args.batch_size, "local_epochs": args.local_epochs, "augment": augment,
                                      "threads": args.threads}})
-    where = resolve_device(device)
-    check_amp(where, amp)
+    where = resolve_device(device, amp)
     model = plan.build_model().to(where)  # as NodeRuntime.place does
     trainer = LocalTrainer(model, plan.train)
     samples = math.ceil(args.local_epochs * len(images))

@@ -33,11 +33,12 @@ def check_device(spec: str) -> str:
     return spec
 
 
-def resolve_device(spec: str) -> torch.device:
-    """The device ``spec`` names on this machine.
+def resolve_device(spec: str, amp: bool = False) -> torch.device:
+    """The device ``spec`` names on this machine, checked for mixed precision if ``amp``.
 
     Raises:
-        ModelError: If ``spec`` is misspelt, or names a GPU this machine does not have.
+        ModelError: If ``spec`` is misspelt, names a GPU this machine does not have, or
+            ``amp`` is asked for where it cannot run (:func:`check_amp`).
     """
     check_device(spec)
     if spec == AUTO:
@@ -51,6 +52,7 @@ def resolve_device(spec: str) -> torch.device:
             raise ModelError(f"device {spec!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
         # "cuda" alone means the current GPU; naming it keeps logs and reports exact.
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    check_amp(device, amp)
     return device
 
 

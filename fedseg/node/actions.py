@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseg.models.device import autocast, check_amp, describe_device, resolve_device
+from fedseg.models.device import autocast, describe_device, resolve_device
 from fedseg.models.errors import ModelError
 from fedseg.models.iopfl import running_mix
 from fedseg.models.lcfed import CalibratedUNet, calibration_keeps, lcfed_round, split_heads, train_hc_round
@@ -115,8 +115,7 @@ class NodeRuntime:
 
     def __init__(self, config: NodeConfig, audit: bool = False) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        check_amp(self.device, config.amp)
+        self.device = resolve_device(config.device, config.amp)
         self.workdir = Path(config.workdir)
         self.labels = LabelKind(config.labels)
         self.index = index_site(

@@ -64,7 +64,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
           new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool, syft_retention_s: float,
           device: str, amp: bool) -> None:
     """Validate the data, start the datasite and write the coordinator's invite."""
-    from fedseg.models.device import check_amp, resolve_device
+    from fedseg.models.device import resolve_device
     from fedseg.models.errors import ModelError
 
     from .config import NodeConfig
@@ -74,7 +74,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
     if boxes_from_masks and labels != "box" or image_labels_from_masks and labels != "image":
         raise click.UsageError("--boxes-from-masks goes with --labels box, --image-labels-from-masks with --labels image")
     try:
-        check_amp(resolve_device(device), amp)
+        resolve_device(device, amp)
     except ModelError as exc:
         raise click.ClickException(f"node {name} will not start: {exc}") from None
     from_masks = boxes_from_masks or image_labels_from_masks

@@ -57,7 +57,7 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
     """
     import torch
 
-    from fedseg.models.device import autocast, check_amp, resolve_device
+    from fedseg.models.device import autocast, resolve_device
     from fedseg.models.errors import ModelError
     from fedseg.models.lcfed import CalibratedUNet, split_heads
     from fedseg.models.local_training import arrays_to_state, predict
@@ -74,8 +74,7 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
         raise NodeError(f"run {run} on this node has no {which} model (it has: {', '.join(kept) or 'none'})")
     config = NodeConfig.load(workdir)
     try:
-        device = resolve_device(config.device)
-        check_amp(device, config.amp)
+        device = resolve_device(config.device, config.amp)
     except ModelError as exc:
         raise NodeError(str(exc)) from None
     plan = Plan.from_dict(json.loads((folder / "plan.json").read_text()))
