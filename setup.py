@@ -21,6 +21,9 @@ setup(
         "rich",
         # matplotlib draws the Dice curves (syft pins it below 3.9.1 already).
         "matplotlib",
+        # tensorboardX writes each run's TensorBoard scalars: 90 kB, needs only protobuf;
+        # the tensorboard package wants a protobuf newer than syft 0.9.5 allows.
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # psutil measures memory and file descriptors in the soak test (scripts/soak.py).

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "adapt": "fedseg.protocol.cli:adapt",
     "demo": "fedseg.demo:demo",
     "audit": "fedseg.audit_cli:audit",
+    "export": "fedseg.export_cli:export",
 }
 
 

@@ -60,7 +60,7 @@ def test_train_and_evaluate_return_only_weights_and_aggregates(node):
     assert set(reply.weights) == set(weights) and reply.n_samples == 21
     assert any(not np.array_equal(reply.weights[k], weights[k]) for k in weights)
     scores = peer.request(EvaluateRequest(run_id="t", round=1, plan=PLAN.to_dict(), splits=["val"], overlays=0, weights=reply.weights), EvaluateReply)
-    assert set(scores.metrics) == {"val"} and set(scores.metrics["val"]) == {"dice", "iou", "assd", "loss", "n"}
+    assert set(scores.metrics) == {"val"} and set(scores.metrics["val"]) == {"dice", "iou", "assd", "hd95", "loss", "n"}
 
 
 @pytest.mark.parametrize("kind", ["shutdown", "read_asset", MessageKind.TRAIN_REPLY.value])

@@ -1,4 +1,4 @@
-"""Where a node's models run: the device its owner chose, resolved once.
+"""Where a node's models run: the device its owner chose, resolved once, and its precision.
 
 A node names its device as ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. ``"auto"``
 takes the first GPU when PyTorch sees one, else the CPU. Models are moved there once
@@ -7,13 +7,14 @@ nothing else needs to know. Weights always leave as CPU NumPy arrays.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
 
 from fedseg.models.errors import ModelError
 
-__all__ = ["AUTO", "DEVICE_SPEC", "check_device", "describe_device", "resolve_device"]
+__all__ = ["AUTO", "DEVICE_SPEC", "autocast", "check_amp", "check_device", "describe_device", "resolve_device"]
 
 AUTO = "auto"
 #: What a node accepts as its device, for help texts and error messages.
@@ -32,11 +33,12 @@ def check_device(spec: str) -> str:
     return spec
 
 
-def resolve_device(spec: str) -> torch.device:
-    """The device ``spec`` names on this machine.
+def resolve_device(spec: str, amp: bool = False) -> torch.device:
+    """The device ``spec`` names on this machine, checked for mixed precision if ``amp``.
 
     Raises:
-        ModelError: If ``spec`` is misspelt, or names a GPU this machine does not have.
+        ModelError: If ``spec`` is misspelt, names a GPU this machine does not have, or
+            ``amp`` is asked for where it cannot run (:func:`check_amp`).
     """
     check_device(spec)
     if spec == AUTO:
@@ -50,6 +52,7 @@ def resolve_device(spec: str) -> torch.device:
             raise ModelError(f"device {spec!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
         # "cuda" alone means the current GPU; naming it keeps logs and reports exact.
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    check_amp(device, amp)
     return device
 
 
@@ -59,3 +62,28 @@ def describe_device(device: torch.device) -> str:
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
 
+
+
+def check_amp(device: torch.device, amp: bool) -> None:
+    """Refuses mixed precision where it cannot run.
+
+    Mixed precision here is bfloat16 autocast, which needs no loss scaling; it needs a
+    CUDA GPU that computes in bfloat16 (Ampere or later).
+
+    Raises:
+        ModelError: If ``amp`` is asked for on the CPU or on a GPU without bfloat16.
+    """
+    if not amp:
+        return
+    if device.type != "cuda":
+        raise ModelError(f"--amp (mixed precision) runs on a CUDA GPU only; this node's device is {device}")
+    if not torch.cuda.is_bf16_supported():
+        raise ModelError(f"--amp computes in bfloat16, which {describe_device(device)} does not support (Ampere or later does)")
+
+
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[None]:
+    """The block's forward passes in bfloat16 where ``amp`` is on (see :func:`check_amp`);
+    otherwise nothing changes, so the CPU path stays bit-for-bit what it was."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -22,7 +22,7 @@ from fedseg.models.augment import augment_batch
 from fedseg.models.config import DictConfig, check_number
 from fedseg.models.errors import ModelError
 from fedseg.models.losses import DiceBCELoss, Losses
-from fedseg.models.metrics import assd_per_image, dice_per_image, iou_per_image
+from fedseg.models.metrics import dice_per_image, iou_per_image, surface_distances_per_image
 
 __all__ = [
     "LocalTrainer",
@@ -306,7 +306,7 @@ def evaluate(
     batch_size: int = 16,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], Losses] | None = None,
 ) -> dict[str, float]:
-    """Mean per-image foreground Dice/IoU/ASSD and mean loss, in eval mode.
+    """Mean per-image foreground Dice/IoU/ASSD/HD95 and mean loss, in eval mode.
 
     Args:
         model: Maps ``(B, C, H, W)`` to logits ``(B, 1, H, W)``; its train/eval
@@ -317,8 +317,8 @@ def evaluate(
         loss_fn: Returns :class:`Losses`; default ``DiceBCELoss()``.
 
     Returns:
-        ``{"dice", "iou", "assd", "loss", "n"}``; "n" is N, "assd" is in pixels
-        (see :func:`~fedseg.models.metrics.assd_per_image`).
+        ``{"dice", "iou", "assd", "hd95", "loss", "n"}``; "n" is N, "assd" and
+        "hd95" are in pixels (see :func:`~fedseg.models.metrics.surface_distances_per_image`).
 
     Raises:
         ModelError: On mismatched shapes or empty data.
@@ -329,7 +329,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        dice, iou, assd, loss_sum = [], [], [], 0.0
+        dice, iou, assd, hd95, loss_sum = [], [], [], [], 0.0
         for i in range(0, images.shape[0], batch_size):
             xb = _as_float_images(images[i : i + batch_size]).to(device)
             yb = masks[i : i + batch_size].float().to(device)
@@ -337,7 +337,9 @@ def evaluate(
             pred = torch.sigmoid(logits) > 0.5
             dice.append(dice_per_image(pred, yb))
             iou.append(iou_per_image(pred, yb))
-            assd.append(assd_per_image(pred, yb))
+            surface = surface_distances_per_image(pred, yb)
+            assd.append(surface["assd"])
+            hd95.append(surface["hd95"])
             loss_sum += loss_fn(logits, yb).total.item() * xb.shape[0]
     finally:
         model.train(was_training)
@@ -346,6 +348,7 @@ def evaluate(
         "dice": torch.cat(dice).mean().item(),
         "iou": torch.cat(iou).mean().item(),
         "assd": torch.cat(assd).mean().item(),
+        "hd95": torch.cat(hd95).mean().item(),
         "loss": loss_sum / n,
         "n": n,
     }

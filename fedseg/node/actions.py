@@ -8,7 +8,9 @@ weights ever leave: no images, masks or predictions.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import io
 import json
 import math
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseg.models.device import describe_device, resolve_device
+from fedseg.models.device import autocast, describe_device, resolve_device
 from fedseg.models.errors import ModelError
 from fedseg.models.iopfl import running_mix
 from fedseg.models.lcfed import CalibratedUNet, calibration_keeps, lcfed_round, split_heads, train_hc_round
@@ -54,6 +56,7 @@ from fedseg.protocol.messages import (
     Message,
     MessageKind,
     PERSONAL_PREFIX,
+    SPLITS,
     SecAggKeysRequest,
     SecAggMaskRequest,
     SecAggTrainRequest,
@@ -98,7 +101,8 @@ class NodeRuntime:
     ``full_masks`` upper bound.
 
     Every model the node builds goes through :meth:`place`, onto the device its owner
-    chose; the trainers and scorers follow their model's device.
+    chose; the trainers and scorers follow their model's device, and every action runs
+    under :meth:`precision`.
 
     Args:
         config: The node's settings.
@@ -106,12 +110,13 @@ class NodeRuntime:
             does; tools that only read a node's data do not).
 
     Raises:
-        ModelError: If the configured device is misspelt or absent on this machine.
+        ModelError: If the configured device is misspelt or absent on this machine, or
+            mixed precision is asked for where it cannot run.
     """
 
     def __init__(self, config: NodeConfig, audit: bool = False) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, config.amp)
         self.workdir = Path(config.workdir)
         self.labels = LabelKind(config.labels)
         self.index, self.splits = open_site(config)
@@ -135,6 +140,22 @@ class NodeRuntime:
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """Moves a model onto this node's device (in place) and returns it."""
         return model.to(self.device)
+
+    def precision(self) -> contextlib.AbstractContextManager[None]:
+        """Mixed precision for the block where the owner chose ``--amp``; else a no-op."""
+        return autocast(self.device, self.config.amp)
+
+    @property
+    def split_hashes(self) -> dict[str, str]:
+        """Each split's SHA-256 of its sorted image file names (``DescribeReply.split_hashes``):
+        a run's manifest tells whether two runs saw the same images, though no name leaves the node."""
+        return {split: hashlib.sha256("\n".join(sorted(self.index.image_paths[i].name for i in getattr(self.splits, split))).encode()).hexdigest()
+                for split in SPLITS}
+
+    @property
+    def device_name(self) -> str:
+        """The device as the coordinator sees it, e.g. ``"cuda:0 (NVIDIA H200), amp"``."""
+        return describe_device(self.device) + (", amp" if self.config.amp else "")
 
     def _loaded(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
         key = (plan.image_size, plan.model.in_channels)
@@ -313,6 +334,8 @@ def _describe(rt: NodeRuntime, msg: DescribeRequest) -> DescribeReply:
         n_test=len(rt.splits.test),
         can_score=rt.can_score,
         fingerprint=rt.fingerprint,
+        device=rt.device_name,
+        split_hashes=rt.split_hashes,
     )
 
 
@@ -601,7 +624,9 @@ def _serve(rt: NodeRuntime, frame: bytes) -> bytes:
         if action is None:
             exposed = ", ".join(sorted(ACTIONS))
             return _refuse(rt, ErrorCode.NOT_EXPOSED, f"action {kind!r} is not exposed by node {rt.name} (exposed: {exposed})")
-        return encode(action.run(rt, decode(frame, max_bytes)))
+        with rt.precision():
+            reply = action.run(rt, decode(frame, max_bytes))
+        return encode(reply)
     except MessageError as exc:
         code = ErrorCode.BAD_WEIGHTS if "weights" in str(exc) else ErrorCode.BAD_MESSAGE
         return _refuse(rt, code, str(exc))

@@ -61,15 +61,22 @@ def _parse_where(values: tuple[str, ...]) -> dict[str, str]:
               "so a new hospital can route over it. Off by default: the model never leaves.")
 @option("--syft-retention", "syft_retention_s", type=click.FloatRange(min=1.0), default=DEFAULT_RETENTION_S, show_default=True, metavar="SECONDS",
               help="How long the Syft store keeps each served call's request and reply (models and updates) before deleting them.")
+@option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="Where this node trains, scores and predicts; auto takes the first CUDA GPU if PyTorch sees one, else the CPU.")
+@option("--amp", is_flag=True, help="Mixed precision (bfloat16) on a CUDA GPU: faster, less memory; refused on the CPU.")
 def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: Path | None, boxes_from_masks: bool,
           image_labels_from_masks: bool, workdir: Path, host: str, port: int, limit: int | None, sample: int | None, sample_seed: int,
           group_by: str, where: tuple[str, ...], split_seed: int, max_message_mb: int, share_head: bool,
-          new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool, syft_retention_s: float) -> None:
+          new_credentials: bool, require_secure_aggregation: bool, share_personalized: bool, syft_retention_s: float,
+          device: str, amp: bool) -> None:
     """Check everything the node needs, start the datasite and write the coordinator's invite.
 
     The data folder, its labels and its train/val/test splits are checked before anything
     is served: a node that could not answer its coordinator's calls does not start.
     """
+    from fedseg.models.device import resolve_device
+    from fedseg.models.errors import ModelError
+
     from .config import NodeConfig
     from .errors import NodeError
     from .site import open_site
@@ -78,6 +85,10 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         raise click.UsageError("--boxes-from-masks goes with --labels box, --image-labels-from-masks with --labels image")
     if limit is not None and sample is not None:
         raise click.UsageError("--limit (the first N names) and --sample (a random N) exclude each other")
+    try:
+        resolve_device(device, amp)
+    except ModelError as exc:
+        raise click.ClickException(f"node {name} will not start: {exc}") from None
     from_masks = boxes_from_masks or image_labels_from_masks
     config = NodeConfig(
         name=name, data=str(data.resolve()), labels=labels, workdir=str(workdir.resolve()), limit=limit,
@@ -89,6 +100,8 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         require_secure_aggregation=require_secure_aggregation,
         share_personalized=share_personalized,
         syft_retention_s=syft_retention_s,
+        device=device,
+        amp=amp,
     )
     try:
         index, _ = open_site(config)

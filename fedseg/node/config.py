@@ -46,6 +46,7 @@ class NodeConfig:
         device: Where the node trains, scores and predicts: "auto" (the first CUDA GPU
             if PyTorch sees one, else the CPU), "cpu", "cuda" or "cuda:N". Resolved once,
             when the node's runtime is created.
+        amp: Mixed precision (bfloat16 autocast) on a CUDA device; refused on the CPU.
     """
 
     name: str
@@ -67,6 +68,7 @@ class NodeConfig:
     share_personalized: bool = False
     syft_retention_s: float = DEFAULT_RETENTION_S
     device: str = "auto"
+    amp: bool = False
 
     @property
     def path(self) -> Path:

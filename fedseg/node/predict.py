@@ -57,7 +57,7 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
     """
     import torch
 
-    from fedseg.models.device import resolve_device
+    from fedseg.models.device import autocast, resolve_device
     from fedseg.models.errors import ModelError
     from fedseg.models.lcfed import CalibratedUNet, split_heads
     from fedseg.models.local_training import arrays_to_state, predict
@@ -74,7 +74,7 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
         raise NodeError(f"run {run} on this node has no {which} model (it has: {', '.join(kept) or 'none'})")
     config = NodeConfig.load(workdir)
     try:
-        device = resolve_device(config.device)
+        device = resolve_device(config.device, config.amp)
     except ModelError as exc:
         raise NodeError(str(exc)) from None
     plan = Plan.from_dict(json.loads((folder / "plan.json").read_text()))
@@ -97,7 +97,8 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
             os.symlink(images.resolve(), root / "images")
         index = index_site(root, LabelKind.NONE, group_by=None)
         pixels, _ = load_arrays(index, plan.image_size, plan.model.in_channels)
-        preds = predict(model, torch.from_numpy(pixels))
+        with autocast(device, config.amp):
+            preds = predict(model, torch.from_numpy(pixels))
         (out / "masks").mkdir(parents=True, exist_ok=True)
         (out / "overlays").mkdir(parents=True, exist_ok=True)
         for name, path, pixel, pred in zip(index.names, index.image_paths, pixels, preds):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, ClassVar, get_type_hints
 
@@ -61,8 +62,9 @@ __all__ = [
 
 Arrays = dict[str, np.ndarray]
 #: Aggregate metrics a node may report per split; nothing per image ever leaves.
-METRIC_KEYS = frozenset({"dice", "iou", "assd", "loss", "n"})
+METRIC_KEYS = frozenset({"dice", "iou", "assd", "hd95", "loss", "n"})
 SPLITS = ("train", "val", "test")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 #: An evaluate reply may also score the node's personalized model, as "personal_val" etc.
 PERSONAL_PREFIX = "personal_"
 #: The models an adapt reply may score on the new site's images, by name.
@@ -154,7 +156,10 @@ class DescribeReply(Message):
     """Counts and kinds only: a node never describes itself with pixels.
 
     ``can_score`` says whether the node holds masks to score a model with (a weak-label
-    node may keep them for evaluation only).
+    node may keep them for evaluation only). ``device`` is where it trains, e.g.
+    ``"cpu"`` or ``"cuda:0 (NVIDIA H200), amp"``. ``split_hashes`` identifies each
+    split's images without naming them: the SHA-256 hex digest of its image file names,
+    sorted, one per line (UTF-8, no final newline).
     """
 
     KIND: ClassVar[MessageKind] = MessageKind.DESCRIBE_REPLY
@@ -167,11 +172,16 @@ class DescribeReply(Message):
     n_test: int
     can_score: bool
     fingerprint: str
+    device: str = "cpu"
+    split_hashes: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         for name in ("n_train", "n_val", "n_test", "channels", "image_size"):
             if getattr(self, name) < 0:
                 raise MessageError(f"{self.KIND}: field {name} must be >= 0")
+        for split, digest in self.split_hashes.items():
+            if split not in SPLITS or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise MessageError(f"{self.KIND}: split_hashes must map splits {list(SPLITS)} to SHA-256 hex digests, got {split!r}: {digest!r}")
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,19 @@ from typing import Any
 
 from .files import atomic_write
 
-__all__ = ["best_round", "site_table", "write_report", "plot_dice"]
+__all__ = ["best_round", "markdown_table", "site_table", "write_report", "plot_dice"]
 
 
 _COLUMNS = {
     "test_dice": "test Dice",
     "test_iou": "test IoU",
     "test_assd": "test ASSD (px)",
+    "test_hd95": "test HD95 (px)",
     "val_dice": "val Dice",
     "personal_test_dice": "personal test Dice",
     "personal_test_iou": "personal test IoU",
     "personal_test_assd": "personal test ASSD (px)",
+    "personal_test_hd95": "personal test HD95 (px)",
 }
 
 
@@ -48,15 +50,18 @@ def site_table(rows: list[dict[str, Any]], round_: int) -> list[list[str]]:
     at = sorted(_by_round(rows)[round_], key=lambda r: r["site"])
     # Personalized methods also score each node's own model: shown beside the global one.
     keys = [k for k in _COLUMNS if all(k in r for r in at)]
-    table = [["site", "test n", *(_COLUMNS[k] for k in keys)]]
+    # Where each node trained; runs recorded before nodes reported it have no column.
+    device = all("device" in r for r in at)
+    table = [["site", "test n", *(_COLUMNS[k] for k in keys), *(["device"] if device else [])]]
     for r in at:
-        table.append([r["site"], str(r["test_n"]), *(f"{r[k]:.4f}" for k in keys)])
+        table.append([r["site"], str(r["test_n"]), *(f"{r[k]:.4f}" for k in keys), *([r["device"]] if device else [])])
     for label, weighted in (("mean over sites", False), ("mean, image-weighted", True)):
-        table.append([label, str(sum(r["test_n"] for r in at)), *(f"{_mean_over_sites(at, k, weighted):.4f}" for k in keys)])
+        table.append([label, str(sum(r["test_n"] for r in at)), *(f"{_mean_over_sites(at, k, weighted):.4f}" for k in keys),
+                      *([""] if device else [])])
     return table
 
 
-def _markdown(table: list[list[str]]) -> str:
+def markdown_table(table: list[list[str]]) -> str:
     lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
     return "\n".join(lines)
@@ -70,14 +75,15 @@ def write_report(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         "",
         f"## Best round by validation Dice: round {best}",
         "",
-        _markdown(site_table(rows, best)),
+        markdown_table(site_table(rows, best)),
         "",
         f"## Last round: round {last}",
         "",
-        _markdown(site_table(rows, last)),
+        markdown_table(site_table(rows, last)),
         "",
         "Dice and IoU count the foreground only, per image, then per site. ASSD is the average symmetric "
-        "surface distance in pixels (lower is better; a lesion missed or invented entirely counts as the image diagonal). "
+        "surface distance in pixels, HD95 the larger of the two directed 95th percentiles of the surface distances "
+        "(MONAI's definition), in pixels (both lower is better; a lesion missed or invented entirely counts as the image diagonal). "
         "Curves: `dice.png`.",
         "",
     ]

@@ -21,6 +21,7 @@ from fedseg.models.lcfed import join_heads
 from .audit import AuditLog
 from .errors import MessageError, ProtocolError, RemoteError, RoundError
 from .identity import load_or_create_identity
+from .manifest import MANIFEST_FILE, record_manifest
 from .messages import (
     Arrays,
     CalibrateRequest,
@@ -39,9 +40,10 @@ from .messages import (
     encode,
 )
 from .plan import Plan
-from .report import plot_dice, write_report
+from .report import best_round, plot_dice, write_report
 from .run_store import RunState, RunStore
 from .strategies import Strategy, make_strategy
+from .tensorboard import TENSORBOARD_DIR, ScalarLog
 
 __all__ = ["Transport", "Peer", "Reporter", "initial_arrays", "run_federation"]
 
@@ -224,6 +226,7 @@ def run_federation(
     else:
         run_id, start, rows, arrays = uuid.uuid4().hex[:12], 0, [], initial_arrays(plan)
     layout = {k: tuple(v.shape) for k, v in arrays.items()}
+    board = ScalarLog(store.root / TENSORBOARD_DIR, start)
 
     try:
         with ThreadPoolExecutor(max_workers=len(peers)) as pool:
@@ -240,7 +243,9 @@ def run_federation(
                 raise ProtocolError("no node holds masks to score the model with")
             for name, d in nodes.items():
                 reporter.info(f"node {name}: {d.n_train}/{d.n_val}/{d.n_test} train/val/test images, {'grey' if d.channels == 1 else 'RGB'}, "
-                              f"{d.label_kind} labels, key {d.fingerprint[7:19]}")
+                              f"{d.label_kind} labels, on {d.device}, key {d.fingerprint[7:19]}")
+            for line in record_manifest(store.root / MANIFEST_FILE, run_id, plan, nodes, start):
+                reporter.info(line)
 
             def evaluate(round_: int, weights: Arrays) -> _Outcome:
                 request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=list(SCORED_SPLITS), overlays=plan.overlays, weights=weights)
@@ -291,8 +296,8 @@ def run_federation(
                 secure = SecureRounds(plan, strategy, run_id, peers, nodes, pool, reporter)
             if start == 0:
                 t0 = time.monotonic()
-                rows += _rows(0, evaluate(0, arrays), None)
-                _record(store, RunState(run_id, 0, plan.to_dict(), list(invites)), arrays, rows)
+                rows += _rows(0, evaluate(0, arrays), None, nodes)
+                _record(store, board, RunState(run_id, 0, plan.to_dict(), list(invites)), arrays, rows)
                 reporter.round_done(0, [r for r in rows if r["round"] == 0], {"seconds": time.monotonic() - t0})
                 start = 1
             for round_ in range(start, plan.rounds + 1):
@@ -304,18 +309,19 @@ def run_federation(
                     arrays, summary, trained = _plain_round(pool, peers, requests, layout, min(needed, len(requests)), round_, strategy, plan, reporter)
                 t_train = time.monotonic() - t0
                 evaluated = evaluate(round_, arrays)
-                new_rows = _rows(round_, evaluated, trained)
+                new_rows = _rows(round_, evaluated, trained, nodes)
                 rows += new_rows
-                _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
+                _record(store, board, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
                 summary.update(seconds=time.monotonic() - t0, train_seconds=t_train)
                 reporter.round_done(round_, new_rows, summary)
             if plan.algorithm == "lcfed" and start <= plan.rounds + 1:
                 t0, round_ = time.monotonic(), plan.rounds + 1
-                new_rows = _rows(round_, calibrate(round_, arrays), None)
+                new_rows = _rows(round_, calibrate(round_, arrays), None, nodes)
                 rows += new_rows
-                _record(store, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
+                _record(store, board, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
                 reporter.round_done(round_, new_rows, {"seconds": time.monotonic() - t0, "stage": "calibration"})
     finally:
+        board.close()
         audit.close()
     return rows
 
@@ -346,12 +352,12 @@ def _plain_round(
     return arrays, summary, trained
 
 
-def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None) -> list[dict[str, Any]]:
+def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None, nodes: dict[str, DescribeReply]) -> list[dict[str, Any]]:
     rows = []
     # A weak-label node without masks trains but cannot be scored: it still gets a row.
     names = sorted(set(evaluated.replies) | set(trained.replies if trained else ()))
     for name in names:
-        row: dict[str, Any] = {"round": round_, "site": name}
+        row: dict[str, Any] = {"round": round_, "site": name, "device": nodes[name].device}
         if name in evaluated.replies:
             for split, values in evaluated.replies[name].metrics.items():
                 row.update({f"{split}_{k}": v for k, v in values.items()})
@@ -364,11 +370,15 @@ def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None) -> list[di
     return rows
 
 
-def _record(store: RunStore, state: RunState, arrays: Arrays, rows: list[dict[str, Any]]) -> None:
+def _record(store: RunStore, board: ScalarLog, state: RunState, arrays: Arrays, rows: list[dict[str, Any]]) -> None:
     # Metrics first, checkpoint last: a crash in between leaves rows past the checkpoint,
     # which a resume drops, never a checkpoint without its rows.
     store.write_metrics(rows)
     store.save(state, arrays)
+    if best_round(rows) == state.round:
+        # After the checkpoint, so best.npz never holds a round a resume would drop.
+        store.save(state, arrays, best=True)
     title = f"fedseg run {state.run_id} ({state.plan['algorithm']})"
     write_report(rows, store.report, title)
     plot_dice(rows, store.plot, title)
+    board.write([r for r in rows if r["round"] == state.round])

@@ -3,8 +3,13 @@
 Files:
     ``checkpoint.npz``: global weights plus the run state (round, run id, plan, invites),
         replaced atomically after each completed round.
+    ``best.npz``: the same for the round with the best validation Dice so far, as
+        ``report.md`` chooses it (:func:`~fedseg.protocol.report.best_round`).
     ``metrics.jsonl``: one row per round and site.
     ``report.md`` and ``dice.png``: regenerated from the metrics after each round.
+    ``manifest.json``: plan, seed, versions and each node's split hashes
+        (:mod:`fedseg.protocol.manifest`).
+    ``tensorboard/``: the same figures as TensorBoard scalars (:mod:`fedseg.protocol.tensorboard`).
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ from .errors import ProtocolError
 from .files import atomic_write
 from .messages import Arrays
 
-__all__ = ["RunState", "RunStore"]
+__all__ = ["KEPT_MODELS", "RunState", "RunStore"]
 
 _STATE_KEY = "__fedseg_state__"
+#: The global models a run keeps: "last" (the checkpoint) and "best" (best validation Dice).
+KEPT_MODELS = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class RunStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.checkpoint = self.root / "checkpoint.npz"
+        self.best = self.root / "best.npz"
         self.metrics = self.root / "metrics.jsonl"
         self.report = self.root / "report.md"
         self.plot = self.root / "dice.png"
@@ -49,26 +57,30 @@ class RunStore:
         # The coordinator's identity for this run: it signs the run's audit log.
         self.identity = self.root / "coordinator.key"
 
-    def save(self, state: RunState, arrays: Arrays) -> None:
+    def save(self, state: RunState, arrays: Arrays, best: bool = False) -> None:
+        """Replaces the checkpoint, or with ``best`` the best round's weights."""
         import io
 
         buf = io.BytesIO()
         state_bytes = np.frombuffer(json.dumps(state.__dict__, sort_keys=True).encode(), dtype=np.uint8)
         np.savez(buf, **{_STATE_KEY: state_bytes}, **arrays)
-        atomic_write(self.checkpoint, buf.getvalue())
+        atomic_write(self.best if best else self.checkpoint, buf.getvalue())
 
-    def load(self) -> tuple[RunState, Arrays]:
-        """Loads the last completed round.
+    def load(self, which: str = "last") -> tuple[RunState, Arrays]:
+        """Loads the last completed round, or with ``which="best"`` the best one.
 
         Raises:
-            ProtocolError: If the directory holds no readable checkpoint.
+            ProtocolError: If the directory holds no readable file of that model.
         """
+        if which not in KEPT_MODELS:
+            raise ProtocolError(f"a run keeps the models {', '.join(KEPT_MODELS)}, not {which!r}")
+        path = self.best if which == "best" else self.checkpoint
         try:
-            with np.load(self.checkpoint) as data:
+            with np.load(path) as data:
                 arrays = {k: data[k] for k in data.files if k != _STATE_KEY}
                 state = RunState(**json.loads(data[_STATE_KEY].tobytes()))
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
-            raise ProtocolError(f"{self.checkpoint} cannot be resumed from: {exc}") from None
+            raise ProtocolError(f"{path} cannot be {'resumed from' if which == 'last' else 'read'}: {exc}") from None
         return state, arrays
 
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ import torch
 
 from fedseg.models.errors import ModelError
 from fedseg.models.losses import DiceBCELoss
-from fedseg.models.metrics import assd_per_image, dice_per_image, iou_per_image
+from fedseg.models.metrics import assd_per_image, dice_per_image, hd95_per_image, iou_per_image, surface_distances_per_image
 
 torch.set_num_threads(1)
 
@@ -100,3 +100,32 @@ def test_assd_is_symmetric_and_grows_with_the_offset() -> None:
     assert assd_per_image(target, shifted[2]).item() == pytest.approx(values[2])
     with pytest.raises(ModelError, match="assd_per_image expects"):
         assd_per_image(target[:, :, :10], target)
+
+
+def test_hd95_hand_made_cases() -> None:
+    size = 32
+    masks = torch.zeros(5, 1, size, size, dtype=torch.bool)
+    preds = torch.zeros_like(masks)
+    # 0: a line of 21 pixels against one pixel at its end. Line to pixel: distances
+    # 0, 1, ..., 20, whose 95th percentile is at rank 0.95 * 20 = 19, so 19 (the plain
+    # Hausdorff distance would be 20); pixel to line: 0. HD95 = max(19, 0).
+    preds[0, 0, 5, 0:21] = True
+    masks[0, 0, 5, 0] = True
+    # 1: three pixels against the first: 0, 1, 2, 95th percentile between 1 and 2 at 0.9: 1.9.
+    preds[1, 0, 0, 0:3] = True
+    masks[1, 0, 0, 0] = True
+    # 2: two one-pixel-wide lines three columns apart: every distance is 3.
+    masks[2, 0, 5:25, 10] = True
+    preds[2, 0, 5:25, 13] = True
+    # 3: nothing to find, nothing found; 4: a lesion missed entirely (ASSD's conventions).
+    masks[4, 0, 4:9, 4:9] = True
+    diagonal = (2 * size**2) ** 0.5
+    assert hd95_per_image(preds, masks).tolist() == pytest.approx([19.0, 1.9, 3.0, 0.0, diagonal])
+    # Symmetric: the larger directed percentile, whichever mask is the prediction.
+    assert hd95_per_image(masks, preds).tolist() == pytest.approx([19.0, 1.9, 3.0, 0.0, diagonal])
+    both = surface_distances_per_image(preds, masks)
+    assert both["hd95"].tolist() == pytest.approx([19.0, 1.9, 3.0, 0.0, diagonal])
+    # ASSD of case 0: (0 + 1 + ... + 20 + 0) / 22 boundary pixels.
+    assert both["assd"].tolist() == pytest.approx([210 / 22, 3 / 4, 3.0, 0.0, diagonal])
+    with pytest.raises(ModelError, match="hd95_per_image expects"):
+        hd95_per_image(masks[:, :, :10], masks)

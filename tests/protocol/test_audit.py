@@ -39,7 +39,7 @@ from fedseg.protocol.messages import (
 from fedseg.protocol.wire import encode_frame
 
 DECLARED = {"enc.0.weight": (4, 1, 3, 3), "enc.0.bias": (4,), "head.weight": (1, 4, 1, 1)}
-METRICS = {"val": {"dice": 0.5, "iou": 0.4, "assd": 3.5, "loss": 0.3, "n": 10}}
+METRICS = {"val": {"dice": 0.5, "iou": 0.4, "assd": 3.5, "hd95": 7.0, "loss": 0.3, "n": 10}}
 
 
 def weights(shapes: dict[str, tuple[int, ...]] = DECLARED, value: float = 0.25) -> dict[str, np.ndarray]:

@@ -50,7 +50,7 @@ SEEDS = {
     "evaluate": encode(EvaluateRequest(run_id="run-1", round=1, plan=PLAN.to_dict(), splits=["val"], overlays=0, weights=WEIGHTS)),
     "describe": encode(DescribeRequest(run_id="run-1")),
     "train_reply": encode(TrainReply(run_id="run-1", round=1, n_samples=8, mean_loss=0.5, seconds=1.0, accepted=0, candidates=0, weights=WEIGHTS)),
-    "evaluate_reply": encode(EvaluateReply(run_id="run-1", round=1, metrics={"val": {"dice": 0.5, "iou": 0.4, "assd": 2.0, "loss": 0.3, "n": 4}})),
+    "evaluate_reply": encode(EvaluateReply(run_id="run-1", round=1, metrics={"val": {"dice": 0.5, "iou": 0.4, "assd": 2.0, "hd95": 4.0, "loss": 0.3, "n": 4}})),
 }
 EXAMPLES = 2_000  # per test below; five tests make 10,000 messages
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))

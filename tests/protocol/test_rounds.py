@@ -43,7 +43,7 @@ from fedseg.protocol.wire import encode_frame
 
 from engine_doubles import SITES, TINY, CannedTransport, FailingTransport, InMemoryTransport, Reporter, TamperingTransport, tiny_plan
 
-METRIC_COLUMNS = {f"{split}_{k}" for split in ("val", "test") for k in ("dice", "iou", "assd", "loss", "n")}
+METRIC_COLUMNS = {f"{split}_{k}" for split in ("val", "test") for k in ("dice", "iou", "assd", "hd95", "loss", "n")}
 
 
 def _is_train(m: Message) -> bool:

@@ -72,8 +72,8 @@ def _weights() -> dict[str, np.ndarray]:
 
 
 METRICS = {
-    "val": {"dice": 0.5, "iou": 0.25, "assd": 2.0, "loss": 1.125, "n": 2},
-    "test": {"dice": 0.75, "iou": 0.6, "assd": 1.5, "loss": 0.875, "n": 3},
+    "val": {"dice": 0.5, "iou": 0.25, "assd": 2.0, "hd95": 4.0, "loss": 1.125, "n": 2},
+    "test": {"dice": 0.75, "iou": 0.6, "assd": 1.5, "hd95": 3.0, "loss": 0.875, "n": 3},
 }
 
 #: A round-key advertisement as it travels (values are opaque here; round_keys.py checks them).
@@ -386,6 +386,8 @@ def test_extra_field() -> None:
                 "n_test": 1,
                 "can_score": True,
                 "fingerprint": "f",
+                "device": "cpu",
+                "split_hashes": {},
             },
             "describe_reply: field n_train must be int, got NoneType",
         ),
@@ -524,13 +526,13 @@ def test_encode_frame_refuses_non_finite_scalars() -> None:
 @pytest.mark.parametrize(
     "metrics, pattern",
     [
-        ({"val": {"dice": 0.5, "iou": 0.2, "assd": 4.0, "loss": 1.0, "n": 2, "per_image": [0.1]}}, r"metrics\['val'\] must hold exactly"),
+        ({"val": {"dice": 0.5, "iou": 0.2, "assd": 4.0, "hd95": 8.0, "loss": 1.0, "n": 2, "per_image": [0.1]}}, r"metrics\['val'\] must hold exactly"),
         ({"val": {"dice": 0.5, "iou": 0.2, "assd": 4.0, "loss": 1.0}}, r"metrics\['val'\] must hold exactly"),
-        ({"holdout": {"dice": 0.5, "iou": 0.2, "assd": 4.0, "loss": 1.0, "n": 2}}, r"metrics\['holdout'\] must hold exactly"),
+        ({"holdout": {"dice": 0.5, "iou": 0.2, "assd": 4.0, "hd95": 8.0, "loss": 1.0, "n": 2}}, r"metrics\['holdout'\] must hold exactly"),
         ({"val": [0.5, 0.2, 1.0, 2]}, r"metrics\['val'\] must hold exactly"),
-        ({"val": {"dice": "0.5", "iou": 0.2, "assd": 4.0, "loss": 1.0, "n": 2}}, r"metrics\['val'\]\['dice'\] must be a number"),
-        ({"val": {"dice": 0.5, "iou": 0.2, "assd": 4.0, "loss": 1.0, "n": True}}, r"metrics\['val'\]\['n'\] must be a number"),
-        ({"val": {"dice": 0.5, "iou": 0.2, "assd": 4.0, "loss": math.inf, "n": 2}}, r"metrics\['val'\]\['loss'\]\ must be finite"),
+        ({"val": {"dice": "0.5", "iou": 0.2, "assd": 4.0, "hd95": 8.0, "loss": 1.0, "n": 2}}, r"metrics\['val'\]\['dice'\] must be a number"),
+        ({"val": {"dice": 0.5, "iou": 0.2, "assd": 4.0, "hd95": 8.0, "loss": 1.0, "n": True}}, r"metrics\['val'\]\['n'\] must be a number"),
+        ({"val": {"dice": 0.5, "iou": 0.2, "assd": 4.0, "hd95": 8.0, "loss": math.inf, "n": 2}}, r"metrics\['val'\]\['loss'\]\ must be finite"),
     ],
 )
 def test_evaluate_reply_metrics_are_checked(metrics: dict[str, Any], pattern: str) -> None:
