@@ -278,6 +278,12 @@ def _describe(rt: NodeRuntime, msg: DescribeRequest) -> DescribeReply:
 
 def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     plan = Plan.from_dict(msg.plan)
+    scores = {}
+    if msg.score:
+        # The received weights are the global model of the previous round: score them first,
+        # exactly as an evaluate request of that round would, then train from them.
+        scored = EvaluateRequest(run_id=msg.run_id, round=msg.round - 1, plan=msg.plan, splits=msg.score, overlays=msg.overlays, weights=msg.weights)
+        scores = _evaluate(rt, scored).metrics
     model = rt.model(plan, msg.run_id, msg.weights, f"weights of train request round {msg.round}")
     seed = round_seed(plan.seed, msg.round, rt.name)
     images, labels = rt.images("train", plan), rt.training_labels(plan, seed)
@@ -305,6 +311,7 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
         accepted=accepted,
         candidates=candidates,
         weights=push(model, local_keys(model, plan.local_part)),
+        scores=scores,
     )
 
 

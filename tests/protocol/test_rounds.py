@@ -53,7 +53,8 @@ def _is_train(m: Message) -> bool:
 def _frame_with_weights(reply: TrainReply, weights: dict[str, np.ndarray]) -> bytes:
     """Encodes a TrainReply without validation (encode would refuse NaN)."""
     scalars = {"run_id": reply.run_id, "round": reply.round, "n_samples": reply.n_samples,
-               "mean_loss": reply.mean_loss, "seconds": reply.seconds, "accepted": reply.accepted, "candidates": reply.candidates}
+               "mean_loss": reply.mean_loss, "seconds": reply.seconds, "accepted": reply.accepted, "candidates": reply.candidates,
+               "scores": reply.scores}
     return encode_frame(reply.KIND.value, reply.SCHEMA_VERSION, scalars, {f"weights/{k}": v for k, v in weights.items()})
 
 
@@ -149,7 +150,9 @@ def test_run_records_every_round_and_site(runtimes: dict[str, NodeRuntime], tmp_
     assert set(arrays) == set(initial)
     assert any(not np.array_equal(arrays[k], initial[k]) for k in initial)
 
-    # Each round starts from the previous aggregate, and evaluation scores that aggregate.
+    # Each round starts from the previous aggregate. Round 1's aggregate is scored on round 2's
+    # train request, which carries it; the last aggregate gets an evaluate request of its own.
+    by_site = {r["site"]: r for r in rows if r["round"] == 1}
     for t in transports:
         train_requests = {m.round: m for m in t.requests if isinstance(m, TrainRequest)}
         evaluations = {m.round: m for m in t.requests if isinstance(m, EvaluateRequest)}
@@ -157,11 +160,14 @@ def test_run_records_every_round_and_site(runtimes: dict[str, NodeRuntime], tmp_
         _assert_arrays_equal(evaluations[0].weights, initial)
         round_1 = _fedavg([u.train_replies()[1] for u in transports])
         _assert_arrays_equal(train_requests[2].weights, round_1)
-        _assert_arrays_equal(evaluations[1].weights, round_1)
+        assert (train_requests[1].score, train_requests[2].score) == ([], ["val", "test"])
+        assert t.train_replies()[1].scores == {}
+        scored = t.train_replies()[2].scores
+        assert {f"{split}_{k}": v for split, values in scored.items() for k, v in values.items()}.items() <= by_site[t.name].items()
         _assert_arrays_equal(evaluations[2].weights, arrays)
         assert all(m.run_id == state.run_id for m in t.requests)
         assert t.connected and t.bytes_sent > 0 and t.bytes_received > 0
-        assert t.kinds() == [("describe", None), ("evaluate", 0), ("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2)]
+        assert t.kinds() == [("describe", None), ("evaluate", 0), ("train", 1), ("train", 2), ("evaluate", 2)]
 
     report = store.report.read_text()
     for site in SITES:
@@ -203,8 +209,8 @@ def test_resume_continues_exactly_where_it_stopped(runtimes: dict[str, NodeRunti
     state, arrays = store.load()
     assert state.round == 3 and state.run_id == first_state.run_id
     assert any(f"resuming run {first_state.run_id} after round 1" in text for text in reporter.infos)
-    # Round 0 is not evaluated again; rounds 2 and 3 run once.
-    assert transports[0].kinds() == [("describe", None), ("train", 2), ("evaluate", 2), ("train", 3), ("evaluate", 3)]
+    # Round 0 is not evaluated again, nor is round 1; rounds 2 and 3 run once, round 2 scored on round 3's request.
+    assert transports[0].kinds() == [("describe", None), ("train", 2), ("train", 3), ("evaluate", 3)]
     assert [r for r, _, _ in reporter.rounds] == [2, 3]
 
     _, expected = RunStore(straight).load()
@@ -483,7 +489,7 @@ def test_poisoned_weights_are_refused_by_the_node(runtimes: dict[str, NodeRuntim
     name = sorted(weights)[0]
     weights[name] = weights[name].copy()
     weights[name].flat[0] = np.nan
-    frame = encode_frame("train", 1, {"run_id": "r", "round": 1, "plan": plan.to_dict()}, {f"weights/{k}": v for k, v in weights.items()})
+    frame = encode_frame("train", 1, {"run_id": "r", "round": 1, "plan": plan.to_dict(), "score": [], "overlays": 0}, {f"weights/{k}": v for k, v in weights.items()})
     reply = _refusal(runtimes["site-a"], frame)
     assert reply.code == ErrorCode.BAD_WEIGHTS.value and f"weights/{name}" in reply.message
 
