@@ -39,6 +39,7 @@ from .messages import (
     PERSONAL_PREFIX,
     Message,
     TrainReply,
+    TrainRequest,
     check_arrays,
     decode,
     encode,
