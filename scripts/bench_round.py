@@ -647,8 +647,16 @@ def merge_results(results: Path, setting: str, record: dict[str, Any], md: str) 
     merged["goals"] = {name: g for run in merged["runs"].values() for name, g in run["goals"].items()}
     results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    text = ["# Round benchmark: summary", "", "| goal | measured | target | met |", "|---|---|---|---|"]
-    text += [f"| {name} | {g['measured']} | {g['target']} | {g['met']} |" for name, g in merged["goals"].items()]
+    def measured_on(setting: str) -> str:
+        config = merged["runs"][setting]["config"]
+        reduced = any(config[k] != v for k, v in SETTINGS[setting].items())
+        return (f"{config['rounds']} rounds, {config['limit']} images per site, {config['image_size']} px"
+                + (f" (reduced from the {setting}' {SETTINGS[setting]['limit']} images per site)" if reduced else "")
+                + f", commit {merged['runs'][setting]['git']['commit'][:12]}")
+
+    text = ["# Round benchmark: summary", "", "| goal | measured | target | met | run |", "|---|---|---|---|---|"]
+    text += [f"| {name} | {g['measured']} | {g['target']} | {g['met']} | {measured_on(name.split('_')[0])} |"
+             for name, g in merged["goals"].items()]
     text += ["", *(merged["markdown"][s] for s in ("defaults", "small") if s in merged["markdown"])]
     (results / "bench_round.md").write_text("\n".join(text))
     say(f"merged the {setting} setting into {path} and bench_round.md")
