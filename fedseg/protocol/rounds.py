@@ -110,7 +110,10 @@ class Reporter(Protocol):
     def step(self, text: str) -> None:
         """Transient progress within a round (which nodes are still working)."""
 
-    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None: ...
+    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        """A round's rows are recorded: once the next round has trained, whose request scored
+        the round's model (the last round: once its own evaluation is done). ``summary`` is
+        the round's training summary; its ``seconds`` are the round's training turn."""
 
 
 def initial_arrays(plan: Plan) -> Arrays:
