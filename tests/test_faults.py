@@ -98,7 +98,9 @@ def test_node_killed_mid_round_is_left_out_and_rejoins_after_a_restart(federatio
             threading.Timer(0.3, lambda: os.killpg(node.process.pid, signal.SIGKILL)).start()
 
     def restart_between_rounds(round_: int) -> None:
-        if round_ == 2:
+        # Round 1's rows are recorded once round 2 has trained (its scoring rides on round 2's
+        # request): this is the moment between rounds 2 and 3.
+        if round_ == 1:
             node.process.wait(30)
             assert list((workdir / "personal").glob("*.local.npz")), "the node's personal state did not survive the kill"
             restarted["node"] = NodeProcess("site-k", site, workdir, port=node.port)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import threading
+import time
 import traceback
 import zlib
 from collections.abc import Callable
@@ -341,6 +342,12 @@ def _describe(rt: NodeRuntime, msg: DescribeRequest) -> DescribeReply:
 
 def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     plan = Plan.from_dict(msg.plan)
+    scores = {}
+    if msg.score:
+        # The received weights are the global model of the previous round: score them first,
+        # exactly as an evaluate request of that round would, then train from them.
+        scored = EvaluateRequest(run_id=msg.run_id, round=msg.round - 1, plan=msg.plan, splits=msg.score, overlays=msg.overlays, weights=msg.weights)
+        scores = _evaluate(rt, scored).metrics
     model = rt.model(plan, msg.run_id, msg.weights, f"weights of train request round {msg.round}")
     seed = round_seed(plan.seed, msg.round, rt.name)
     images, labels = rt.images("train", plan), rt.training_labels(plan, seed)
@@ -374,6 +381,7 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
         accepted=accepted,
         candidates=candidates,
         weights=push(model, local_keys(model, plan.local_part)),
+        scores=scores,
     )
 
 
@@ -704,10 +712,13 @@ def handle_syft_call(site: Any, message: Any) -> dict[str, np.ndarray]:
         return to_payload(b"")
     with _lock:
         try:
+            t0, c0 = time.perf_counter(), time.thread_time()
             rt = _get_runtime()
             frame = from_payload(message)
             if frame is None:
                 return to_payload(_refuse(rt, ErrorCode.BAD_MESSAGE, "payload must be {'frame': uint8 array}"))
-            return to_payload(handle(rt, frame))
+            reply = handle(rt, frame)
+            # Time spent here, so the coordinator can tell Syft's work around the call from fedseg's.
+            return to_payload(reply, (time.perf_counter() - t0, time.thread_time() - c0))
         except Exception as exc:  # the audit log, the runtime's data: whatever it is, the coordinator learns it
             return to_payload(_unserved(exc))

@@ -62,6 +62,7 @@ def secure_train(rt: NodeRuntime, msg: SecAggTrainRequest, train: Callable[[Node
     return SecAggTrainReply(
         run_id=msg.run_id, round=msg.round, n_samples=trained.n_samples, mean_loss=trained.mean_loss, seconds=trained.seconds,
         accepted=trained.accepted, candidates=trained.candidates, commitment=commitment, shares=sealed,
+        scores=trained.scores,
     )
 
 

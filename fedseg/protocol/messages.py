@@ -135,9 +135,14 @@ def _schema(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
     return hints, frozenset(n for n, t in hints.items() if t == Arrays)
 
 
-def _check_splits(kind: str, splits: list) -> None:
+def _check_splits(kind: str, name: str, splits: list) -> None:
     if not splits or any(s not in SPLITS for s in splits) or len(set(splits)) != len(splits):
-        raise MessageError(f"{kind}: field splits must be distinct names from {SPLITS}, got {splits}")
+        raise MessageError(f"{kind}: field {name} must be distinct names from {SPLITS}, got {splits}")
+
+
+def _check_overlays(kind: str, overlays: int) -> None:
+    if not 0 <= overlays <= 64:
+        raise MessageError(f"{kind}: field overlays must be in [0, 64], got {overlays}")
 
 
 def _check_finite(kind: str, name: str, value: float) -> None:
@@ -186,16 +191,30 @@ class DescribeReply(Message):
 
 @dataclass(frozen=True)
 class TrainRequest(Message):
+    """The global weights to train from.
+
+    ``score`` names the splits on which the node first scores those very weights (the
+    global model after round ``round - 1``), as an evaluate request would, and
+    ``overlays`` how many overlays it writes per split then: the evaluation of a round
+    rides on the next round's request, so the weights cross once and each node gets one
+    call per round. Empty ``score``: training only.
+    """
+
     KIND: ClassVar[MessageKind] = MessageKind.TRAIN
     run_id: str
     round: int
     plan: dict
     weights: Arrays
+    score: list = field(default_factory=list, kw_only=True)
+    overlays: int = field(default=0, kw_only=True)
 
     def validate(self) -> None:
         super().validate()
         if self.round < 1:
             raise MessageError(f"{self.KIND}: field round must be >= 1, got {self.round}")
+        if self.score:
+            _check_splits(self.KIND, "score", self.score)
+        _check_overlays(self.KIND, self.overlays)
 
 
 @dataclass(frozen=True)
@@ -215,6 +234,8 @@ class TrainReply(Message):
     accepted: int
     candidates: int
     weights: Arrays
+    #: The request's ``score``: metrics of the received weights, as in an :class:`EvaluateReply`.
+    scores: dict = field(default_factory=dict, kw_only=True)
 
     def validate(self) -> None:
         super().validate()
@@ -222,7 +243,8 @@ class TrainReply(Message):
 
 
 def _check_declared_round(reply: TrainReply | SecAggTrainReply) -> None:
-    """The scalars a node declares about its training round, plain or secure."""
+    """The scalars a node declares about its training round, plain or secure, and its scores."""
+    _check_scores(reply.KIND, reply.scores)
     if reply.n_samples < 0:
         raise MessageError(f"{reply.KIND}: field n_samples must be >= 0, got {reply.n_samples}")
     if not 0 <= reply.accepted <= reply.candidates:
@@ -245,9 +267,8 @@ class EvaluateRequest(Message):
         super().validate()
         if self.round < 0:
             raise MessageError(f"{self.KIND}: field round must be >= 0, got {self.round}")
-        _check_splits(self.KIND, self.splits)
-        if not 0 <= self.overlays <= 64:
-            raise MessageError(f"{self.KIND}: field overlays must be in [0, 64], got {self.overlays}")
+        _check_splits(self.KIND, "splits", self.splits)
+        _check_overlays(self.KIND, self.overlays)
 
 
 @dataclass(frozen=True)
@@ -258,10 +279,15 @@ class EvaluateReply(Message):
     metrics: dict
 
     def validate(self) -> None:
-        for split, values in self.metrics.items():
-            if split.removeprefix(PERSONAL_PREFIX) not in SPLITS:
-                raise MessageError(f"{self.KIND}: metrics[{split!r}] must hold exactly {sorted(METRIC_KEYS)}")
-            _check_metrics(self.KIND, split, values)
+        _check_scores(self.KIND, self.metrics)
+
+
+def _check_scores(kind: str, metrics: dict) -> None:
+    """Per split (maybe also as ``personal_<split>``), exactly the aggregate metric keys."""
+    for split, values in metrics.items():
+        if split.removeprefix(PERSONAL_PREFIX) not in SPLITS:
+            raise MessageError(f"{kind}: metrics[{split!r}] must hold exactly {sorted(METRIC_KEYS)}")
+        _check_metrics(kind, split, values)
 
 
 def _check_metrics(kind: str, name: str, values: Any) -> None:
@@ -391,7 +417,7 @@ class CalibrateRequest(Message):
 
     def validate(self) -> None:
         super().validate()
-        _check_splits(self.KIND, self.splits)
+        _check_splits(self.KIND, "splits", self.splits)
 
 
 @dataclass(frozen=True)
@@ -468,6 +494,7 @@ class SecAggTrainReply(Message):
     candidates: int
     commitment: str
     shares: dict
+    scores: dict = field(default_factory=dict, kw_only=True)
 
     def validate(self) -> None:
         _check_declared_round(self)

@@ -1,9 +1,14 @@
 """The round engine: the one loop that talks to nodes, with timeouts, checkpoints and resume.
 
-Each round: every node trains from the global weights in parallel, the strategy
-aggregates the valid replies, every node evaluates the new global model on its own
-validation and test splits, and the round is recorded (metrics rows, then the
-checkpoint, atomically). Round 0 records the initial model, so curves start there.
+Round 0 scores the initial model, so curves start there. Each round then: every node
+trains from the global weights in parallel and the strategy aggregates the valid
+replies. The new global model is scored on the next round's train request: each node
+scores the weights it receives on its validation and test splits before training from
+them, so the weights cross once and a node gets one call per round. A scorer that does
+not train gets an evaluate request at the same time, and the last round's model gets
+an evaluate request of its own. The round-r rows always describe the global model after
+round r; they are recorded once scored (metrics rows, then the checkpoint, atomically),
+and until then the checkpoint keeps their train columns, so a resumed run completes them.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from .messages import (
     PERSONAL_PREFIX,
     Message,
     TrainReply,
+    TrainRequest,
     check_arrays,
     decode,
     encode,
@@ -106,7 +112,10 @@ class Reporter(Protocol):
     def step(self, text: str) -> None:
         """Transient progress within a round (which nodes are still working)."""
 
-    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None: ...
+    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        """A round's rows are recorded: once the next round has trained, whose request scored
+        the round's model (the last round: once its own evaluation is done). ``summary`` is
+        the round's training summary; its ``seconds`` are the round's training turn."""
 
 
 def initial_arrays(plan: Plan) -> Arrays:
@@ -217,10 +226,16 @@ def run_federation(
     for t in transports:
         reporter.info(f"connecting to node {t.name} ...")
         t.connect()
+    # The last round trained (its global model is ``arrays``) and, until that model is scored,
+    # the round's train columns and summary.
+    last, pending = 0, None
     if resume:
         state, arrays = store.load()
-        run_id, start = state.run_id, state.round + 1
-        rows = [r for r in store.read_metrics() if r["round"] <= state.round]
+        run_id, start, last, pending = state.run_id, state.round + 1, state.round, state.pending
+        # Rows past the checkpoint (a crash between the two writes) are dropped, and so are
+        # those of a round still awaiting its scores: the next request scores it again.
+        last_rows = state.round - 1 if pending is not None else state.round
+        rows = [r for r in store.read_metrics() if r["round"] <= last_rows]
         store.write_metrics(rows)
         reporter.info(f"resuming run {run_id} after round {state.round}")
     else:
@@ -228,8 +243,12 @@ def run_federation(
     layout = {k: tuple(v.shape) for k, v in arrays.items()}
     board = ScalarLog(store.root / TENSORBOARD_DIR, start)
 
+    def record(round_: int, pending: dict[str, Any] | None = None, scored: int | None = None, scored_arrays: Arrays | None = None) -> None:
+        _record(store, board, RunState(run_id, round_, plan.to_dict(), list(invites), pending), arrays, rows, scored, scored_arrays)
+
     try:
-        with ThreadPoolExecutor(max_workers=len(peers)) as pool:
+        # One worker more than nodes: it waits on the evaluations of nodes that score but do not train.
+        with ThreadPoolExecutor(max_workers=len(peers) + 1) as pool:
             described = _fan_out(pool, peers, lambda p: p.request(DescribeRequest(run_id=run_id), DescribeReply), plan.timeout_s, reporter.step)
             _require(described, len(peers), "describe", start)
             nodes = described.replies
@@ -247,15 +266,14 @@ def run_federation(
             for line in record_manifest(store.root / MANIFEST_FILE, run_id, plan, nodes, start):
                 reporter.info(line)
 
-            def evaluate(round_: int, weights: Arrays) -> _Outcome:
+            def evaluation(round_: int, weights: Arrays) -> Callable[[Peer], Scores]:
                 request = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=list(SCORED_SPLITS), overlays=plan.overlays, weights=weights)
                 # Every node gets the same weights: encode them once, not once per node.
                 frame = encode(request)
+                return lambda p: _scored(p.name, p.request(request, EvaluateReply, frame).metrics)
 
-                def call(p: Peer) -> EvaluateReply:
-                    return _scores(p, p.request(request, EvaluateReply, frame))
-
-                return _phase(pool, scorers, call, min(needed, len(scorers)), round_, "evaluation", plan.timeout_s, reporter)
+            def evaluate(round_: int, weights: Arrays) -> _Outcome:
+                return _phase(pool, scorers, evaluation(round_, weights), min(needed, len(scorers)), round_, "evaluation", plan.timeout_s, reporter)
 
             def calibrate(round_: int, weights: Arrays) -> _Outcome:
                 """LC-Fed stage 2: gather the heads of the nodes that share them, send each sharing
@@ -284,8 +302,8 @@ def run_federation(
                     for p in scorers
                 }
 
-                def call(p: Peer) -> EvaluateReply:
-                    return _scores(p, p.request(requests[p.name], EvaluateReply))
+                def call(p: Peer) -> Scores:
+                    return _scored(p.name, p.request(requests[p.name], EvaluateReply).metrics)
 
                 return _phase(pool, scorers, call, min(needed, len(scorers)), round_, "calibration", plan.timeout_s, reporter)
 
@@ -296,29 +314,53 @@ def run_federation(
                 secure = SecureRounds(plan, strategy, run_id, peers, nodes, pool, reporter)
             if start == 0:
                 t0 = time.monotonic()
-                rows += _rows(0, evaluate(0, arrays), None, nodes)
-                _record(store, board, RunState(run_id, 0, plan.to_dict(), list(invites)), arrays, rows)
+                rows += _rows(0, evaluate(0, arrays).replies, {}, nodes)
+                record(0, scored=0, scored_arrays=arrays)
                 reporter.round_done(0, [r for r in rows if r["round"] == 0], {"seconds": time.monotonic() - t0})
                 start = 1
             for round_ in range(start, plan.rounds + 1):
-                t0 = time.monotonic()
+                t0, sent = time.monotonic(), arrays
                 requests = strategy.configure(round_, arrays, run_id, nodes)
+                side = None
+                if pending is not None:
+                    # The weights of this round are the last round's global model: each node scores
+                    # them on the same call, before training from them; a scorer that does not train
+                    # gets an evaluation of its own, at the same time.
+                    requests = _with_scoring(requests, {p.name for p in scorers}, plan.overlays)
+                    others = [p for p in scorers if p.name not in requests]
+                    if others:
+                        side = pool.submit(_fan_out, pool, others, evaluation(round_ - 1, arrays), plan.timeout_s, reporter.step)
                 if secure is not None:
                     arrays, summary, trained = secure.run_round(round_, requests, layout)
                 else:
                     arrays, summary, trained = _plain_round(pool, peers, requests, layout, min(needed, len(requests)), round_, strategy, plan, reporter)
                 t_train = time.monotonic() - t0
-                evaluated = evaluate(round_, arrays)
-                new_rows = _rows(round_, evaluated, trained, nodes)
-                rows += new_rows
-                _record(store, board, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
-                summary.update(seconds=time.monotonic() - t0, train_seconds=t_train)
-                reporter.round_done(round_, new_rows, summary)
+                new_rows: list[dict[str, Any]] = []
+                if pending is not None:
+                    scores = _ridden_scores(trained, requests, side.result() if side is not None else None)
+                    _require(scores, min(needed, len(scorers)), "evaluation", round_ - 1)
+                    for name, why in scores.failures.items():
+                        reporter.info(f"round {round_ - 1}: node {name} left out of evaluation: {why}")
+                    new_rows = _rows(round_ - 1, scores.replies, pending["columns"], nodes)
+                    rows.extend(new_rows)
+                summary.update(train_seconds=t_train, seconds=time.monotonic() - t0)
+                done = {"columns": _train_columns(trained), "summary": summary}
+                record(round_, done, scored=round_ - 1 if pending is not None else None, scored_arrays=sent)
+                if pending is not None:
+                    reporter.round_done(round_ - 1, new_rows, pending["summary"])
+                pending, last = done, round_
+            if pending is not None:
+                # The last round's global model has no next request to ride on: its own call.
+                t0, round_ = time.monotonic(), last
+                rows += _rows(round_, evaluate(round_, arrays).replies, pending["columns"], nodes)
+                record(round_, scored=round_, scored_arrays=arrays)
+                pending["summary"]["evaluation_seconds"] = time.monotonic() - t0
+                reporter.round_done(round_, [r for r in rows if r["round"] == round_], pending["summary"])
             if plan.algorithm == "lcfed" and start <= plan.rounds + 1:
                 t0, round_ = time.monotonic(), plan.rounds + 1
-                new_rows = _rows(round_, calibrate(round_, arrays), None, nodes)
+                new_rows = _rows(round_, calibrate(round_, arrays).replies, {}, nodes)
                 rows += new_rows
-                _record(store, board, RunState(run_id, round_, plan.to_dict(), list(invites)), arrays, rows)
+                record(round_, scored=round_, scored_arrays=arrays)
                 reporter.round_done(round_, new_rows, {"seconds": time.monotonic() - t0, "stage": "calibration"})
     finally:
         board.close()
@@ -326,12 +368,49 @@ def run_federation(
     return rows
 
 
-def _scores(p: Peer, reply: EvaluateReply) -> EvaluateReply:
+#: A node's metrics per split, as in an :class:`EvaluateReply`.
+Scores = dict[str, Any]
+
+
+def _scored(name: str, metrics: Scores) -> Scores:
     """Checks that a node scored exactly the splits asked for (each maybe also as ``personal_``)."""
-    bases = {k.removeprefix(PERSONAL_PREFIX) for k in reply.metrics}
-    if not set(SCORED_SPLITS) <= set(reply.metrics) or bases != set(SCORED_SPLITS):
-        raise MessageError(f"node {p.name} scored splits {sorted(reply.metrics)}, expected {list(SCORED_SPLITS)}")
-    return reply
+    bases = {k.removeprefix(PERSONAL_PREFIX) for k in metrics}
+    if not set(SCORED_SPLITS) <= set(metrics) or bases != set(SCORED_SPLITS):
+        raise MessageError(f"node {name} scored splits {sorted(metrics)}, expected {list(SCORED_SPLITS)}")
+    return metrics
+
+
+def _with_scoring(requests: dict[str, TrainRequest], scorers: set[str], overlays: int) -> dict[str, TrainRequest]:
+    """The train requests, those of the scorers also asking for the scores of their weights."""
+    scoring: dict[int, TrainRequest] = {}  # one request object per distinct request, so each is encoded once
+    out = {}
+    for name, request in requests.items():
+        if name in scorers:
+            if id(request) not in scoring:
+                scoring[id(request)] = replace(request, score=list(SCORED_SPLITS), overlays=overlays)
+            request = scoring[id(request)]
+        out[name] = request
+    return out
+
+
+def _ridden_scores(trained: _Outcome, requests: dict[str, TrainRequest], side: _Outcome | None) -> _Outcome:
+    """The scores that rode on the train replies, and those of the scorers that did not train."""
+    replies: dict[str, Scores] = {}
+    failures: dict[str, str] = {}
+    for name, request in requests.items():
+        if not request.score:
+            continue
+        if name in trained.replies:
+            try:
+                replies[name] = _scored(name, trained.replies[name].scores)
+            except MessageError as exc:
+                failures[name] = str(exc)
+        else:
+            failures[name] = trained.failures.get(name, "it did not take part in training")
+    if side is not None:
+        replies.update(side.replies)
+        failures.update(side.failures)
+    return _Outcome({name: replies[name] for name in sorted(replies)}, failures)
 
 
 def _plain_round(
@@ -352,33 +431,45 @@ def _plain_round(
     return arrays, summary, trained
 
 
-def _rows(round_: int, evaluated: _Outcome, trained: _Outcome | None, nodes: dict[str, DescribeReply]) -> list[dict[str, Any]]:
+def _train_columns(trained: _Outcome) -> dict[str, dict[str, Any]]:
+    """Each trained node's columns of its row: loss, samples, seconds, FedMix pseudo-labels."""
+    columns: dict[str, dict[str, Any]] = {}
+    for name, t in trained.replies.items():
+        columns[name] = {"train_loss": t.mean_loss, "train_n": t.n_samples, "train_seconds": t.seconds}
+        if t.candidates:
+            columns[name].update(pseudo_accepted=t.accepted, pseudo_candidates=t.candidates, pseudo_share=t.accepted / t.candidates)
+    return columns
+
+
+def _rows(round_: int, scores: dict[str, Scores], trained: dict[str, dict[str, Any]], nodes: dict[str, DescribeReply]) -> list[dict[str, Any]]:
     rows = []
     # A weak-label node without masks trains but cannot be scored: it still gets a row.
-    names = sorted(set(evaluated.replies) | set(trained.replies if trained else ()))
-    for name in names:
+    for name in sorted(set(scores) | set(trained)):
         row: dict[str, Any] = {"round": round_, "site": name, "device": nodes[name].device}
-        if name in evaluated.replies:
-            for split, values in evaluated.replies[name].metrics.items():
-                row.update({f"{split}_{k}": v for k, v in values.items()})
-        if trained is not None and name in trained.replies:
-            t = trained.replies[name]
-            row.update(train_loss=t.mean_loss, train_n=t.n_samples, train_seconds=t.seconds)
-            if t.candidates:
-                row.update(pseudo_accepted=t.accepted, pseudo_candidates=t.candidates, pseudo_share=t.accepted / t.candidates)
+        for split, values in scores.get(name, {}).items():
+            row.update({f"{split}_{k}": v for k, v in values.items()})
+        row.update(trained.get(name, {}))
         rows.append(row)
     return rows
 
 
-def _record(store: RunStore, board: ScalarLog, state: RunState, arrays: Arrays, rows: list[dict[str, Any]]) -> None:
+def _record(store: RunStore, board: ScalarLog, state: RunState, arrays: Arrays, rows: list[dict[str, Any]],
+            scored: int | None, scored_arrays: Arrays | None) -> None:
+    """Writes what a completed step leaves: rows, checkpoint, best model, report, plot, scalars.
+
+    A round's scores ride on the next round's request, so the rows just added (round
+    ``scored``) describe ``scored_arrays``, the weights that request carried, while the
+    checkpoint holds the newer ``arrays``.
+    """
     # Metrics first, checkpoint last: a crash in between leaves rows past the checkpoint,
     # which a resume drops, never a checkpoint without its rows.
     store.write_metrics(rows)
     store.save(state, arrays)
-    if best_round(rows) == state.round:
+    if scored is not None and scored_arrays is not None and best_round(rows) == scored:
         # After the checkpoint, so best.npz never holds a round a resume would drop.
-        store.save(state, arrays, best=True)
+        store.save(RunState(state.run_id, scored, state.plan, state.invites), scored_arrays, best=True)
     title = f"fedseg run {state.run_id} ({state.plan['algorithm']})"
     write_report(rows, store.report, title)
     plot_dice(rows, store.plot, title)
-    board.write([r for r in rows if r["round"] == state.round])
+    if scored is not None:
+        board.write([r for r in rows if r["round"] == scored])

@@ -1,8 +1,8 @@
 """A run directory: checkpoint, metrics and plan, each written so a crash never leaves half a file.
 
 Files:
-    ``checkpoint.npz``: global weights plus the run state (round, run id, plan, invites),
-        replaced atomically after each completed round.
+    ``checkpoint.npz``: global weights plus the run state (round, run id, plan, invites,
+        the round's rows still awaiting scores), replaced atomically after each completed round.
     ``best.npz``: the same for the round with the best validation Dice so far, as
         ``report.md`` chooses it (:func:`~fedseg.protocol.report.best_round`).
     ``metrics.jsonl``: one row per round and site.
@@ -35,12 +35,19 @@ KEPT_MODELS = ("best", "last")
 
 @dataclass(frozen=True)
 class RunState:
-    """What a resumed run needs besides the weights."""
+    """What a resumed run needs besides the weights.
+
+    ``pending`` is None once the rows of ``round`` are in the metrics. Until then (a
+    round's global model is scored on the next round's train request) it holds that
+    round's ``columns`` (the train columns of each node's row) and its ``summary``, so a
+    resumed run completes those rows instead of losing them.
+    """
 
     run_id: str
     round: int
     plan: dict[str, Any]
     invites: list[str]
+    pending: dict[str, Any] | None = None
 
 
 class RunStore:

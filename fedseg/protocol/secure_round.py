@@ -1,6 +1,7 @@
 """The coordinator's secure round: train, mask and unmask over the nodes, never seeing an update.
 
-Three calls per node and round, where a plain round has one (evaluation is unchanged):
+Three calls per node and round, where a plain round has one (the last round's model is
+scored on the first, as in a plain round):
 
 1. ``secagg_train``: the train request plus the round's signed keys and threshold. The
    node trains and answers with its declared scalars and the shares it sealed to each
@@ -131,7 +132,8 @@ class SecureRounds:
             raise RoundError(f"round {round_} key exchange: only {len(roster)} nodes hold verified keys")
         co = CoordinatorRound(run_id, round_, roster, t)
 
-        secure = {id(r): SecAggTrainRequest(run_id=r.run_id, round=r.round, plan=r.plan, weights=r.weights, roster=roster, threshold=t)
+        secure = {id(r): SecAggTrainRequest(run_id=r.run_id, round=r.round, plan=r.plan, weights=r.weights, roster=roster, threshold=t,
+                                               score=r.score, overlays=r.overlays)
                   for r in requests.values()}
         frames = {key: encode(r) for key, r in secure.items()}  # one encoding per distinct request, not per node
 

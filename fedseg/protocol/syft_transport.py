@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import TransportError
 from .invite import Invite
-from .syft_action import ACTION_NAME, fedseg_action, from_payload, to_payload
+from .syft_action import ACTION_NAME, fedseg_action, from_payload, served_seconds, to_payload
 
 __all__ = ["SyftTransport"]
 
@@ -42,6 +42,11 @@ class SyftTransport:
         self._client: Any = None
         self._site: Any = None
         self._approval_timeout_s = approval_timeout_s
+        #: Where the last call's time went (seconds): ``upload`` (the request payload sent as
+        #: a Syft object), ``run`` (the code call, answered when the node's job is done),
+        #: ``fetch`` (the reply's ``.get()``), and, as the node reports them, ``node_wall``
+        #: and ``node_cpu`` spent in fedseg's own code inside ``run``.
+        self.last_call: dict[str, float] = {}
 
     @property
     def address(self) -> str:
@@ -135,13 +140,20 @@ class SyftTransport:
         try:
             # No output capture here: calls run on several threads, and redirecting
             # sys.stdout is process-wide.
+            t0 = time.perf_counter()
             pointer = sy.ActionObject.from_obj(to_payload(frame)).send(self._client)
-            result = getattr(self._client.code, ACTION_NAME)(site=self._site, message=pointer).get()
+            t1 = time.perf_counter()
+            answer = getattr(self._client.code, ACTION_NAME)(site=self._site, message=pointer)
+            t2 = time.perf_counter()
+            result = answer.get()
+            t3 = time.perf_counter()
         except Exception as exc:
             raise TransportError(f"node {self.name} at {self.address}: call failed: {_first_line(str(exc))}") from None
         reply = from_payload(result)
         if reply is None:
             raise TransportError(f"node {self.name} at {self.address} answered with {type(result).__name__}, not a fedseg frame")
+        node_wall, node_cpu = served_seconds(result) or (float("nan"), float("nan"))
+        self.last_call = {"upload": t1 - t0, "run": t2 - t1, "fetch": t3 - t2, "node_wall": node_wall, "node_cpu": node_cpu}
         return reply
 
 

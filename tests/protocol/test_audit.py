@@ -420,7 +420,7 @@ def test_frame_schema_of_a_train_request() -> None:
     assert schema == {
         "kind": "train",
         "schema_version": 1,
-        "fields": {"plan": {"lr": 0.01}, "round": 1, "run_id": "run-1"},
+        "fields": {"overlays": 0, "plan": {"lr": 0.01}, "round": 1, "run_id": "run-1", "score": []},
         "tensors": [["weights/enc.0.bias", "float32", [4]], ["weights/enc.0.weight", "float32", [4, 1, 3, 3]],
                     ["weights/head.weight", "float32", [1, 4, 1, 1]]],
     }

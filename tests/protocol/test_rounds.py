@@ -39,6 +39,7 @@ from fedseg.protocol.messages import (
 from fedseg.protocol.plan import Plan
 from fedseg.protocol.rounds import Peer, initial_arrays, run_federation
 from fedseg.protocol.run_store import RunStore
+from fedseg.protocol.strategies import make_strategy
 from fedseg.protocol.wire import encode_frame
 
 from engine_doubles import SITES, TINY, CannedTransport, FailingTransport, InMemoryTransport, Reporter, TamperingTransport, tiny_plan
@@ -53,7 +54,8 @@ def _is_train(m: Message) -> bool:
 def _frame_with_weights(reply: TrainReply, weights: dict[str, np.ndarray]) -> bytes:
     """Encodes a TrainReply without validation (encode would refuse NaN)."""
     scalars = {"run_id": reply.run_id, "round": reply.round, "n_samples": reply.n_samples,
-               "mean_loss": reply.mean_loss, "seconds": reply.seconds, "accepted": reply.accepted, "candidates": reply.candidates}
+               "mean_loss": reply.mean_loss, "seconds": reply.seconds, "accepted": reply.accepted, "candidates": reply.candidates,
+               "scores": reply.scores}
     return encode_frame(reply.KIND.value, reply.SCHEMA_VERSION, scalars, {f"weights/{k}": v for k, v in weights.items()})
 
 
@@ -149,7 +151,9 @@ def test_run_records_every_round_and_site(runtimes: dict[str, NodeRuntime], tmp_
     assert set(arrays) == set(initial)
     assert any(not np.array_equal(arrays[k], initial[k]) for k in initial)
 
-    # Each round starts from the previous aggregate, and evaluation scores that aggregate.
+    # Each round starts from the previous aggregate. Round 1's aggregate is scored on round 2's
+    # train request, which carries it; the last aggregate gets an evaluate request of its own.
+    by_site = {r["site"]: r for r in rows if r["round"] == 1}
     for t in transports:
         train_requests = {m.round: m for m in t.requests if isinstance(m, TrainRequest)}
         evaluations = {m.round: m for m in t.requests if isinstance(m, EvaluateRequest)}
@@ -157,11 +161,14 @@ def test_run_records_every_round_and_site(runtimes: dict[str, NodeRuntime], tmp_
         _assert_arrays_equal(evaluations[0].weights, initial)
         round_1 = _fedavg([u.train_replies()[1] for u in transports])
         _assert_arrays_equal(train_requests[2].weights, round_1)
-        _assert_arrays_equal(evaluations[1].weights, round_1)
+        assert (train_requests[1].score, train_requests[2].score) == ([], ["val", "test"])
+        assert t.train_replies()[1].scores == {}
+        scored = t.train_replies()[2].scores
+        assert {f"{split}_{k}": v for split, values in scored.items() for k, v in values.items()}.items() <= by_site[t.name].items()
         _assert_arrays_equal(evaluations[2].weights, arrays)
         assert all(m.run_id == state.run_id for m in t.requests)
         assert t.connected and t.bytes_sent > 0 and t.bytes_received > 0
-        assert t.kinds() == [("describe", None), ("evaluate", 0), ("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2)]
+        assert t.kinds() == [("describe", None), ("evaluate", 0), ("train", 1), ("train", 2), ("evaluate", 2)]
 
     report = store.report.read_text()
     for site in SITES:
@@ -203,8 +210,8 @@ def test_resume_continues_exactly_where_it_stopped(runtimes: dict[str, NodeRunti
     state, arrays = store.load()
     assert state.round == 3 and state.run_id == first_state.run_id
     assert any(f"resuming run {first_state.run_id} after round 1" in text for text in reporter.infos)
-    # Round 0 is not evaluated again; rounds 2 and 3 run once.
-    assert transports[0].kinds() == [("describe", None), ("train", 2), ("evaluate", 2), ("train", 3), ("evaluate", 3)]
+    # Round 0 is not evaluated again, nor is round 1; rounds 2 and 3 run once, round 2 scored on round 3's request.
+    assert transports[0].kinds() == [("describe", None), ("train", 2), ("train", 3), ("evaluate", 3)]
     assert [r for r, _, _ in reporter.rounds] == [2, 3]
 
     _, expected = RunStore(straight).load()
@@ -248,6 +255,95 @@ def test_kept_optimizer_state_stays_on_the_node_and_survives_a_lost_round(
         assert kept == [f"{run_id}.optim.2.pt", f"{run_id}.optim.3.pt"]
         # ... and never leaves it: updates carry exactly the model's weights.
         assert all(set(r.weights) == set(expected) for r in transport.train_replies().values())
+def _two_call_rows(runtimes: dict[str, NodeRuntime], plan: Plan) -> dict[tuple[int, str], dict]:
+    """What each node reports per round when every round takes two calls: a train request,
+    the strategy's aggregate, then an evaluate request of the new global model (the engine
+    before evaluation rode on the next round's request). Train seconds are left out."""
+    run_id, strategy = "two-calls", make_strategy(plan)
+    trainers = strategy.participants({name: _describe(rt) for name, rt in runtimes.items()})
+    arrays, rows = initial_arrays(plan), {}
+
+    def ask(rt: NodeRuntime, message: Message) -> Message:
+        return decode(handle(rt, encode(message)))
+
+    for round_ in range(plan.rounds + 1):
+        trained = {}
+        if round_:
+            request = TrainRequest(run_id=run_id, round=round_, plan=plan.to_dict(), weights=arrays)
+            trained = {name: ask(runtimes[name], request) for name in trainers}
+            arrays, _ = strategy.aggregate(round_, trained)
+        evaluate = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=0, weights=arrays)
+        for name, rt in runtimes.items():
+            scored = ask(rt, evaluate)
+            row = {f"{split}_{k}": v for split, values in scored.metrics.items() for k, v in values.items()}
+            if name in trained:
+                row.update(train_loss=trained[name].mean_loss, train_n=trained[name].n_samples)
+            rows[(round_, name)] = row
+    return rows
+
+
+def _describe(rt: NodeRuntime) -> DescribeReply:
+    reply = decode(handle(rt, encode(DescribeRequest(run_id="two-calls"))))
+    assert isinstance(reply, DescribeReply)
+    return reply
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "ft", "iopfl", "fedbn"])
+def test_one_call_per_round_records_the_rows_of_two_calls(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None,
+                                                          algorithm: str) -> None:
+    plan = tiny_plan(rounds=3, algorithm=algorithm)
+    transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+    rows = run_federation(plan, transports, tmp_path, Reporter())
+
+    # One call per node and round: round r's model is scored on round r + 1's train request;
+    # round 0 and the last round are scored on evaluate requests of their own.
+    for t in transports:
+        assert t.kinds() == [("describe", None), ("evaluate", 0), ("train", 1), ("train", 2), ("train", 3), ("evaluate", 3)]
+        assert [len(m.score) for m in t.requests if isinstance(m, TrainRequest)] == [0, 2, 2]
+    assert {(r["round"], r["site"]): {k: v for k, v in r.items() if k not in ("round", "site", "train_seconds")} for r in rows} \
+        == _two_call_rows(runtimes, plan)
+
+
+def test_a_scorer_that_does_not_train_is_evaluated_beside_the_training(tmp_path: Path, no_plots: None) -> None:
+    # FedAvg trains on pixel labels only; the box-labelled node holds masks, so it still scores every round.
+    sites = write_federation(tmp_path / "data", n_per_site=12, size=32, seed=4)
+    labels = {"site-a": {"labels": "pixel"}, "site-b": {"labels": "pixel"}, "site-c": {"labels": "box", "labels_from_masks": True}}
+    runtimes = {s.name: NodeRuntime(NodeConfig(name=s.name, data=str(s), workdir=str(tmp_path / "nodes" / s.name), **labels[s.name])) for s in sites}
+    plan = tiny_plan(rounds=2)
+    transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+    rows = run_federation(plan, transports, tmp_path / "run", Reporter())
+
+    assert transports[2].kinds() == [("describe", None), ("evaluate", 0), ("evaluate", 1), ("evaluate", 2)]
+    assert transports[0].kinds() == [("describe", None), ("evaluate", 0), ("train", 1), ("train", 2), ("evaluate", 2)]
+    assert {(r["round"], r["site"]): {k: v for k, v in r.items() if k not in ("round", "site", "train_seconds")} for r in rows} \
+        == _two_call_rows(runtimes, plan)
+
+
+def test_resume_completes_a_round_still_awaiting_its_scores(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
+    straight = tmp_path / "straight"
+    run_federation(tiny_plan(rounds=3), [InMemoryTransport(rt) for rt in runtimes.values()], straight, Reporter())
+
+    # The coordinator dies in round 3, after round 2 was checkpointed but before its model was scored.
+    broken = tmp_path / "broken"
+    a, b, c = runtimes.values()
+    dies = lambda m: isinstance(m, TrainRequest) and m.round == 3  # noqa: E731
+    with pytest.raises(RoundError):
+        run_federation(tiny_plan(rounds=3, min_nodes=0), [InMemoryTransport(a), InMemoryTransport(b), FailingTransport(c, dies)], broken, Reporter())
+    store = RunStore(broken)
+    state, _ = store.load()
+    assert state.round == 2 and set(state.pending["columns"]) == set(SITES)
+    assert {r["round"] for r in store.read_metrics()} == {0, 1}
+
+    transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+    rows = run_federation(tiny_plan(rounds=3), transports, broken, Reporter(), resume=True)
+    assert transports[0].kinds() == [("describe", None), ("train", 3), ("evaluate", 3)]
+    assert store.read_metrics() == rows
+    straight_rows = RunStore(straight).read_metrics()
+    assert [(r["round"], r["site"]) for r in rows] == [(r["round"], r["site"]) for r in straight_rows]
+    for r, other in zip(rows, straight_rows):
+        # Round 2's train columns come back from the checkpoint, its scores from the resumed request.
+        assert {k: v for k, v in r.items() if k != "train_seconds"} == {k: v for k, v in other.items() if k != "train_seconds"}
+    assert [r["train_seconds"] for r in rows if r["round"] == 2] == [state.pending["columns"][s]["train_seconds"] for s in SITES]
 
 
 def test_resume_without_checkpoint_names_the_file(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
@@ -518,7 +614,7 @@ def test_poisoned_weights_are_refused_by_the_node(runtimes: dict[str, NodeRuntim
     name = sorted(weights)[0]
     weights[name] = weights[name].copy()
     weights[name].flat[0] = np.nan
-    frame = encode_frame("train", 1, {"run_id": "r", "round": 1, "plan": plan.to_dict()}, {f"weights/{k}": v for k, v in weights.items()})
+    frame = encode_frame("train", 1, {"run_id": "r", "round": 1, "plan": plan.to_dict(), "score": [], "overlays": 0}, {f"weights/{k}": v for k, v in weights.items()})
     reply = _refusal(runtimes["site-a"], frame)
     assert reply.code == ErrorCode.BAD_WEIGHTS.value and f"weights/{name}" in reply.message
 

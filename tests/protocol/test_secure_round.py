@@ -65,9 +65,12 @@ def test_keys_ride_on_the_unmask_answer_after_the_first_round(runtimes: dict[str
     for t in transports:
         assert t.kinds() == [
             ("describe", None), ("evaluate", 0),
-            ("secagg_keys", 1), ("secagg_train", 1), ("secagg_mask", 1), ("secagg_unmask", 1), ("evaluate", 1),
+            ("secagg_keys", 1), ("secagg_train", 1), ("secagg_mask", 1), ("secagg_unmask", 1),
             ("secagg_train", 2), ("secagg_mask", 2), ("secagg_unmask", 2), ("evaluate", 2),
         ]
+        # Round 1's global model is scored on round 2's secure train request, as in a plain round.
+        trains = [m for m in t.requests if m.KIND.value == "secagg_train"]
+        assert [m.score for m in trains] == [[], ["val", "test"]]
         assert t.runtime.secure_round is None  # the last round asked for no next keys; nothing is left
 
 

@@ -221,7 +221,7 @@ def test_every_wire_dtype_round_trips(dtype: str) -> None:
 
 
 def test_int_is_accepted_where_float_is_declared() -> None:
-    data = encode_frame("train_reply", 1, {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": 1, "seconds": 0, "accepted": 0, "candidates": 0}, {})
+    data = encode_frame("train_reply", 1, {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": 1, "seconds": 0, "accepted": 0, "candidates": 0, "scores": {}}, {})
     reply = decode(data)
     assert isinstance(reply, TrainReply) and reply.mean_loss == 1 and reply.weights == {}
 
@@ -342,7 +342,7 @@ def test_wrong_schema_version(version: int) -> None:
 
 
 def test_missing_field() -> None:
-    with pytest.raises(MessageError, match=r"train: missing fields \['plan', 'round'\], unexpected fields \[\]"):
+    with pytest.raises(MessageError, match=r"train: missing fields \['overlays', 'plan', 'round', 'score'\], unexpected fields \[\]"):
         decode(encode_frame("train", 1, {"run_id": "r"}, {}))
 
 
@@ -354,19 +354,19 @@ def test_extra_field() -> None:
 @pytest.mark.parametrize(
     "kind, fields_, pattern",
     [
-        ("train", {"run_id": "r", "round": "1", "plan": PLAN}, "train: field round must be int, got str"),
-        ("train", {"run_id": "r", "round": True, "plan": PLAN}, "train: field round must be int, got bool"),
-        ("train", {"run_id": "r", "round": 1.0, "plan": PLAN}, "train: field round must be int, got float"),
-        ("train", {"run_id": 7, "round": 1, "plan": PLAN}, "train: field run_id must be str, got int"),
-        ("train", {"run_id": "r", "round": 1, "plan": [PLAN]}, "train: field plan must be dict, got list"),
+        ("train", {"run_id": "r", "round": "1", "plan": PLAN, "score": [], "overlays": 0}, "train: field round must be int, got str"),
+        ("train", {"run_id": "r", "round": True, "plan": PLAN, "score": [], "overlays": 0}, "train: field round must be int, got bool"),
+        ("train", {"run_id": "r", "round": 1.0, "plan": PLAN, "score": [], "overlays": 0}, "train: field round must be int, got float"),
+        ("train", {"run_id": 7, "round": 1, "plan": PLAN, "score": [], "overlays": 0}, "train: field run_id must be str, got int"),
+        ("train", {"run_id": "r", "round": 1, "plan": [PLAN], "score": [], "overlays": 0}, "train: field plan must be dict, got list"),
         (
             "train_reply",
-            {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": True, "seconds": 0.0, "accepted": 0, "candidates": 0},
+            {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": True, "seconds": 0.0, "accepted": 0, "candidates": 0, "scores": {}},
             "train_reply: field mean_loss must be float, got bool",
         ),
         (
             "train_reply",
-            {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": "0.5", "seconds": 0.0, "accepted": 0, "candidates": 0},
+            {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": "0.5", "seconds": 0.0, "accepted": 0, "candidates": 0, "scores": {}},
             "train_reply: field mean_loss must be float, got str",
         ),
         (
@@ -401,9 +401,9 @@ def test_wrong_field_type(kind: str, fields_: dict[str, Any], pattern: str) -> N
 @pytest.mark.parametrize(
     "kind, fields_, tensor",
     [
-        ("train", {"run_id": "r", "round": 1, "plan": PLAN}, "bias/x"),
-        ("train", {"run_id": "r", "round": 1, "plan": PLAN}, "weights/"),
-        ("train", {"run_id": "r", "round": 1, "plan": PLAN}, "weights"),
+        ("train", {"run_id": "r", "round": 1, "plan": PLAN, "score": [], "overlays": 0}, "bias/x"),
+        ("train", {"run_id": "r", "round": 1, "plan": PLAN, "score": [], "overlays": 0}, "weights/"),
+        ("train", {"run_id": "r", "round": 1, "plan": PLAN, "score": [], "overlays": 0}, "weights"),
         ("describe", {"run_id": "r"}, "weights/x"),
         ("error", {"code": "internal", "message": "m"}, "weights/x"),
     ],
@@ -423,7 +423,7 @@ def test_duplicate_tensor() -> None:
     header = {
         "kind": "train",
         "schema_version": 1,
-        "fields": {"run_id": "r", "round": 1, "plan": PLAN},
+        "fields": {"run_id": "r", "round": 1, "plan": PLAN, "score": [], "overlays": 0},
         "tensors": [["weights/a", "float32", [1]], ["weights/a", "float32", [1]]],
     }
     with pytest.raises(MessageError, match="tensor 'weights/a' appears twice"):
@@ -435,7 +435,7 @@ def test_unsupported_dtype_in_frame(dtype: Any) -> None:
     header = {
         "kind": "train",
         "schema_version": 1,
-        "fields": {"run_id": "r", "round": 1, "plan": PLAN},
+        "fields": {"run_id": "r", "round": 1, "plan": PLAN, "score": [], "overlays": 0},
         "tensors": [["weights/a", dtype, [2]]],
     }
     with pytest.raises(MessageError, match=f"tensor 'weights/a': dtype {dtype!r} is not allowed"):
@@ -453,7 +453,7 @@ def test_bad_shape(shape: Any) -> None:
     header = {
         "kind": "train",
         "schema_version": 1,
-        "fields": {"run_id": "r", "round": 1, "plan": PLAN},
+        "fields": {"run_id": "r", "round": 1, "plan": PLAN, "score": [], "overlays": 0},
         "tensors": [["weights/a", "float32", shape]],
     }
     with pytest.raises(MessageError, match=r"tensor 'weights/a': shape .* is not a list of non-negative integers"):
@@ -462,7 +462,7 @@ def test_bad_shape(shape: Any) -> None:
 
 @pytest.mark.parametrize("entry", [["weights/a", "float32"], [1, "float32", [1]], "weights/a", {"name": "weights/a"}])
 def test_malformed_tensor_descriptor(entry: Any) -> None:
-    header = {"kind": "train", "schema_version": 1, "fields": {"run_id": "r", "round": 1, "plan": PLAN}, "tensors": [entry]}
+    header = {"kind": "train", "schema_version": 1, "fields": {"run_id": "r", "round": 1, "plan": PLAN, "score": [], "overlays": 0}, "tensors": [entry]}
     with pytest.raises(MessageError, match=r"must be \[name, dtype, shape\]"):
         decode(_raw(header, b"\0" * 4))
 
@@ -471,7 +471,7 @@ def test_huge_declared_shape_is_refused_without_allocating() -> None:
     header = {
         "kind": "train",
         "schema_version": 1,
-        "fields": {"run_id": "r", "round": 1, "plan": PLAN},
+        "fields": {"run_id": "r", "round": 1, "plan": PLAN, "score": [], "overlays": 0},
         "tensors": [["weights/a", "float32", [2**40, 2**40]]],
     }
     with pytest.raises(MessageError, match="tensor 'weights/a': needs .* bytes but the frame is truncated"):
@@ -508,7 +508,7 @@ def test_non_finite_integers_do_not_exist_so_int_tensors_pass() -> None:
 @pytest.mark.parametrize("field_name", ["mean_loss", "seconds"])
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_train_reply_scalars(field_name: str, literal: str) -> None:
-    scalars = {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": 0.5, "seconds": 1.0, "accepted": 0, "candidates": 0}
+    scalars = {"run_id": "r", "round": 1, "n_samples": 3, "mean_loss": 0.5, "seconds": 1.0, "accepted": 0, "candidates": 0, "scores": {}}
     header = json.dumps(
         {"kind": "train_reply", "schema_version": 1, "fields": {**scalars, field_name: "@@"}, "tensors": []}, sort_keys=True
     ).replace('"@@"', literal)
