@@ -275,7 +275,7 @@ def _two_call_rows(runtimes: dict[str, NodeRuntime], plan: Plan) -> dict[tuple[i
         evaluate = EvaluateRequest(run_id=run_id, round=round_, plan=plan.to_dict(), splits=["val", "test"], overlays=0, weights=arrays)
         for name, rt in runtimes.items():
             scored = ask(rt, evaluate)
-            row = {f"{split}_{k}": v for split, values in scored.metrics.items() for k, v in values.items()}
+            row = {"device": "cpu", **{f"{split}_{k}": v for split, values in scored.metrics.items() for k, v in values.items()}}
             if name in trained:
                 row.update(train_loss=trained[name].mean_loss, train_n=trained[name].n_samples)
             rows[(round_, name)] = row
