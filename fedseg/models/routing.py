@@ -53,6 +53,7 @@ __all__ = [
     "adapt_norm_statistics",
     "build_routed",
     "consistency_loss",
+    "consistency_noise",
     "entropy_loss",
     "route_experts",
     "shape_loss",
@@ -81,7 +82,8 @@ class AdaptConfig(DictConfig):
         lambda_ent: Weight of the entropy loss.
         lambda_cons: Weight of the consistency loss.
         lambda_shape: Weight of the shape (morphological gradient) loss.
-        noise_std: Standard deviation of the Gaussian noise of the consistency loss.
+        noise_scale: Standard deviation of the consistency loss's Gaussian noise, as a
+            fraction of each image's own intensity standard deviation.
         shape_window: Max-pool window of the shape loss (odd).
         threads: torch intra-op threads while adapting.
     """
@@ -93,14 +95,18 @@ class AdaptConfig(DictConfig):
     lambda_ent: float = 10.0
     lambda_cons: float = 0.1
     lambda_shape: float = 1.0
-    noise_std: float = 0.5
+    # The reference adds N(0, 0.5²) to unnormalised MRI intensities (hundreds of units), so
+    # its noise is a small fraction of the image's contrast; the same σ on images in [0, 1]
+    # buries them. Scaling by each image's own standard deviation keeps the reference's
+    # intent (a light perturbation) on any intensity range: 0.1 is a signal-to-noise of 10.
+    noise_scale: float = 0.1
     shape_window: int = 21
     threads: int = 1
 
     def __post_init__(self) -> None:
         if self.routing not in set(Routing):
             raise ModelError(f"AdaptConfig.routing must be one of {[r.value for r in Routing]}, got {self.routing!r}")
-        for name in ("epochs", "lr", "lambda_ent", "lambda_cons", "lambda_shape", "noise_std"):
+        for name in ("epochs", "lr", "lambda_ent", "lambda_cons", "lambda_shape", "noise_scale"):
             check_number("AdaptConfig", name, getattr(self, name), lo=0, lo_open=name in ("epochs", "lr"))
         for name in ("batch_size", "shape_window", "threads"):
             check_number("AdaptConfig", name, getattr(self, name), lo=1, integer=True)
@@ -282,8 +288,23 @@ def _invert(x: torch.Tensor, flip: bool, k: int) -> torch.Tensor:
     return x.flip(-1) if flip else x
 
 
+def consistency_noise(images: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise with, per image, ``scale`` times that image's intensity standard deviation.
+
+    Args:
+        images: ``(B, C, H, W)`` float.
+        scale: Noise standard deviation relative to each image's.
+        generator: Draws the noise (on the CPU, so a seed gives the same draws on any device).
+
+    Returns:
+        ``(B, C, H, W)`` on ``images``' device.
+    """
+    std = images.detach().flatten(1).std(dim=1)  # (B,)
+    return torch.randn(images.shape, generator=generator).to(images.device) * (scale * std)[:, None, None, None]
+
+
 def consistency_loss(
-    model: nn.Module, images: torch.Tensor, logits: torch.Tensor, noise_std: float, generator: torch.Generator
+    model: nn.Module, images: torch.Tensor, logits: torch.Tensor, noise_scale: float, generator: torch.Generator
 ) -> torch.Tensor:
     """``mean((σ(T⁻¹ f(T(x + ε))) − σ(f(x)))²)`` with a random flip and rot90 T per sample.
 
@@ -291,7 +312,7 @@ def consistency_loss(
         model: f.
         images: x, ``(B, C, H, W)`` float, square.
         logits: f(x), ``(B, 1, H, W)``.
-        noise_std: Standard deviation of ε.
+        noise_scale: ε's standard deviation relative to each image's (:func:`consistency_noise`).
         generator: Draws ε and T; advancing it gives fresh draws at every step.
 
     Returns:
@@ -300,7 +321,7 @@ def consistency_loss(
     _check_logits(logits, "consistency_loss")
     if images.shape[-1] != images.shape[-2]:
         raise ModelError(f"consistency_loss rotates by 90 degrees and needs square images, got {tuple(images.shape)}")
-    noise = torch.randn(images.shape, generator=generator).to(images.device) * noise_std
+    noise = consistency_noise(images, noise_scale, generator)
     transforms = _draw_transforms(images.shape[0], generator)
     moved = torch.stack([_transform(x, f, k) for x, (f, k) in zip(images + noise, transforms)])  # (B, C, H, W)
     back = torch.stack([_invert(y, f, k) for y, (f, k) in zip(model(moved), transforms)])  # (B, 1, H, W)
@@ -342,7 +363,7 @@ def test_time_losses(model: nn.Module, images: torch.Tensor, config: AdaptConfig
     """
     logits = model(images)  # (B, 1, H, W)
     ent = entropy_loss(logits)
-    cons = consistency_loss(model, images, logits, config.noise_std, generator)
+    cons = consistency_loss(model, images, logits, config.noise_scale, generator)
     shape = shape_loss(logits, config.shape_window)
     total = config.lambda_ent * ent + config.lambda_cons * cons + config.lambda_shape * shape
     return Losses(total=total, parts={"entropy": ent.item(), "consistency": cons.item(), "shape": shape.item()})

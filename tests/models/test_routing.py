@@ -15,6 +15,7 @@ from fedseg.models.routing import (
     adapt_norm_statistics,
     build_routed,
     consistency_loss,
+    consistency_noise,
     entropy_loss,
     route_experts,
     shape_loss,
@@ -105,6 +106,18 @@ def test_losses_behave() -> None:
     assert shape_loss(torch.full((1, 1, 16, 16), 5.0)).item() == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ModelError, match=r"\(B, 1, H, W\)"):
         entropy_loss(torch.zeros(2, 2, 8, 8))
+
+
+def test_consistency_noise_follows_each_image_contrast() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # A dim, flat image (std 0.02) and a contrasted one (std 0.3), as ultrasound and endoscopy differ.
+    images = torch.stack([0.5 + 0.02 * torch.randn(1, 64, 64), 0.5 + 0.3 * torch.randn(1, 64, 64)])
+    noise = consistency_noise(images, 0.1, gen)
+    ratio = noise.flatten(1).std(dim=1) / images.flatten(1).std(dim=1)
+    # Each image gets a tenth of its own spread: never the reference's σ = 0.5, which on
+    # images in [0, 1] is 25 times the dim image's whole contrast.
+    torch.testing.assert_close(ratio, torch.full((2,), 0.1), rtol=0.05, atol=0)
+    assert AdaptConfig().noise_scale == 0.1
 
 
 def test_consistency_is_zero_for_an_equivariant_model_without_noise() -> None:
