@@ -11,10 +11,12 @@ mixes them per sample from the layer's input::
     r = act(FC2(Dropout0.2(FC1(GAP(x)))))      FC1: C -> 2C, FC2: 2C -> E
     W = sum_e r_e W_e                           (and likewise the bias)
 
-Normalization layers come from the global model; BatchNorm uses the statistics of the
-batch it sees (its running statistics are dropped). Only the routers and the norm
-affine parameters train, on the new site's unlabelled images, by minimizing
-``L = 10 L_ent + 0.1 L_cons + L_shape`` (:func:`test_time_losses`).
+Normalization layers come from the global model. While adapting, BatchNorm uses the
+statistics of the batch it sees, as the reference does; after adapting, its statistics
+are set once over all of the site's images (:func:`adapt_norm_statistics`), so what the
+routed model predicts for an image does not depend on which images share its batch.
+Only the routers and the norm affine parameters train, on the new site's unlabelled
+images, by minimizing ``L = 10 L_ent + 0.1 L_cons + L_shape`` (:func:`test_time_losses`).
 
 Where the reference code is wrong or silent, fedseg decides (METHODS.md §4): every
 routed layer has exactly E experts; every router trains, the bottleneck's included;
@@ -176,8 +178,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def build_routed(config: UNetConfig, n_experts: int, routing: Routing | str = Routing.SOFTMAX) -> UNet:
     """A routed U-Net with empty experts, to load a saved routed state into.
 
-    Every conv becomes a :class:`RoutedConv2d`; BatchNorm layers drop their running
-    statistics and always normalize with the batch's own.
+    Every conv becomes a :class:`RoutedConv2d`; BatchNorm layers keep their running
+    statistics, which :func:`adapt` sets to the site's.
 
     Raises:
         ModelError: If ``n_experts`` < 1 or ``routing`` is unknown.
@@ -189,10 +191,6 @@ def build_routed(config: UNetConfig, n_experts: int, routing: Routing | str = Ro
     model = build_model(config)
     for name in _convs(model):
         _replace(model, name, RoutedConv2d(model.get_submodule(name), n_experts, Routing(routing)))
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = None
     return model
 
 
@@ -219,7 +217,8 @@ def route_experts(
 
     Returns:
         The routed model in train mode; its parameters are exactly the routers and the
-        norm affine parameters.
+        norm affine parameters. Its norm layers, BatchNorm statistics included, are the
+        global model's.
 
     Raises:
         ModelError: If there is no expert, or naming the expert and the key whose name
@@ -239,9 +238,9 @@ def route_experts(
             conv.experts.copy_(_stacked(experts, f"{key}.weight"))  # (E, O, I, kh, kw)
             if conv.expert_bias is not None:
                 conv.expert_bias.copy_(_stacked(experts, f"{key}.bias"))  # (E, O)
-        for name, p in model.named_parameters():
-            if ".router." not in f".{name}":
-                p.copy_(_stacked([experts[-1]], name)[0])
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if ".router." not in f".{name}" and name in reference:
+                t.copy_(_stacked([experts[-1]], name)[0])
     return model
 
 
@@ -415,7 +414,8 @@ def adapt(
         progress: Called after each step with ``(step, steps, loss parts)``.
 
     Returns:
-        The summary; the model is adapted in place.
+        The summary; the model is adapted in place and, if it has BatchNorm, ends with
+        the statistics of all of ``images`` (:func:`adapt_norm_statistics`).
 
     Raises:
         ModelError: If ``images`` is not 4D or is empty.
@@ -445,6 +445,8 @@ def adapt(
                     part_sums[k] = part_sums.get(k, 0.0) + v * len(idx)
             if progress is not None:
                 progress(step + 1, len(batches), losses.parts)
+        if _batch_norms(model):
+            adapt_norm_statistics(model, images, config.batch_size)
     return AdaptResult(
         n_images=n,
         steps=len(batches),
@@ -454,15 +456,28 @@ def adapt(
     )
 
 
-@torch.no_grad()
-def adapt_norm_statistics(model: UNet, images: torch.Tensor, batch_size: int = 16) -> None:
-    """The norm-statistics baseline (AdaBN): BatchNorm statistics recomputed on the site's images.
+class _Stop(Exception):
+    """Ends a forward pass once the layer being measured has seen its input."""
 
-    Every BatchNorm's running mean and variance become the cumulative average over the
-    batches of ``images``; nothing else changes. The model's mode is restored.
+
+def _batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+
+
+@torch.no_grad()
+def adapt_norm_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> None:
+    """Sets every BatchNorm's statistics to those of all of ``images`` (AdaBN), exactly.
+
+    Layer by layer in forward order, each BatchNorm's mean and variance become those of
+    its input over every pixel of every image, with the layers before it already
+    normalizing with theirs. The result is what one batch holding the whole site would
+    give, so it depends neither on the order of ``images`` nor on ``batch_size`` (which
+    only bounds memory). Nothing else changes; the model's mode is restored. Costs about
+    half a forward pass over the site per BatchNorm layer.
 
     Args:
-        model: A plain U-Net with ``norm="batch"``.
+        model: Any model with BatchNorm layers that keep running statistics (a U-Net
+            with ``norm="batch"``, or a routed one).
         images: ``(N, C, H, W)`` uint8 or float in [0, 1].
         batch_size: Images per forward pass.
 
@@ -471,24 +486,45 @@ def adapt_norm_statistics(model: UNet, images: torch.Tensor, batch_size: int = 1
             ``images`` is not 4D or is empty.
     """
     _check_images(images, "adapt_norm_statistics")
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    norms = _batch_norms(model)
     if not norms:
         norm = getattr(getattr(model, "config", None), "norm", Norm.GROUP.value)
         raise ModelError(f"adapt_norm_statistics needs BatchNorm with running statistics; this model has norm={norm!r}")
-    saved = [(m.momentum, m.num_batches_tracked) for m in norms]
     was_training = model.training
     device = _device(model)
+    chunks = [_as_float_images(images[i : i + batch_size]).to(device) for i in range(0, images.shape[0], batch_size)]
+    order: list[nn.BatchNorm2d] = []
+    model.eval()  # earlier layers normalize with the statistics already set; routers' dropout is off
     try:
-        for m in norms:
-            # momentum None makes the running values a plain cumulative average; it needs
-            # a step counter, which RunningBatchNorm lacks: one is lent for the pass.
-            m.momentum = None
-            m.num_batches_tracked = torch.zeros((), dtype=torch.long, device=device)
-            m.reset_running_stats()
-        model.train()
-        for i in range(0, images.shape[0], batch_size):
-            model(_as_float_images(images[i : i + batch_size]).to(device))
+        hooks = [m.register_forward_pre_hook(lambda m, _: order.append(m) if m not in order else None) for m in norms]
+        try:
+            model(chunks[0][:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        for norm in order:
+            sums = torch.zeros(2, norm.num_features, dtype=torch.float64, device=device)
+            count = 0
+
+            def measure(m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+                nonlocal count
+                x = inputs[0].double()  # (b, C, H, W)
+                sums[0] += x.sum(dim=(0, 2, 3))
+                sums[1] += x.pow(2).sum(dim=(0, 2, 3))
+                count += x.shape[0] * x.shape[2] * x.shape[3]
+                raise _Stop
+
+            hook = norm.register_forward_pre_hook(measure)
+            try:
+                for chunk in chunks:
+                    try:
+                        model(chunk)
+                    except _Stop:
+                        pass
+            finally:
+                hook.remove()
+            mean = sums[0] / count
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_((sums[1] / count - mean.pow(2)).clamp_min(0))
     finally:
-        for m, (momentum, counter) in zip(norms, saved):
-            m.momentum, m.num_batches_tracked = momentum, counter
         model.train(was_training)
