@@ -190,18 +190,18 @@ class NodeRuntime:
         pull(model, weights, local)
         return model
 
-    def keep_personal(self, plan: Plan, run_id: str, model: torch.nn.Module) -> None:
+    def keep_personal(self, plan: Plan, run_id: str, model: torch.nn.Module, mixed: torch.nn.Module | None = None) -> None:
         """Saves what this node keeps for itself after training; none of it leaves the node.
 
         That is the model's local part (FedBN, FedRep, Local; LC-Fed's head and HC) and,
-        for IOP-FL, the running mix of the models it trained.
+        for IOP-FL, the running mix of ``mixed`` (default ``model``) over the rounds.
         """
         _require_finite(model, f"the model trained in run {run_id}")
         local = local_keys(model, plan.local_part)
         if local:
             self._save(self._personal_path(run_id), {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in local})
         if plan.algorithm == "iopfl":
-            mix = running_mix(self.personal(run_id, "mix"), state_to_arrays(model), plan.personal.alpha)
+            mix = running_mix(self.personal(run_id, "mix"), state_to_arrays(mixed or model), plan.personal.alpha)
             self._save(self._personal_path(run_id, "mix"), mix)
 
     def keep_models(self, plan: Plan, run_id: str, models: dict[str, torch.nn.Module], extra: dict[str, Any] | None = None) -> None:
@@ -292,7 +292,10 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
         result = LocalTrainer(model, plan.train).train_round(images, labels["masks"], seed=seed)
     if not math.isfinite(result.mean_loss):
         raise ModelError(f"training from the weights of round {msg.round} gave a non-finite loss ({result.mean_loss}); nothing was kept or sent")
-    rt.keep_personal(plan, msg.run_id, model)
+    mixed = None
+    if plan.algorithm == "iopfl" and plan.personal.mix_epochs > 0:
+        mixed = _fine_tuned(model, plan, plan.personal.mix_epochs, images, labels["masks"], seed + 1)
+    rt.keep_personal(plan, msg.run_id, model, mixed)
     log.info("round %d node %s: trained %d samples (%d/%d pseudo-labels), loss %.4f, %.1f s",
              msg.round, rt.name, result.n_samples, accepted, candidates, result.mean_loss, result.seconds)
     return TrainReply(
@@ -314,14 +317,19 @@ def _plain_train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     return _train(rt, msg)
 
 
+def _fine_tuned(model: torch.nn.Module, plan: Plan, epochs: float, images: torch.Tensor, masks: torch.Tensor, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` trained ``epochs`` more local epochs on this node's training split."""
+    tuned = copy.deepcopy(model)
+    LocalTrainer(tuned, replace(plan.train, local_epochs=epochs)).train_round(images, masks, seed=seed)
+    return tuned
+
+
 def _personal_model(rt: NodeRuntime, plan: Plan, msg: EvaluateRequest, global_model: torch.nn.Module) -> torch.nn.Module | None:
     """The node's own model beside the global one, where the algorithm has one (else None)."""
     if plan.algorithm == "ft" and msg.round > 0:
         # FT: the global model fine-tuned on this node's own training split.
-        model = copy.deepcopy(global_model)
-        tune = replace(plan.train, local_epochs=plan.personal.finetune_epochs)
-        LocalTrainer(model, tune).train_round(rt.images("train", plan), rt.masks("train", plan), seed=round_seed(plan.seed, msg.round, rt.name) + 1)
-        return model
+        return _fine_tuned(global_model, plan, plan.personal.finetune_epochs, rt.images("train", plan), rt.masks("train", plan),
+                           round_seed(plan.seed, msg.round, rt.name) + 1)
     if plan.algorithm == "iopfl":
         mix = rt.personal(msg.run_id, "mix")
         if mix is not None:

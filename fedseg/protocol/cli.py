@@ -14,7 +14,7 @@ _TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays")
 _MODEL = ("width", "depth", "in_channels", "norm")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
 _FEDMIX = ("lam", "beta", "tau", "adaptive")
-_PERSONAL = ("alpha", "head_fraction", "finetune_epochs")
+_PERSONAL = ("alpha", "mix_epochs", "head_fraction", "finetune_epochs")
 #: LC-Fed option name -> its key in plan.lcfed ("alpha" there is the contrastive weight).
 _LCFED = {"contrastive_weight": "alpha", "hc_epochs": "hc_epochs"}
 _SECAGG = {"secagg_threshold": "threshold", "secagg_clip": "clip"}
@@ -73,6 +73,8 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @click.option("--tau", type=float, default=None, help="FedMix τ: agreement needed to accept a pseudo-label.")
 @click.option("--adaptive/--no-adaptive", default=None, help="FedMix adaptive aggregation weights (--no-adaptive: plain n_k, the ablation).")
 @click.option("--alpha", type=float, default=None, help="IOP-FL: weight of the previous running mix (default 0.1).")
+@click.option("--mix-epochs", type=float, default=None, help="IOP-FL: local epochs a node trains a copy of its round's model "
+              "before mixing it in, so personalized models specialize (default 0: the round's model itself).")
 @click.option("--head-fraction", type=float, default=None, help="FedRep, LC-Fed: share of each round spent on the head (default 0.2).")
 @click.option("--contrastive-weight", type=float, default=None, help="LC-Fed: weight of the contrastive site loss (default 0.1; 0 = the ablation).")
 @click.option("--hc-epochs", type=float, default=None, help="LC-Fed: local epochs that train the calibration head (default 5).")
