@@ -57,6 +57,7 @@ __all__ = [
     "consistency_loss",
     "consistency_noise",
     "entropy_loss",
+    "has_batch_norm",
     "route_experts",
     "shape_loss",
     "test_time_losses",
@@ -88,6 +89,12 @@ class AdaptConfig(DictConfig):
             fraction of each image's own intensity standard deviation.
         shape_window: Max-pool window of the shape loss (odd).
         threads: torch intra-op threads while adapting.
+        keep_margin: The adapted routing is kept only if its predictions agree with the
+            experts' majority vote by this much more (mean per-image Dice) than routing
+            before adaptation does (:func:`fedseg.models.test_time.keeps_adaptation`).
+        baselines: Also score the comparison models (TENT, each expert and their
+            uniform average with the site's statistics, routing before and after
+            adaptation); for benchmarks, on a node that holds masks.
     """
 
     routing: str = Routing.SOFTMAX.value
@@ -104,12 +111,17 @@ class AdaptConfig(DictConfig):
     noise_scale: float = 0.1
     shape_window: int = 21
     threads: int = 1
+    keep_margin: float = 0.01
+    baselines: bool = False
 
     def __post_init__(self) -> None:
         if self.routing not in set(Routing):
             raise ModelError(f"AdaptConfig.routing must be one of {[r.value for r in Routing]}, got {self.routing!r}")
         for name in ("epochs", "lr", "lambda_ent", "lambda_cons", "lambda_shape", "noise_scale"):
             check_number("AdaptConfig", name, getattr(self, name), lo=0, lo_open=name in ("epochs", "lr"))
+        check_number("AdaptConfig", "keep_margin", self.keep_margin, lo=-1, hi=1)
+        if not isinstance(self.baselines, bool):
+            raise ModelError(f"AdaptConfig.baselines must be true or false, got {self.baselines!r}")
         for name in ("batch_size", "shape_window", "threads"):
             check_number("AdaptConfig", name, getattr(self, name), lo=1, integer=True)
         if self.shape_window % 2 == 0:
@@ -358,11 +370,13 @@ def test_time_losses(model: nn.Module, images: torch.Tensor, config: AdaptConfig
         generator: Source of the consistency loss's noise and transforms.
 
     Returns:
-        The weighted total and the unweighted parts "entropy", "consistency", "shape".
+        The weighted total and the unweighted parts "entropy", "consistency" (0 when
+        its weight is 0: not computed), "shape".
     """
     logits = model(images)  # (B, 1, H, W)
     ent = entropy_loss(logits)
-    cons = consistency_loss(model, images, logits, config.noise_scale, generator)
+    # Without its weight (TENT) the consistency term would cost a second forward pass for nothing.
+    cons = consistency_loss(model, images, logits, config.noise_scale, generator) if config.lambda_cons else logits.new_zeros(())
     shape = shape_loss(logits, config.shape_window)
     total = config.lambda_ent * ent + config.lambda_cons * cons + config.lambda_shape * shape
     return Losses(total=total, parts={"entropy": ent.item(), "consistency": cons.item(), "shape": shape.item()})
@@ -407,7 +421,8 @@ def adapt(
     """Test-time routing: trains the routers and norm affine parameters on unlabelled images.
 
     Args:
-        model: From :func:`route_experts`; every parameter it has is trained.
+        model: From :func:`route_experts`; every parameter that requires a gradient is
+            trained (all of a routed model's).
         images: The site's images ``(N, C, H, W)``, uint8 or float in [0, 1]; no labels.
         config: Adaptation settings.
         seed: Seeds the batch order, noise and transforms.
@@ -427,7 +442,7 @@ def adapt(
     gen = torch.Generator().manual_seed(seed)
     batches = batch_indices(n, config.epochs, config.batch_size, gen)
     last_epoch = max(len(batches) - math.ceil(n / config.batch_size), 0)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     with torch_threads(config.threads):
         opt = torch.optim.Adam(params, lr=config.lr)
         model.train()
@@ -445,7 +460,7 @@ def adapt(
                     part_sums[k] = part_sums.get(k, 0.0) + v * len(idx)
             if progress is not None:
                 progress(step + 1, len(batches), losses.parts)
-        if _batch_norms(model):
+        if has_batch_norm(model):
             adapt_norm_statistics(model, images, config.batch_size)
     return AdaptResult(
         n_images=n,
@@ -462,6 +477,11 @@ class _Stop(Exception):
 
 def _batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether the model keeps BatchNorm statistics that a site's images can replace."""
+    return bool(_batch_norms(model))
 
 
 @torch.no_grad()

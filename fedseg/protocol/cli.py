@@ -143,6 +143,8 @@ def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - th
 @click.option("--batch-size", type=int, default=None, help="Images per step [default: 8].")
 @click.option("--routing", type=click.Choice(["softmax", "sigmoid"]), default=None, help="Expert weights [default: softmax].")
 @click.option("--threads", type=int, default=None, help="torch threads on the new node [default: 1].")
+@click.option("--keep-margin", type=float, default=None, help="Keep the adapted routing only if it agrees with the experts' "
+              "majority vote this much more (mean Dice) than routing before adaptation [default: 0.01].")
 def adapt(invite: Path, run_dir: Path, **options: Any) -> None:
     """Adapt a run's models to a new hospital's unlabelled images (IOP-FL test-time routing).
 
@@ -169,6 +171,8 @@ def adapt(invite: Path, run_dir: Path, **options: Any) -> None:
     reply = outcome.reply
     click.echo(f"node {outcome.node} adapted over {reply.experts} experts ({', '.join(outcome.experts)}) "
                f"on {reply.n_images} images: {reply.steps} steps, {reply.seconds:.1f} s; the adapted model stays on the node")
+    kept = "the adapted routing" if reply.adapted else "routing before adaptation (adapting did not bring it closer to the experts' majority vote)"
+    click.echo(f"the node keeps {kept}: agreement {reply.agreement['adapted']:.4f} adapted, {reply.agreement['before']:.4f} before")
     if not reply.metrics:
         click.echo("the node holds no masks, so it reported no scores")
     for name, m in reply.metrics.items():
