@@ -182,7 +182,14 @@ def machine_info() -> dict[str, Any]:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "platform": platform.platform(),
-            "torch": metadata.version("torch"), "syft": metadata.version("syft"), "loadavg_start": os.getloadavg()[0]}
+            "torch": _version("torch"), "syft": _version("syft"), "loadavg_start": os.getloadavg()[0]}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # in-process benchmarks also run where Syft is not installed
+        return None
 
 
 def with_budget(args: argparse.Namespace, full: dict[str, Any], defaults: dict[str, Any]) -> argparse.Namespace:

@@ -37,13 +37,15 @@ Arrays = Mapping[str, np.ndarray]
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm)
 
 
-def on_site(config: UNetConfig, arrays: Arrays, images: torch.Tensor, batch_size: int = 16) -> UNet:
-    """A plain U-Net from ``arrays`` with its BatchNorm statistics set to the site's (AdaBN).
+def on_site(config: UNetConfig, arrays: Arrays, images: torch.Tensor, batch_size: int = 16,
+            device: torch.device | str = "cpu") -> UNet:
+    """A plain U-Net from ``arrays``, on ``device``, with its BatchNorm statistics set to the site's (AdaBN).
 
     A GroupNorm model keeps no statistics and is returned as it is.
     """
     model = build_model(config)
     arrays_to_state(model, dict(arrays))
+    model.to(device)
     if has_batch_norm(model):
         adapt_norm_statistics(model, images, batch_size)
     return model
