@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedseg.models.device import describe_device, resolve_device
 from fedseg.models.errors import ModelError
 from fedseg.models.iopfl import running_mix
 from fedseg.models.lcfed import CalibratedUNet, calibration_keeps, lcfed_round, split_heads, train_hc_round
@@ -32,7 +33,6 @@ from fedseg.models.personalization import LocalPart, fedrep_round, local_keys, p
 from fedseg.models.routing import AdaptConfig, adapt, adapt_norm_statistics, has_batch_norm, route_experts
 from fedseg.models.test_time import keeps_adaptation, mask_agreement, majority_vote, on_site, tent, uniform_average
 from fedseg.models.overlay import overlay_png
-from fedseg.models.unet import Norm
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
 from fedseg.protocol.audit import AUDIT_FILE, AuditLog
 from fedseg.protocol.errors import MessageError, PlanError
@@ -97,14 +97,21 @@ class NodeRuntime:
     its weak labels were derived from those masks and the plan asks for the
     ``full_masks`` upper bound.
 
+    Every model the node builds goes through :meth:`place`, onto the device its owner
+    chose; the trainers and scorers follow their model's device.
+
     Args:
         config: The node's settings.
         audit: Keep the node's signed audit log of every message (the serving process
             does; tools that only read a node's data do not).
+
+    Raises:
+        ModelError: If the configured device is misspelt or absent on this machine.
     """
 
     def __init__(self, config: NodeConfig, audit: bool = False) -> None:
         self.config = config
+        self.device = resolve_device(config.device)
         self.workdir = Path(config.workdir)
         self.labels = LabelKind(config.labels)
         self.index = index_site(
@@ -128,6 +135,10 @@ class NodeRuntime:
     def can_score(self) -> bool:
         """Whether this node holds masks to score a model with."""
         return self.index.has_masks
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Moves a model onto this node's device (in place) and returns it."""
+        return model.to(self.device)
 
     def _loaded(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
         key = (plan.image_size, plan.model.in_channels)
@@ -181,7 +192,7 @@ class NodeRuntime:
         dtype); the local part comes from the node's personal state for this run, or
         from the plan's seeded initialisation before the node's first round.
         """
-        model = plan.build_model(self.name)
+        model = self.place(plan.build_model(self.name))
         local = local_keys(model, plan.local_part)
         check_arrays(weights, {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in local}, what)
         saved = self.personal(run_id) if local else None
@@ -335,7 +346,7 @@ def _personal_model(rt: NodeRuntime, plan: Plan, msg: EvaluateRequest, global_mo
     if plan.algorithm == "iopfl":
         mix = rt.personal(msg.run_id, "mix")
         if mix is not None:
-            model = plan.build_model(rt.name)
+            model = rt.place(plan.build_model(rt.name))
             arrays_to_state(model, mix)
             return model
     return None
@@ -469,7 +480,7 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
         raise PlanError(f"adapt settings: {exc}") from None
     experts = unpack_experts(msg)
     seed = round_seed(plan.seed, 0, rt.name)
-    routed = route_experts(plan.model, experts, config.routing, seed)
+    routed = rt.place(route_experts(plan.model, experts, config.routing, seed))
     images = rt.images(ALL_IMAGES, plan)
     per_epoch = math.ceil(len(images) / config.batch_size)
 
@@ -485,7 +496,7 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
         if has_batch_norm(before):
             adapt_norm_statistics(before, images, bs)
         # Every expert with the site's statistics: their majority vote is the rule's reference.
-        site_experts = {name: on_site(plan.model, arrays, images, bs) for name, arrays in experts}
+        site_experts = {name: on_site(plan.model, arrays, images, bs, rt.device) for name, arrays in experts}
         predicted = {name: predict(model, images, bs) for name, model in site_experts.items()}
         keep, agreement = keeps_adaptation(routed, before, majority_vote(list(predicted.values())), images, config.keep_margin, bs)
     global_name = experts[-1][0]
@@ -494,7 +505,7 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
     log.info("run %s node %s: %s (agreement with the experts' majority vote %.4f adapted, %.4f before, margin %.4f)",
              msg.run_id, rt.name, "keeps the adapted routing" if keep else "keeps routing before adaptation",
              agreement["adapted"], agreement["before"], config.keep_margin)
-    global_model = plan.build_model()
+    global_model = rt.place(plan.build_model())
     arrays_to_state(global_model, dict(experts[-1][1]))
     rt.keep_models(plan, msg.run_id, {"global": global_model, "routed": kept},
                    {"routed": {"experts": msg.experts, "adapt": config.to_dict(), "adapted": keep}})
@@ -505,7 +516,7 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
             scored["norm_stats"] = site_experts[global_name]
         if config.baselines:
             scored.update({"routed_adapted": routed, "routed_before": before,
-                           "uniform": on_site(plan.model, uniform_average(experts), images, bs)})
+                           "uniform": on_site(plan.model, uniform_average(experts), images, bs, rt.device)})
             scored.update({EXPERT_PREFIX + name: m for name, m in site_experts.items() if name != global_name})
             tented = copy.deepcopy(global_model)
             tent(tented, images, config, seed)

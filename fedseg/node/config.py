@@ -41,6 +41,9 @@ class NodeConfig:
             running mix) to leave it, to be routed over on a new site. Off by default.
         syft_retention_s: How long the node's Syft store keeps each served call's request
             and reply (models and updates) before deleting them.
+        device: Where the node trains, scores and predicts: "auto" (the first CUDA GPU
+            if PyTorch sees one, else the CPU), "cpu", "cuda" or "cuda:N". Resolved once,
+            when the node's runtime is created.
     """
 
     name: str
@@ -59,6 +62,7 @@ class NodeConfig:
     require_secure_aggregation: bool = False
     share_personalized: bool = False
     syft_retention_s: float = DEFAULT_RETENTION_S
+    device: str = "auto"
 
     @property
     def path(self) -> Path:

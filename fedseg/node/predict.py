@@ -57,6 +57,8 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
     """
     import torch
 
+    from fedseg.models.device import resolve_device
+    from fedseg.models.errors import ModelError
     from fedseg.models.lcfed import CalibratedUNet, split_heads
     from fedseg.models.local_training import arrays_to_state, predict
     from fedseg.models.overlay import overlay_png
@@ -70,12 +72,18 @@ def predict_folder(workdir: Path, run: str, which: str, images: Path, out: Path)
     if not model_file.exists():
         kept = sorted(p.stem for p in folder.glob("*.npz"))
         raise NodeError(f"run {run} on this node has no {which} model (it has: {', '.join(kept) or 'none'})")
+    config = NodeConfig.load(workdir)
+    try:
+        device = resolve_device(config.device)
+    except ModelError as exc:
+        raise NodeError(str(exc)) from None
     plan = Plan.from_dict(json.loads((folder / "plan.json").read_text()))
     if which == "routed":
         routed = json.loads((folder / "routed.json").read_text())
         model = build_routed(plan.model, len(routed["experts"]), routed["adapt"]["routing"])
     else:
-        model = plan.build_model(NodeConfig.load(workdir).name)
+        model = plan.build_model(config.name)
+    model.to(device)
     with np.load(model_file) as saved:
         arrays_to_state(model, {k: saved[k] for k in saved.files})
     if which == "personalized" and (folder / HEADS_FILE).exists():
