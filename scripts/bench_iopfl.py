@@ -39,12 +39,11 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    REPO, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
+    REPO, Reporter, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
     with_budget, write_results,
 )
 
@@ -97,29 +96,6 @@ class LocalTransport:
         return reply
 
 
-@dataclass
-class JobReporter:
-    """Prints a job's lines, and one round line in every ``every``; keeps the round times."""
-
-    label: str
-    every: int
-    round_seconds: list[float] = field(default_factory=list)
-
-    def info(self, text: str) -> None:
-        if not text.startswith(("connecting", "node ")):
-            say(f"{self.label}: {text}")
-
-    def step(self, text: str) -> None:
-        pass
-
-    def round_done(self, round_: int, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-        if round_ > 0:
-            self.round_seconds.append(summary["seconds"])
-        if round_ % self.every == 0:
-            dice = "  ".join(f"{r['site']} {r['val_dice']:.3f}/{r.get('personal_val_dice', float('nan')):.3f}" for r in rows)
-            say(f"{self.label}: round {round_} {summary['seconds']:.1f} s, val Dice global/mix {dice}")
-
-
 def best_test(rows: list[dict[str, Any]], prefix: str) -> dict[str, float]:
     """Per-site test Dice of one model at the round (>= 1) with its best mean validation Dice."""
     by_round: dict[int, list[dict[str, Any]]] = {}
@@ -168,7 +144,7 @@ def _job(spec: dict[str, Any], label: str) -> dict[str, Any]:
     train = [runtime(*site, "train", labels="pixel", share_personalized=True) for site in spec["sites"] if site[0] != spec["held_out"]]
     new = runtime(*next(s for s in spec["sites"] if s[0] == spec["held_out"]), "new", labels="none")
     plan = Plan.from_dict(spec["plan"])
-    reporter = JobReporter(label, max(1, plan.rounds // 8))
+    reporter = Reporter(label, plan.rounds)
     rows = run_federation(plan, [LocalTransport(rt) for rt in train], root / "run", reporter)
     state, global_arrays = RunStore(root / "run").load()
     distance = {rt.name: relative_distance(rt.personal(state.run_id, "mix"), global_arrays) for rt in train}
@@ -177,7 +153,7 @@ def _job(spec: dict[str, Any], label: str) -> dict[str, Any]:
     scores = "  ".join(f"{k} {v['dice']:.3f}" for k, v in outcome.reply.metrics.items())
     say(f"{label}: adapted over {outcome.experts}, kept {'adapted' if outcome.reply.adapted else 'before'}: Dice {scores}")
     return {"inside": {"global": best_test(rows, ""), "mix": best_test(rows, "personal_")}, "distance": distance,
-            "outside": outcome.to_dict(), "round_seconds": reporter.round_seconds, "adapt_seconds": time.monotonic() - t_adapt}
+            "outside": outcome.to_dict(), "round_seconds": [s for r, s in reporter.round_seconds.items() if r > 0], "adapt_seconds": time.monotonic() - t_adapt}
 
 
 # ------------------------------------------------------------------------ summary

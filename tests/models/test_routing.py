@@ -133,13 +133,17 @@ def test_consistency_is_zero_for_an_equivariant_model_without_noise() -> None:
         consistency_loss(identity, torch.rand(1, 1, 8, 4), torch.rand(1, 1, 8, 4), 0.0, gen)
 
 
+def _trained(config: UNetConfig, images: torch.Tensor, masks: torch.Tensor, **train: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(config)
+    LocalTrainer(model, TrainConfig(augment=False, **train)).train_round(images, masks, seed=0)
+    return model
+
+
 @pytest.mark.parametrize("config", [BATCH, GROUP], ids=["batchnorm", "groupnorm"])
 def test_adaptation_changes_only_routers_and_norm_affine_and_lowers_entropy(config: UNetConfig) -> None:
     images, masks = squares(24, seed=0)
-    torch.manual_seed(0)
-    model = build_model(config)
-    LocalTrainer(model, TrainConfig(lr=3e-3, batch_size=8, local_epochs=4, augment=False)).train_round(images, masks, seed=0)
-    glob = state_to_arrays(model)
+    glob = state_to_arrays(_trained(config, images, masks, lr=3e-3, batch_size=8, local_epochs=4))
     routed = route_experts(config, [("a", glob), ("global", glob)], seed=0)
     before = {k: v.clone() for k, v in routed.state_dict().items()}
     calls = []
@@ -157,9 +161,7 @@ def test_adaptation_changes_only_routers_and_norm_affine_and_lowers_entropy(conf
 
 def test_routed_scores_do_not_depend_on_file_order() -> None:
     images, masks = squares(20, seed=2)
-    torch.manual_seed(0)
-    model = build_model(BATCH)
-    LocalTrainer(model, TrainConfig(lr=1e-2, batch_size=4, local_epochs=24, augment=False)).train_round(images, masks, seed=0)
+    model = _trained(BATCH, images, masks, lr=1e-2, batch_size=4, local_epochs=24)
     glob = state_to_arrays(model)
     routed = route_experts(BATCH, [("a", glob), ("global", glob)], seed=0)
     adapt(routed, images, AdaptConfig(epochs=1, batch_size=8), seed=0)
