@@ -18,7 +18,9 @@ every federation's sites score their running mix against the global model.
 
 Two configurations: "reference" (running mix α 0.1 of the round's model, as the paper) and
 "specialized" (α 0.5 of a copy trained 3 more local epochs, ``mix_epochs``). The extra
-epochs never touch the shared update, so both configurations train the same global models.
+epochs never touch the shared update. (The global models still differ a little between the
+two: the in-process nodes train in threads of one process, and augmentation seeds torch's
+process-wide generator, so concurrent nodes' draws interleave differently.)
 
 Everything runs in process: each site is the node's own ``NodeRuntime`` behind its
 whitelist (``handle``), driven by the coordinator's ``run_federation`` and
