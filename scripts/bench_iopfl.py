@@ -1,278 +1,352 @@
-"""Benchmark IOP-FL: inside personalization, and outside personalization on a held-out site.
+"""Benchmark IOP-FL: does test-time routing beat simpler ways to meet an unseen hospital?
 
-Two tasks of three real sites each, served by real ``fedseg node start`` datasites:
+Leave one site out, per task: a federation (``iopfl``) on the other sites, then
+``adapt_new_site`` (what ``fedseg adapt`` runs) on the held-out site's images, unlabelled;
+its masks only score afterwards. Tasks:
 
-- polyp: Kvasir-SEG, CVC-ClinicDB, CVC-ColonDB (RGB);
-- breast: BUSI, BUS-BRA "GE Logiq 5", BUS-BRA "GE Logiq 7" (grayscale).
+- breast: BUSI and BUS-BRA's GE Logiq 5, GE Logiq 7 and Toshiba scanners (grayscale):
+  each held-out site routes over the 3 training sites' running mixes plus the global model;
+- polyp: Kvasir-SEG, CVC-ClinicDB, CVC-ColonDB (RGB): 2 running mixes plus the global model.
 
-Every site runs twice: as a training node (pixel labels, ``--share-personalized``) and as a
-new site (``--labels none``; its masks only score, after adapting). Per task and seed:
+The held-out site scores, by Dice over all its images: the unchanged global model; AdaBN
+(the global model with the site's BatchNorm statistics); TENT; each expert with the site's
+statistics (the best of them, chosen with the labels, is the upper bound); the uniform
+average of the experts; routing before and after adaptation, and the one the node keeps by
+its label-free rule. How far each expert is from the global model: relative L2 distance
+of the weights, and 1 − Dice agreement of their predictions on the held-out site. Inside,
+every federation's sites score their running mix against the global model.
 
-- Inside: an ``iopfl`` run and an ``ft`` run on all three training nodes. Per site, test
-  Dice of the global model, of the node's running mix (inside-personalized) and of FT,
-  each at the round with the best mean validation Dice of that model.
-- Outside, leave one site out: an ``iopfl`` run on the other two, then ``adapt_new_site``
-  (what ``fedseg adapt`` runs) on the held-out site's new-site node. It scores, on all its
-  images, the global FedAvg model unchanged, the global model with BatchNorm statistics
-  recomputed on its images (the simple test-time baseline) and IOP-FL routing.
+Two configurations: "reference" (running mix α 0.1 of the round's model, as the paper) and
+"specialized" (α 0.5 of a copy trained 3 more local epochs, ``mix_epochs``). The extra
+epochs never touch the shared update. (The global models still differ a little between the
+two: the in-process nodes train in threads of one process, and augmentation seeds torch's
+process-wide generator, so concurrent nodes' draws interleave differently.)
 
-The U-Net uses BatchNorm (``norm="batch"``), as the paper does, so the statistics
-baseline exists. Writes ``<out>/bench_iopfl.json`` (config, git commit, machine, every
-row and reply), ``<out>/bench_iopfl.md`` and ``<out>/outside.png``.
+Everything runs in process: each site is the node's own ``NodeRuntime`` behind its
+whitelist (``handle``), driven by the coordinator's ``run_federation`` and
+``adapt_new_site``: the code ``fedseg run`` and ``fedseg adapt`` run over Syft, without
+Syft (never imported: checked at the end). Jobs (configuration, task, seed, held-out site)
+run in ``--workers`` processes; a failed job is reported and the others finish. Writes
+``<out>/bench_iopfl.json``, ``<out>/bench_iopfl.md`` and ``<out>/outside.png``.
 
-    python scripts/bench_iopfl.py --tasks polyp --seeds 1 --rounds 2 --limit 40   # smoke run
-    python scripts/bench_iopfl.py                                                # default budget (< 60 min on 2 CPUs)
-    python scripts/bench_iopfl.py --full                                         # more images, rounds and epochs
+    python scripts/bench_iopfl.py --tasks polyp --rounds 2 --limit 30       # smoke run
+    python scripts/bench_iopfl.py --full --workers 5 --threads 3 --device cuda --data D --out runs/bench_iopfl
 """
 from __future__ import annotations
 
 import argparse
-import shutil
+import multiprocessing
 import statistics
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    NODE_START_TIMEOUT_S, REPO, Reporter, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
-    stop_nodes, with_budget, write_results,
+    REPO, Reporter, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
+    with_budget, write_results,
 )
 
-GOAL_MEAN_GAIN = 0.02  # routing - unchanged global, mean over held-out sites, at least
-GOAL_MAX_LOSS = 0.01  # routing may lose at most this much to the unchanged global on any site
+GATE_MARGIN = 0.02  # best single expert (labels) - AdaBN, on at least half the held-out sites
+GOAL_OVER_BASELINES = 0.02  # routing - AdaBN and routing - TENT, mean over held-out sites
+GOAL_MAX_LOSS = 0.01  # routing may lose at most this much to the unchanged global model on any site
+GOAL_INSIDE = 0.01  # running mix - global, mean over the federations' sites
 
-# site name, data folder (under DATA), meta.csv filter (column, prefix) or None
+# site name, data folder (under --data), meta.csv filter (column, prefix) or None
 TASKS: dict[str, dict[str, Any]] = {
+    "breast": {"in_channels": 1, "sites": [("BUSI", "breast/BUSI", None), ("BUSBRA-Logiq5", "breast/BUS-BRA", ("device", "GE Logiq 5")),
+                                           ("BUSBRA-Logiq7", "breast/BUS-BRA", ("device", "GE Logiq 7")),
+                                           ("BUSBRA-Toshiba", "breast/BUS-BRA", ("device", "Toshiba"))]},
     "polyp": {"in_channels": 3, "sites": [("Kvasir-SEG", "polyp/Kvasir-SEG", None), ("CVC-ClinicDB", "polyp/CVC-ClinicDB", None),
                                           ("CVC-ColonDB", "polyp/CVC-ColonDB", None)]},
-    "breast": {"in_channels": 1, "sites": [("BUSI", "breast/BUSI", None), ("BUSBRA-Logiq5", "breast/BUS-BRA", ("device", "GE Logiq 5")),
-                                           ("BUSBRA-Logiq7", "breast/BUS-BRA", ("device", "GE Logiq 7"))]},
 }
-INSIDE = {"global": "", "inside-personalized": "personal_", "FT": "personal_"}  # method -> metrics prefix
-OUTSIDE = {"global (unchanged)": "global", "global + target BN statistics": "norm_stats", "IOP-FL routing": "routed"}
+#: Inside personalization per configuration (plan.personal).
+CONFIGS: dict[str, dict[str, float]] = {"reference": {"alpha": 0.1, "mix_epochs": 0.0}, "specialized": {"alpha": 0.5, "mix_epochs": 3.0}}
+#: Method -> the adapt reply's model; "best expert" and "mean expert" are derived from the experts' scores.
+OUTSIDE = {"global": "global", "AdaBN": "norm_stats", "TENT": "tent", "uniform average": "uniform", "routing before": "routed_before",
+           "routing adapted": "routed_adapted", "routing (kept)": "routed"}
+BEST, MEAN = "best expert (labels)", "mean expert"
+METHODS = [*OUTSIDE, MEAN, BEST]
+PLOTTED = ["global", "AdaBN", "TENT", "uniform average", "routing before", "routing (kept)", BEST]
 
-DEFAULTS = {"rounds": 10, "limit": 120, "seeds": 2, "image_size": 64, "width": 8, "depth": 4, "adapt_epochs": 10.0}
-FULL = {"rounds": 20, "limit": 300, "seeds": 3, "image_size": 128, "width": 16, "depth": 4, "adapt_epochs": 10.0}
-
-
-def start_nodes(task: str, args: argparse.Namespace, out: Path, nodes: dict[str, Any]) -> tuple[dict[str, Path], dict[str, Path], dict[str, Any]]:
-    """Each site as a training node and as a new-site node over the same seeded subset."""
-    from fedseg.node.errors import NodeError
-    from fedseg.node.launcher import NodeProcess
-
-    subsets = {}
-    for name, folder, where in TASKS[task]["sites"]:
-        data = out / "data" / task / name
-        subsets[name] = make_subset(args.data / folder, data, args.limit, where, args.split_seed)
-        common = ["--split-seed", str(args.split_seed)] + (["--where", f"{where[0]}={where[1]}"] if where else [])
-        nodes[f"train:{name}"] = NodeProcess(name, data, out / "nodes" / task / name, extra=["--labels", "pixel", "--share-personalized", *common])
-        nodes[f"new:{name}"] = NodeProcess(name, data, out / "nodes" / task / f"{name}-new", extra=["--labels", "none", *common])
-        say(f"{task}: started training and new-site nodes of {name} ({subsets[name]['images']} images)")
-    invites: dict[str, dict[str, Path]] = {"train": {}, "new": {}}
-    for key, node in nodes.items():
-        role, name = key.split(":")
-        try:
-            invites[role][name] = node.wait_ready(NODE_START_TIMEOUT_S)
-        except NodeError as exc:
-            raise SystemExit(f"error: {exc}") from None
-    say(f"{task}: all nodes serving")
-    return invites["train"], invites["new"], subsets
+DEFAULTS = {"rounds": 10, "limit": 60, "seeds": 1, "image_size": 32, "width": 8, "depth": 3, "adapt_epochs": 10.0}
+FULL = {"rounds": 80, "limit": 0, "seeds": 2, "image_size": 64, "width": 16, "depth": 4, "adapt_epochs": 10.0}
 
 
-def make_plan(args: argparse.Namespace, task: str, algorithm: str, seed: int) -> Any:
-    from fedseg.protocol.plan import Plan
-
-    return Plan.from_dict({
-        "algorithm": algorithm, "rounds": args.rounds, "image_size": args.image_size, "seed": seed, "timeout_s": 1800.0,
-        "model": {"width": args.width, "depth": args.depth, "groups": min(8, args.width), "norm": "batch", "in_channels": TASKS[task]["in_channels"]},
-        "train": {"lr": args.lr, "batch_size": args.batch_size, "local_epochs": 1.0, "threads": args.threads},
-        "personal": {"alpha": args.alpha},
-    })
+# ------------------------------------------------------------------------ one job
 
 
-def federate(args: argparse.Namespace, task: str, algorithm: str, seed: int, invites: dict[str, Path], run_dir: Path) -> dict[str, Any]:
-    from fedseg.protocol.rounds import run_federation
+class LocalTransport:
+    """A node's whitelist called in this process: the frames a Syft transport would carry."""
 
-    plan = make_plan(args, task, algorithm, seed)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    t0 = time.monotonic()
-    rows = run_federation(plan, connected(list(invites.values())), run_dir, Reporter(f"{task} {run_dir.name} seed {seed}", plan.rounds), invites=[str(p) for p in invites.values()])
-    return {"rows": rows, "seconds": time.monotonic() - t0, "run_dir": str(run_dir)}
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.name = runtime.name
+        self.bytes_sent = self.bytes_received = 0
 
+    def connect(self) -> None:
+        pass
 
-def connected(invites: list[Path]) -> list[Any]:
-    """Transports logged in here, one after another: Syft's login silences stdout process-wide,
-    which is not safe to do from several threads at once."""
-    from fedseg.protocol.invite import load_invite
-    from fedseg.protocol.syft_transport import SyftTransport
+    def exchange(self, frame: bytes) -> bytes:
+        from fedseg.node.actions import handle
 
-    transports = [SyftTransport(load_invite(p), approval_timeout_s=120) for p in invites]
-    for t in transports:
-        t.connect()
-    return transports
+        reply = handle(self.runtime, frame)
+        self.bytes_sent += len(frame)
+        self.bytes_received += len(reply)
+        return reply
 
 
-def adapt_held_out(args: argparse.Namespace, task: str, seed: int, site: str, run_dir: Path, transports: tuple[Any, list[Any]]) -> dict[str, Any]:
-    from fedseg.protocol.adapt import adapt_new_site
-
-    settings = {"epochs": args.adapt_epochs, "batch_size": args.batch_size, "lr": args.adapt_lr, "routing": args.routing}
-    new_site, originals = transports
-    outcome = adapt_new_site(run_dir, new_site, originals, settings, Reporter(f"{task} adapt {site} seed {seed}", 0))
-    scores = "  ".join(f"{k} {v['dice']:.3f}" for k, v in outcome.reply.metrics.items())
-    say(f"{task} seed {seed}: held-out {site} adapted over {outcome.experts} in {outcome.reply.seconds:.0f} s: Dice {scores}")
-    return outcome.to_dict()
-
-
-def best_test(rows: list[dict[str, Any]], prefix: str) -> tuple[int, dict[str, float]]:
+def best_test(rows: list[dict[str, Any]], prefix: str) -> dict[str, float]:
     """Per-site test Dice of one model at the round (>= 1) with its best mean validation Dice."""
     by_round: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         if r["round"] >= 1 and f"{prefix}val_dice" in r:
             by_round.setdefault(r["round"], []).append(r)
     best = max(by_round, key=lambda k: (statistics.fmean(r[f"{prefix}val_dice"] for r in by_round[k]), -k))
-    return best, {r["site"]: r[f"{prefix}test_dice"] for r in by_round[best]}
+    return {r["site"]: r[f"{prefix}test_dice"] for r in by_round[best]} | {"round": best}
 
 
-def summarize(record: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
-    res: dict[str, Any] = {}
-    for task in tasks:
-        sites = [s[0] for s in TASKS[task]["sites"]]
-        seeds = [s for s in record["seeds"] if s["task"] == task]
-        inside: dict[str, Any] = {}
-        for method, prefix in INSIDE.items():
-            run = "ft" if method == "FT" else "iopfl"
-            picked = [best_test(s["inside"][run]["rows"], prefix) for s in seeds]
-            inside[method] = {"best_rounds": [b for b, _ in picked], "site": {site: mean_std([d[site] for _, d in picked]) for site in sites}}
-        outside: dict[str, Any] = {}
-        for method, key in OUTSIDE.items():
-            per_site = {site: [s["outside"][site]["metrics"][key]["dice"] for s in seeds if key in s["outside"][site]["metrics"]] for site in sites}
-            outside[method] = {"site": {site: mean_std(v) for site, v in per_site.items() if v}}
-        gains = {site: outside["IOP-FL routing"]["site"][site][0] - outside["global (unchanged)"]["site"][site][0] for site in sites}
-        beats = {site: inside["inside-personalized"]["site"][site][0] - inside["global"]["site"][site][0] for site in sites}
-        res[task] = {"inside": inside, "outside": outside, "routing_gain": gains, "inside_gain": beats}
-    everywhere = [g for t in res.values() for g in t["routing_gain"].values()]
-    res["goals"] = {
-        "mean_routing_gain": statistics.fmean(everywhere),
-        "mean_gain_pass": statistics.fmean(everywhere) >= GOAL_MEAN_GAIN,
-        "worst_routing_gain": min(everywhere),
-        "worst_pass": min(everywhere) >= -GOAL_MAX_LOSS,
-        "inside_pass": all(g > 0 for t in tasks for g in res[t]["inside_gain"].values()),
-    }
+def run_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """One federation without the held-out site, then its adaptation; never raises."""
+    label = f"{spec['config']} {spec['task']} seed {spec['seed']} held-out {spec['held_out']}"
+    t0 = time.monotonic()
+    try:
+        result = _job(spec, label)
+        say(f"{label}: done in {time.monotonic() - t0:.0f} s")
+    except Exception:  # the other jobs still finish; the failure goes into the results
+        result = {"error": traceback.format_exc()}
+        say(f"{label}: FAILED\n{result['error']}")
+    return {**{k: spec[k] for k in ("config", "task", "seed", "held_out")}, **result, "seconds": time.monotonic() - t0,
+            "syft_imported": "syft" in sys.modules}
+
+
+def _job(spec: dict[str, Any], label: str) -> dict[str, Any]:
+    import shutil
+
+    import torch
+
+    from fedseg.models.iopfl import relative_distance
+    from fedseg.node.actions import NodeRuntime
+    from fedseg.node.config import NodeConfig
+    from fedseg.protocol.adapt import adapt_new_site
+    from fedseg.protocol.plan import Plan
+    from fedseg.protocol.rounds import run_federation
+    from fedseg.protocol.run_store import RunStore
+
+    torch.set_num_threads(spec["threads"])
+    root = Path(spec["dir"])
+    shutil.rmtree(root, ignore_errors=True)
+
+    def runtime(name: str, data: str, where: list[str] | None, role: str, **kw: Any) -> Any:
+        return NodeRuntime(NodeConfig(name=name, data=data, workdir=str(root / "nodes" / f"{name}-{role}"), where=dict([where]) if where else {},
+                                      split_seed=spec["split_seed"], device=spec["device"], **kw))
+
+    train = [runtime(*site, "train", labels="pixel", share_personalized=True) for site in spec["sites"] if site[0] != spec["held_out"]]
+    new = runtime(*next(s for s in spec["sites"] if s[0] == spec["held_out"]), "new", labels="none")
+    plan = Plan.from_dict(spec["plan"])
+    reporter = Reporter(label, plan.rounds)
+    rows = run_federation(plan, [LocalTransport(rt) for rt in train], root / "run", reporter)
+    state, global_arrays = RunStore(root / "run").load()
+    distance = {rt.name: relative_distance(rt.personal(state.run_id, "mix"), global_arrays) for rt in train}
+    t_adapt = time.monotonic()
+    outcome = adapt_new_site(root / "run", LocalTransport(new), [LocalTransport(rt) for rt in train], spec["adapt"], reporter)
+    scores = "  ".join(f"{k} {v['dice']:.3f}" for k, v in outcome.reply.metrics.items())
+    say(f"{label}: adapted over {outcome.experts}, kept {'adapted' if outcome.reply.adapted else 'before'}: Dice {scores}")
+    return {"inside": {"global": best_test(rows, ""), "mix": best_test(rows, "personal_")}, "distance": distance,
+            "outside": outcome.to_dict(), "round_seconds": [s for r, s in reporter.round_seconds.items() if r > 0], "adapt_seconds": time.monotonic() - t_adapt}
+
+
+# ------------------------------------------------------------------------ summary
+
+
+def outside_scores(job: dict[str, Any]) -> dict[str, float]:
+    """Dice per method on the held-out site, from one job's adapt reply."""
+    m = job["outside"]["metrics"]
+    scores = {method: m[key]["dice"] for method, key in OUTSIDE.items()}
+    # Every expert with the site's statistics; the global model's is AdaBN.
+    experts = [v["dice"] for k, v in m.items() if k.startswith("expert:")] + [m["norm_stats"]["dice"]]
+    return scores | {BEST: max(experts), MEAN: statistics.fmean(experts)}
+
+
+def summarize(jobs: list[dict[str, Any]], configs: list[str], tasks: list[str]) -> dict[str, Any]:
+    ok = [j for j in jobs if "error" not in j]
+    res: dict[str, Any] = {"configs": {}, "gate": {}, "goals": {}}
+    for config in configs:
+        mine = [j for j in ok if j["config"] == config]
+        sites = [(t, s[0]) for t in tasks for s in TASKS[t]["sites"] if any(j["task"] == t and j["held_out"] == s[0] for j in mine)]
+        if not sites:
+            continue
+        outside, experts, inside = {}, {}, {}
+        for task, site in sites:
+            held = [j for j in mine if j["task"] == task and j["held_out"] == site]
+            per_seed = [outside_scores(j) for j in held]
+            outside[f"{task}/{site}"] = {m: mean_std([s[m] for s in per_seed]) for m in METHODS}
+            outside[f"{task}/{site}"]["kept adapted"] = sum(j["outside"]["adapted"] for j in held) / len(held)
+            experts[f"{task}/{site}"] = {
+                "relative_l2": statistics.fmean(d for j in held for d in j["distance"].values()),
+                "dice_disagreement": statistics.fmean(1 - v for j in held for k, v in j["outside"]["agreement"].items() if k.startswith("expert:")),
+            }
+            # Inside: every federation this site trained in (without another held-out site), each seed.
+            runs = [j["inside"] for j in mine if j["task"] == task and j["held_out"] != site]
+            if runs:
+                inside[f"{task}/{site}"] = {"global": mean_std([r["global"][site] for r in runs]), "mix": mean_std([r["mix"][site] for r in runs])}
+        mean_gap = lambda a, b: statistics.fmean(v[a][0] - v[b][0] for v in outside.values())  # noqa: E731
+        gate_sites = sum(v[BEST][0] - v["AdaBN"][0] >= GATE_MARGIN for v in outside.values())
+        res["configs"][config] = {"outside": outside, "experts": experts, "inside": inside}
+        res["gate"][f"{config}: best single expert (labels) >= AdaBN + 2 Dice, share of held-out sites"] = _goal(gate_sites / len(outside), 0.5)
+        routed = "routing (kept)"
+        res["goals"][f"{config}: routing - AdaBN, mean Dice over held-out sites"] = _goal(mean_gap(routed, "AdaBN"), GOAL_OVER_BASELINES)
+        res["goals"][f"{config}: routing - TENT, mean Dice over held-out sites"] = _goal(mean_gap(routed, "TENT"), GOAL_OVER_BASELINES)
+        res["goals"][f"{config}: routing - global, worst held-out site"] = _goal(min(v[routed][0] - v["global"][0] for v in outside.values()), -GOAL_MAX_LOSS)
+        if inside:
+            gain = statistics.fmean(v["mix"][0] - v["global"][0] for v in inside.values())
+            res["goals"][f"{config}: inside, running mix - global, mean Dice over sites"] = _goal(gain, GOAL_INSIDE)
     return res
 
 
-def plot(res: dict[str, Any], tasks: list[str], out: Path) -> str:
+def _goal(measured: float, target: float) -> dict[str, Any]:
+    return {"measured": round(measured, 4), "target": target, "met": bool(measured >= target)}
+
+
+def plot(res: dict[str, Any], out: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sites = [(t, s[0]) for t in tasks for s in TASKS[t]["sites"]]
-    fig, ax = plt.subplots(figsize=(1.6 * len(sites) + 2, 4))
-    width = 0.8 / len(OUTSIDE)
-    for i, method in enumerate(OUTSIDE):
-        vals = [res[t]["outside"][method]["site"].get(s, (float("nan"), 0.0)) for t, s in sites]
-        ax.bar([k + i * width for k in range(len(sites))], [100 * m for m, _ in vals], width, yerr=[100 * e for _, e in vals], label=method, capsize=2)
-    ax.set_xticks([k + width for k in range(len(sites))], [s for _, s in sites], rotation=20, fontsize=8)
-    ax.set(ylabel="Dice (%) on the held-out site", title="IOP-FL outside personalization, leave one site out (mean ± std over seeds)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    configs = list(res["configs"])
+    fig, axes = plt.subplots(len(configs), 1, figsize=(12, 3.6 * len(configs)), squeeze=False)
+    for ax, config in zip(axes[:, 0], configs):
+        outside = res["configs"][config]["outside"]
+        sites = list(outside)
+        width = 0.8 / len(PLOTTED)
+        for i, method in enumerate(PLOTTED):
+            vals = [outside[s][method] for s in sites]
+            ax.bar([k + i * width for k in range(len(sites))], [100 * m for m, _ in vals], width, yerr=[100 * e for _, e in vals], label=method, capsize=2)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(sites))], [s.split("/")[1] for s in sites], fontsize=8)
+        ax.set(ylabel="Dice (%)", title=f"{config}: held-out site, mean ± std over seeds")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out / "outside.png", dpi=110)
     plt.close(fig)
     return "outside.png"
 
 
-def markdown(res: dict[str, Any], record: dict[str, Any], tasks: list[str]) -> str:
-    fmt = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
+def markdown(res: dict[str, Any], record: dict[str, Any]) -> str:
+    pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
     c = record["config"]
-    g = res["goals"]
-    verdict = lambda ok: "pass" if ok else "FAIL"  # noqa: E731
-    lines = ["# IOP-FL benchmark: inside and outside personalization", "",
-             f"Commit {commit_label(record['git'])}; {c['rounds']} rounds, {c['seeds']} seed(s), "
-             f"up to {c['limit']} images per site, {c['image_size']} px, U-Net width {c['width']} depth {c['depth']} with BatchNorm, lr {c['lr']}, "
-             f"batch {c['batch_size']}, running mix α {c['alpha']}; adaptation {c['adapt_epochs']} epochs, lr {c['adapt_lr']}, {c['routing']} routing; "
-             f"{record['wall_seconds'] / 60:.1f} min in all.", "",
-             "Dice (%) counts the foreground only, per image, then per site; mean ± std over seeds.", "",
-             "## Outside: leave one site out", "",
-             "Federation (iopfl) on the other two sites; the held-out site adapts on all its images, unlabelled, and its masks "
-             "score it afterwards (all images).", ""]
-    for task in tasks:
-        sites = [s[0] for s in TASKS[task]["sites"]]
-        lines += [f"### {task}", "", "| held-out site | " + " | ".join(OUTSIDE) + " | routing − global |", "|---|" + "---|" * (len(OUTSIDE) + 1)]
-        for site in sites:
-            cells = [fmt(res[task]["outside"][m]["site"][site]) if site in res[task]["outside"][m]["site"] else "n/a" for m in OUTSIDE]
-            lines.append(f"| {site} | " + " | ".join(cells) + f" | {100 * res[task]['routing_gain'][site]:+.1f} |")
+    images = f"up to {c['limit']}" if c["limit"] else "all"
+    verdict = lambda g: f"{'met' if g['met'] else '**not met**'} ({100 * g['measured']:+.1f} vs {100 * g['target']:+.0f})"  # noqa: E731
+    lines = ["# IOP-FL: test-time routing on an unseen site against simpler baselines", "",
+             f"Commit {commit_label(record['git'])}; in process (the nodes' own whitelist and the coordinator's round engine, no Syft); "
+             f"{c['rounds']} rounds, {c['seeds']} seed(s), {images} images per site, "
+             f"{c['image_size']} px, BatchNorm U-Net width {c['width']} depth {c['depth']}, lr {c['lr']}, batch {c['batch_size']}; "
+             f"adaptation {c['adapt_epochs']} epochs, lr {c['adapt_lr']}, {c['routing']} routing, fixed in advance; device {c['device']}, "
+             f"{c['workers']} worker(s) x {c['threads']} thread(s); {record['wall_seconds'] / 60:.1f} min in all.", "",
+             "Dice (%) of the foreground, per image, then per site, over all the held-out site's images; mean ± std over seeds. "
+             "Configurations: " + "; ".join(f"{k}: running mix α {v['alpha']}, mix_epochs {v['mix_epochs']:g}" for k, v in CONFIGS.items()) + ".", ""]
+    if record["failures"]:
+        lines += [f"**{len(record['failures'])} job(s) failed**: " + "; ".join(f["label"] for f in record["failures"]), ""]
+    lines += ["## Gate", ""] + [f"- {name}: {'met' if g['met'] else '**not met**'} ({g['measured']:.2f} of the sites; needs {g['target']:.2f})"
+                                for name, g in res["gate"].items()]
+    lines += ["", "## Goals", ""] + [f"- {name}: {verdict(g)}" for name, g in res["goals"].items()] + [""]
+    for config, r in res["configs"].items():
+        lines += [f"## {config}", "", "| held-out site | " + " | ".join(METHODS) + " | kept adapted |", "|---|" + "---|" * (len(METHODS) + 1)]
+        for site, v in r["outside"].items():
+            lines.append(f"| {site} | " + " | ".join(pct(v[m]) for m in METHODS) + f" | {v['kept adapted']:.0%} |")
+        lines += ["", "Experts against the global model (training sites of each held-out site's federations): relative L2 distance of "
+                  "the weights, and 1 − Dice agreement of their predictions on the held-out site (each with its statistics).", "",
+                  "| held-out site | relative L2 | Dice disagreement |", "|---|---|---|"]
+        lines += [f"| {site} | {v['relative_l2']:.4f} | {100 * v['dice_disagreement']:.1f} % |" for site, v in r["experts"].items()]
+        lines += ["", "Inside: test Dice of each site in the federations it trained in, at the round of best mean validation Dice.", "",
+                  "| site | global | running mix | mix − global |", "|---|---|---|---|"]
+        lines += [f"| {site} | {pct(v['global'])} | {pct(v['mix'])} | {100 * (v['mix'][0] - v['global'][0]):+.1f} |" for site, v in r["inside"].items()]
         lines.append("")
-    lines += [f"- Routing − unchanged global, mean over held-out sites: {100 * g['mean_routing_gain']:+.1f} points "
-              f"(goal ≥ +{100 * GOAL_MEAN_GAIN:.0f}): **{verdict(g['mean_gain_pass'])}**",
-              f"- Worst held-out site: {100 * g['worst_routing_gain']:+.1f} points (goal ≥ −{100 * GOAL_MAX_LOSS:.0f}): **{verdict(g['worst_pass'])}**",
-              "", "## Inside: the three-site federation", "",
-              "Test Dice per site; each model at the round with its best mean validation Dice (rounds per seed in the last column).", ""]
-    for task in tasks:
-        sites = [s[0] for s in TASKS[task]["sites"]]
-        lines += [f"### {task}", "", "| method | " + " | ".join(sites) + " | best rounds |", "|---|" + "---|" * (len(sites) + 1)]
-        for method, m in res[task]["inside"].items():
-            lines.append(f"| {method} | " + " | ".join(fmt(m["site"][s]) for s in sites) + f" | {', '.join(map(str, m['best_rounds']))} |")
-        lines.append("")
-    lines += [f"- Inside-personalized beats global on every site: **{verdict(g['inside_pass'])}** "
-              f"({', '.join(f'{s} {100 * v:+.1f}' for t in tasks for s, v in res[t]['inside_gain'].items())})", "",
-              "Plot: `outside.png`.", ""]
+    lines += ["Plot: `outside.png`.", ""]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ main
 
 
 def parse_args() -> argparse.Namespace:
     p = budget_parser(__doc__.split("\n\n")[0], DEFAULTS, FULL)
-    p.add_argument("--tasks", default="polyp,breast", help="comma-separated: " + ", ".join(TASKS))
-    p.add_argument("--adapt-epochs", type=float, help=f"epochs of test-time routing (default {DEFAULTS['adapt_epochs']})")
+    p.add_argument("--tasks", default="breast,polyp", help="comma-separated: " + ", ".join(TASKS))
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
+    p.add_argument("--adapt-epochs", type=float, help=f"epochs of test-time routing and TENT (default {DEFAULTS['adapt_epochs']})")
     p.add_argument("--adapt-lr", type=float, default=1e-3)
     p.add_argument("--routing", choices=["softmax", "sigmoid"], default="softmax")
-    p.add_argument("--alpha", type=float, default=0.1, help="inside personalization: weight of the previous running mix")
+    p.add_argument("--workers", type=int, default=1, help="parallel job processes (spawned)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every node trains, adapts and scores")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_iopfl")
     args = with_budget(p.parse_args(), FULL, DEFAULTS)
     check_budget(p, args)
     args.tasks = [t for t in args.tasks.split(",") if t]
-    if bad := [t for t in args.tasks if t not in TASKS]:
-        p.error(f"unknown task: {bad}")
+    args.configs = [c for c in args.configs.split(",") if c]
+    if bad := [t for t in args.tasks if t not in TASKS] + [c for c in args.configs if c not in CONFIGS]:
+        p.error(f"unknown task or configuration: {bad}")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
     require_data(p, args.data, [f for t in args.tasks for _, f, _ in TASKS[t]["sites"]])
     return args
 
 
+def job_specs(args: argparse.Namespace, out: Path, subsets: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    specs = []
+    for config in args.configs:
+        for task in args.tasks:
+            sites = [(name, str(out / "data" / task / name), list(where) if where else None) for name, _, where in TASKS[task]["sites"]]
+            for seed in range(args.seeds):
+                plan = {"algorithm": "iopfl", "rounds": args.rounds, "image_size": args.image_size, "seed": seed, "timeout_s": 7200.0,
+                        "eval_batch_size": 64,
+                        "model": {"width": args.width, "depth": args.depth, "groups": min(8, args.width), "norm": "batch",
+                                  "in_channels": TASKS[task]["in_channels"]},
+                        "train": {"lr": args.lr, "batch_size": args.batch_size, "local_epochs": 1.0, "threads": args.threads},
+                        "personal": CONFIGS[config]}
+                adapt = {"epochs": args.adapt_epochs, "lr": args.adapt_lr, "batch_size": args.batch_size, "routing": args.routing,
+                         "threads": args.threads, "baselines": True}
+                for held_out, _, _ in sites:
+                    specs.append({"config": config, "task": task, "seed": seed, "held_out": held_out, "sites": sites, "plan": plan,
+                                  "adapt": adapt, "threads": args.threads, "device": args.device, "split_seed": args.split_seed,
+                                  "dir": str(out / "jobs" / config / task / f"seed{seed}" / held_out)})
+    return specs
+
+
 def main() -> None:
     args = parse_args()
-    out, config = start_bench(args)
-    record: dict[str, Any] = {"config": config, "git": git_commit(), "machine": machine_info(), "subsets": {}, "seeds": []}
+    out, config = start_bench(args, clear=("jobs", "data"))
+    record: dict[str, Any] = {"config": config, "configs": CONFIGS, "git": git_commit(), "machine": machine_info(), "subsets": {}}
     t_start = time.monotonic()
-    nodes: dict[str, Any] = {}
-    try:
-        for task in args.tasks:
-            train, new, record["subsets"][task] = start_nodes(task, args, out, nodes)
-            sites = list(train)
-            for seed in range(args.seeds):
-                runs = out / "runs" / task / f"seed{seed}"
-                entry: dict[str, Any] = {"task": task, "seed": seed, "inside": {}, "loo": {}, "outside": {}}
-                for algorithm in ("iopfl", "ft"):
-                    entry["inside"][algorithm] = federate(args, task, algorithm, seed, train, runs / algorithm)
-                for site in sites:
-                    others = {s: train[s] for s in sites if s != site}
-                    entry["loo"][site] = federate(args, task, "iopfl", seed, others, runs / f"without-{site}")
-                # The held-out sites are separate nodes: all three adapt at once, sharing the cores.
-                links = {site: (connected([new[site]])[0], connected([train[s] for s in sites if s != site])) for site in sites}
-                with ThreadPoolExecutor(max_workers=len(sites)) as pool:
-                    jobs = {site: pool.submit(adapt_held_out, args, task, seed, site, runs / f"without-{site}", links[site]) for site in sites}
-                    entry["outside"] = {site: job.result() for site, job in jobs.items()}
-                record["seeds"].append(entry)
-                say(f"{task} seed {seed} done ({time.monotonic() - t_start:.0f} s since start)")
-            say(f"{task}: stopping nodes")
-            stop_nodes(nodes)
-    finally:
-        stop_nodes(nodes)
+    for task in args.tasks:
+        for name, folder, where in TASKS[task]["sites"]:
+            record["subsets"][f"{task}/{name}"] = make_subset(args.data / folder, out / "data" / task / name, args.limit, where, args.split_seed)
+    specs = job_specs(args, out, record["subsets"])
+    say(f"{len(specs)} jobs on {args.workers} worker(s), {args.threads} thread(s) each, device {args.device}")
+    if args.workers == 1:
+        jobs = [run_job(spec) for spec in specs]
+    else:
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_job, spec) for spec in specs]
+            jobs = []
+            for future in as_completed(futures):
+                jobs.append(future.result())
+                say(f"{len(jobs)}/{len(specs)} jobs done ({(time.monotonic() - t_start) / 60:.1f} min)")
     record["wall_seconds"] = time.monotonic() - t_start
-    res = summarize(record, args.tasks)
-    record["results"] = res
-    record["plot"] = plot(res, args.tasks, out)
-    write_results(out, "bench_iopfl", record, markdown(res, record, args.tasks), [record["plot"]], record["wall_seconds"])
+    record["failures"] = [{"label": f"{j['config']} {j['task']} seed {j['seed']} held-out {j['held_out']}", "error": j["error"]} for j in jobs if "error" in j]
+    record["syft_imported"] = "syft" in sys.modules or any(j["syft_imported"] for j in jobs)
+    record["jobs"] = jobs
+    ok = [j for j in jobs if "error" not in j]
+    record["seconds_per_round"] = {c: statistics.median(s for j in ok if j["config"] == c for s in j["round_seconds"]) for c in args.configs
+                                   if any(j["config"] == c for j in ok)}
+    res = summarize(jobs, args.configs, args.tasks)
+    record.update(results=res["configs"], gate=res["gate"], goals=res["goals"])
+    record["plot"] = plot(res, out) if res["configs"] else None
+    write_results(out, "bench_iopfl", record, markdown(res, record), [record["plot"]] if record["plot"] else [], record["wall_seconds"])
+    if record["syft_imported"]:
+        raise SystemExit("error: the in-process benchmark imported syft")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ import numpy as np
 
 from fedseg.models.errors import ModelError
 
-__all__ = ["running_mix"]
+__all__ = ["relative_distance", "running_mix"]
+
+#: Buffers that are statistics of data, not weights a node learned.
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def running_mix(previous: Mapping[str, np.ndarray] | None, current: Mapping[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
@@ -42,3 +45,27 @@ def running_mix(previous: Mapping[str, np.ndarray] | None, current: Mapping[str,
             raise ModelError(f"running_mix: tensor {k} has shape {theta.shape}, the mix has {previous[k].shape}")
         out[k] = (alpha * previous[k].astype(np.float64) + (1 - alpha) * theta.astype(np.float64)).astype(np.float32)
     return out
+
+
+def relative_distance(model: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """How far a personalized model is from the global one: ``‖w − w_ref‖₂ / ‖w_ref‖₂``.
+
+    Over every learned tensor, all flattened into one vector; BatchNorm statistics are
+    left out, being statistics of data rather than weights.
+
+    Raises:
+        ModelError: If the two differ in names or shapes, or the reference is all zero.
+    """
+    keys = sorted(k for k in reference if not k.endswith(_STATISTICS))
+    if set(keys) != {k for k in model if not k.endswith(_STATISTICS)}:
+        raise ModelError(f"relative_distance: models differ in tensors {sorted(set(keys) ^ set(model))[:5]}")
+    diff = norm = 0.0
+    for k in keys:
+        a, b = np.asarray(model[k], np.float64), np.asarray(reference[k], np.float64)
+        if a.shape != b.shape:
+            raise ModelError(f"relative_distance: tensor {k} has shape {a.shape}, the reference has {b.shape}")
+        diff += float(np.sum((a - b) ** 2))
+        norm += float(np.sum(b**2))
+    if norm == 0:
+        raise ModelError("relative_distance: the reference model is all zero")
+    return math.sqrt(diff / norm)

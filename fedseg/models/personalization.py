@@ -44,16 +44,22 @@ class PersonalConfig(DictConfig):
         finetune_epochs: FT: local epochs of fine-tuning from the global model before
             a node scores its personalized model.
         alpha: IOP-FL: weight of the previous running mix, p = α·p + (1−α)·θ.
+        mix_epochs: IOP-FL: local epochs a node trains a copy of its round's model on
+            its own data before mixing it in (θ above); the update it shares is not
+            affected. 0, the reference, mixes in the round's model itself, which is one
+            local epoch from the global model: experts that barely differ.
     """
 
     head_fraction: float = 0.2
     finetune_epochs: float = 1.0
     alpha: float = 0.1
+    mix_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         check_number("PersonalConfig", "head_fraction", self.head_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
         check_number("PersonalConfig", "finetune_epochs", self.finetune_epochs, lo=0, lo_open=True)
         check_number("PersonalConfig", "alpha", self.alpha, lo=0, hi=1, hi_open=True)
+        check_number("PersonalConfig", "mix_epochs", self.mix_epochs, lo=0)
 
 
 def local_keys(model: nn.Module, part: LocalPart) -> frozenset[str]:

@@ -11,10 +11,12 @@ mixes them per sample from the layer's input::
     r = act(FC2(Dropout0.2(FC1(GAP(x)))))      FC1: C -> 2C, FC2: 2C -> E
     W = sum_e r_e W_e                           (and likewise the bias)
 
-Normalization layers come from the global model; BatchNorm uses the statistics of the
-batch it sees (its running statistics are dropped). Only the routers and the norm
-affine parameters train, on the new site's unlabelled images, by minimizing
-``L = 10 L_ent + 0.1 L_cons + L_shape`` (:func:`test_time_losses`).
+Normalization layers come from the global model. While adapting, BatchNorm uses the
+statistics of the batch it sees, as the reference does; after adapting, its statistics
+are set once over all of the site's images (:func:`adapt_norm_statistics`), so what the
+routed model predicts for an image does not depend on which images share its batch.
+Only the routers and the norm affine parameters train, on the new site's unlabelled
+images, by minimizing ``L = 10 L_ent + 0.1 L_cons + L_shape`` (:func:`test_time_losses`).
 
 Where the reference code is wrong or silent, fedseg decides (METHODS.md §4): every
 routed layer has exactly E experts; every router trains, the bottleneck's included;
@@ -53,7 +55,9 @@ __all__ = [
     "adapt_norm_statistics",
     "build_routed",
     "consistency_loss",
+    "consistency_noise",
     "entropy_loss",
+    "has_batch_norm",
     "route_experts",
     "shape_loss",
     "test_time_losses",
@@ -81,9 +85,16 @@ class AdaptConfig(DictConfig):
         lambda_ent: Weight of the entropy loss.
         lambda_cons: Weight of the consistency loss.
         lambda_shape: Weight of the shape (morphological gradient) loss.
-        noise_std: Standard deviation of the Gaussian noise of the consistency loss.
+        noise_scale: Standard deviation of the consistency loss's Gaussian noise, as a
+            fraction of each image's own intensity standard deviation.
         shape_window: Max-pool window of the shape loss (odd).
         threads: torch intra-op threads while adapting.
+        keep_margin: The adapted routing is kept only if its predictions agree with the
+            experts' majority vote by this much more (mean per-image Dice) than routing
+            before adaptation does (:func:`fedseg.models.test_time.keeps_adaptation`).
+        baselines: Also score the comparison models (TENT, each expert and their
+            uniform average with the site's statistics, routing before and after
+            adaptation); for benchmarks, on a node that holds masks.
     """
 
     routing: str = Routing.SOFTMAX.value
@@ -93,15 +104,24 @@ class AdaptConfig(DictConfig):
     lambda_ent: float = 10.0
     lambda_cons: float = 0.1
     lambda_shape: float = 1.0
-    noise_std: float = 0.5
+    # The reference adds N(0, 0.5²) to unnormalised MRI intensities (hundreds of units), so
+    # its noise is a small fraction of the image's contrast; the same σ on images in [0, 1]
+    # buries them. Scaling by each image's own standard deviation keeps the reference's
+    # intent (a light perturbation) on any intensity range: 0.1 is a signal-to-noise of 10.
+    noise_scale: float = 0.1
     shape_window: int = 21
     threads: int = 1
+    keep_margin: float = 0.01
+    baselines: bool = False
 
     def __post_init__(self) -> None:
         if self.routing not in set(Routing):
             raise ModelError(f"AdaptConfig.routing must be one of {[r.value for r in Routing]}, got {self.routing!r}")
-        for name in ("epochs", "lr", "lambda_ent", "lambda_cons", "lambda_shape", "noise_std"):
+        for name in ("epochs", "lr", "lambda_ent", "lambda_cons", "lambda_shape", "noise_scale"):
             check_number("AdaptConfig", name, getattr(self, name), lo=0, lo_open=name in ("epochs", "lr"))
+        check_number("AdaptConfig", "keep_margin", self.keep_margin, lo=-1, hi=1)
+        if not isinstance(self.baselines, bool):
+            raise ModelError(f"AdaptConfig.baselines must be true or false, got {self.baselines!r}")
         for name in ("batch_size", "shape_window", "threads"):
             check_number("AdaptConfig", name, getattr(self, name), lo=1, integer=True)
         if self.shape_window % 2 == 0:
@@ -170,8 +190,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def build_routed(config: UNetConfig, n_experts: int, routing: Routing | str = Routing.SOFTMAX) -> UNet:
     """A routed U-Net with empty experts, to load a saved routed state into.
 
-    Every conv becomes a :class:`RoutedConv2d`; BatchNorm layers drop their running
-    statistics and always normalize with the batch's own.
+    Every conv becomes a :class:`RoutedConv2d`; BatchNorm layers keep their running
+    statistics, which :func:`adapt` sets to the site's.
 
     Raises:
         ModelError: If ``n_experts`` < 1 or ``routing`` is unknown.
@@ -183,10 +203,6 @@ def build_routed(config: UNetConfig, n_experts: int, routing: Routing | str = Ro
     model = build_model(config)
     for name in _convs(model):
         _replace(model, name, RoutedConv2d(model.get_submodule(name), n_experts, Routing(routing)))
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = None
     return model
 
 
@@ -213,7 +229,8 @@ def route_experts(
 
     Returns:
         The routed model in train mode; its parameters are exactly the routers and the
-        norm affine parameters.
+        norm affine parameters. Its norm layers, BatchNorm statistics included, are the
+        global model's.
 
     Raises:
         ModelError: If there is no expert, or naming the expert and the key whose name
@@ -233,9 +250,9 @@ def route_experts(
             conv.experts.copy_(_stacked(experts, f"{key}.weight"))  # (E, O, I, kh, kw)
             if conv.expert_bias is not None:
                 conv.expert_bias.copy_(_stacked(experts, f"{key}.bias"))  # (E, O)
-        for name, p in model.named_parameters():
-            if ".router." not in f".{name}":
-                p.copy_(_stacked([experts[-1]], name)[0])
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if ".router." not in f".{name}" and name in reference:
+                t.copy_(_stacked([experts[-1]], name)[0])
     return model
 
 
@@ -282,8 +299,23 @@ def _invert(x: torch.Tensor, flip: bool, k: int) -> torch.Tensor:
     return x.flip(-1) if flip else x
 
 
+def consistency_noise(images: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise with, per image, ``scale`` times that image's intensity standard deviation.
+
+    Args:
+        images: ``(B, C, H, W)`` float.
+        scale: Noise standard deviation relative to each image's.
+        generator: Draws the noise (on the CPU, so a seed gives the same draws on any device).
+
+    Returns:
+        ``(B, C, H, W)`` on ``images``' device.
+    """
+    std = images.detach().flatten(1).std(dim=1)  # (B,)
+    return torch.randn(images.shape, generator=generator).to(images.device) * (scale * std)[:, None, None, None]
+
+
 def consistency_loss(
-    model: nn.Module, images: torch.Tensor, logits: torch.Tensor, noise_std: float, generator: torch.Generator
+    model: nn.Module, images: torch.Tensor, logits: torch.Tensor, noise_scale: float, generator: torch.Generator
 ) -> torch.Tensor:
     """``mean((σ(T⁻¹ f(T(x + ε))) − σ(f(x)))²)`` with a random flip and rot90 T per sample.
 
@@ -291,7 +323,7 @@ def consistency_loss(
         model: f.
         images: x, ``(B, C, H, W)`` float, square.
         logits: f(x), ``(B, 1, H, W)``.
-        noise_std: Standard deviation of ε.
+        noise_scale: ε's standard deviation relative to each image's (:func:`consistency_noise`).
         generator: Draws ε and T; advancing it gives fresh draws at every step.
 
     Returns:
@@ -300,7 +332,7 @@ def consistency_loss(
     _check_logits(logits, "consistency_loss")
     if images.shape[-1] != images.shape[-2]:
         raise ModelError(f"consistency_loss rotates by 90 degrees and needs square images, got {tuple(images.shape)}")
-    noise = torch.randn(images.shape, generator=generator).to(images.device) * noise_std
+    noise = consistency_noise(images, noise_scale, generator)
     transforms = _draw_transforms(images.shape[0], generator)
     moved = torch.stack([_transform(x, f, k) for x, (f, k) in zip(images + noise, transforms)])  # (B, C, H, W)
     back = torch.stack([_invert(y, f, k) for y, (f, k) in zip(model(moved), transforms)])  # (B, 1, H, W)
@@ -338,11 +370,13 @@ def test_time_losses(model: nn.Module, images: torch.Tensor, config: AdaptConfig
         generator: Source of the consistency loss's noise and transforms.
 
     Returns:
-        The weighted total and the unweighted parts "entropy", "consistency", "shape".
+        The weighted total and the unweighted parts "entropy", "consistency" (0 when
+        its weight is 0: not computed), "shape".
     """
     logits = model(images)  # (B, 1, H, W)
     ent = entropy_loss(logits)
-    cons = consistency_loss(model, images, logits, config.noise_std, generator)
+    # Without its weight (TENT) the consistency term would cost a second forward pass for nothing.
+    cons = consistency_loss(model, images, logits, config.noise_scale, generator) if config.lambda_cons else logits.new_zeros(())
     shape = shape_loss(logits, config.shape_window)
     total = config.lambda_ent * ent + config.lambda_cons * cons + config.lambda_shape * shape
     return Losses(total=total, parts={"entropy": ent.item(), "consistency": cons.item(), "shape": shape.item()})
@@ -387,14 +421,16 @@ def adapt(
     """Test-time routing: trains the routers and norm affine parameters on unlabelled images.
 
     Args:
-        model: From :func:`route_experts`; every parameter it has is trained.
+        model: From :func:`route_experts`; every parameter that requires a gradient is
+            trained (all of a routed model's).
         images: The site's images ``(N, C, H, W)``, uint8 or float in [0, 1]; no labels.
         config: Adaptation settings.
         seed: Seeds the batch order, noise and transforms.
         progress: Called after each step with ``(step, steps, loss parts)``.
 
     Returns:
-        The summary; the model is adapted in place.
+        The summary; the model is adapted in place and, if it has BatchNorm, ends with
+        the statistics of all of ``images`` (:func:`adapt_norm_statistics`).
 
     Raises:
         ModelError: If ``images`` is not 4D or is empty.
@@ -406,7 +442,7 @@ def adapt(
     gen = torch.Generator().manual_seed(seed)
     batches = batch_indices(n, config.epochs, config.batch_size, gen)
     last_epoch = max(len(batches) - math.ceil(n / config.batch_size), 0)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     with torch_threads(config.threads):
         opt = torch.optim.Adam(params, lr=config.lr)
         model.train()
@@ -424,6 +460,8 @@ def adapt(
                     part_sums[k] = part_sums.get(k, 0.0) + v * len(idx)
             if progress is not None:
                 progress(step + 1, len(batches), losses.parts)
+        if has_batch_norm(model):
+            adapt_norm_statistics(model, images, config.batch_size)
     return AdaptResult(
         n_images=n,
         steps=len(batches),
@@ -433,15 +471,33 @@ def adapt(
     )
 
 
-@torch.no_grad()
-def adapt_norm_statistics(model: UNet, images: torch.Tensor, batch_size: int = 16) -> None:
-    """The norm-statistics baseline (AdaBN): BatchNorm statistics recomputed on the site's images.
+class _Stop(Exception):
+    """Ends a forward pass once the layer being measured has seen its input."""
 
-    Every BatchNorm's running mean and variance become the cumulative average over the
-    batches of ``images``; nothing else changes. The model's mode is restored.
+
+def _batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether the model keeps BatchNorm statistics that a site's images can replace."""
+    return bool(_batch_norms(model))
+
+
+@torch.no_grad()
+def adapt_norm_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> None:
+    """Sets every BatchNorm's statistics to those of all of ``images`` (AdaBN), exactly.
+
+    Layer by layer in forward order, each BatchNorm's mean and variance become those of
+    its input over every pixel of every image, with the layers before it already
+    normalizing with theirs. The result is what one batch holding the whole site would
+    give, so it depends neither on the order of ``images`` nor on ``batch_size`` (which
+    only bounds memory). Nothing else changes; the model's mode is restored. Costs about
+    half a forward pass over the site per BatchNorm layer.
 
     Args:
-        model: A plain U-Net with ``norm="batch"``.
+        model: Any model with BatchNorm layers that keep running statistics (a U-Net
+            with ``norm="batch"``, or a routed one).
         images: ``(N, C, H, W)`` uint8 or float in [0, 1].
         batch_size: Images per forward pass.
 
@@ -450,24 +506,45 @@ def adapt_norm_statistics(model: UNet, images: torch.Tensor, batch_size: int = 1
             ``images`` is not 4D or is empty.
     """
     _check_images(images, "adapt_norm_statistics")
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    norms = _batch_norms(model)
     if not norms:
         norm = getattr(getattr(model, "config", None), "norm", Norm.GROUP.value)
         raise ModelError(f"adapt_norm_statistics needs BatchNorm with running statistics; this model has norm={norm!r}")
-    saved = [(m.momentum, m.num_batches_tracked) for m in norms]
     was_training = model.training
     device = _device(model)
+    chunks = [_as_float_images(images[i : i + batch_size]).to(device) for i in range(0, images.shape[0], batch_size)]
+    order: list[nn.BatchNorm2d] = []
+    model.eval()  # earlier layers normalize with the statistics already set; routers' dropout is off
     try:
-        for m in norms:
-            # momentum None makes the running values a plain cumulative average; it needs
-            # a step counter, which RunningBatchNorm lacks: one is lent for the pass.
-            m.momentum = None
-            m.num_batches_tracked = torch.zeros((), dtype=torch.long, device=device)
-            m.reset_running_stats()
-        model.train()
-        for i in range(0, images.shape[0], batch_size):
-            model(_as_float_images(images[i : i + batch_size]).to(device))
+        hooks = [m.register_forward_pre_hook(lambda m, _: order.append(m) if m not in order else None) for m in norms]
+        try:
+            model(chunks[0][:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        for norm in order:
+            sums = torch.zeros(2, norm.num_features, dtype=torch.float64, device=device)
+            count = 0
+
+            def measure(m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+                nonlocal count
+                x = inputs[0].double()  # (b, C, H, W)
+                sums[0] += x.sum(dim=(0, 2, 3))
+                sums[1] += x.pow(2).sum(dim=(0, 2, 3))
+                count += x.shape[0] * x.shape[2] * x.shape[3]
+                raise _Stop
+
+            hook = norm.register_forward_pre_hook(measure)
+            try:
+                for chunk in chunks:
+                    try:
+                        model(chunk)
+                    except _Stop:
+                        pass
+            finally:
+                hook.remove()
+            mean = sums[0] / count
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_((sums[1] / count - mean.pow(2)).clamp_min(0))
     finally:
-        for m, (momentum, counter) in zip(norms, saved):
-            m.momentum, m.num_batches_tracked = momentum, counter
         model.train(was_training)

@@ -33,9 +33,9 @@ from fedseg.models.iopfl import running_mix
 from fedseg.models.lcfed import CalibratedUNet, calibration_keeps, lcfed_round, split_heads, train_hc_round
 from fedseg.models.local_training import LocalTrainer, arrays_to_state, evaluate, predict, state_to_arrays, torch_threads
 from fedseg.models.personalization import LocalPart, fedrep_round, local_keys, pull, push
-from fedseg.models.routing import AdaptConfig, adapt, adapt_norm_statistics, route_experts
+from fedseg.models.routing import AdaptConfig, adapt, adapt_norm_statistics, has_batch_norm, route_experts
+from fedseg.models.test_time import keeps_adaptation, mask_agreement, majority_vote, on_site, tent, uniform_average
 from fedseg.models.overlay import overlay_png
-from fedseg.models.unet import Norm
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
 from fedseg.protocol.audit import AUDIT_FILE, AuditLog
 from fedseg.protocol.errors import MessageError, PlanError
@@ -47,6 +47,7 @@ from fedseg.protocol.messages import (
     AdaptRequest,
     DescribeReply,
     DescribeRequest,
+    EXPERT_PREFIX,
     ErrorCode,
     ErrorReply,
     EvaluateReply,
@@ -221,18 +222,18 @@ class NodeRuntime:
         pull(model, weights, local)
         return model
 
-    def keep_personal(self, plan: Plan, run_id: str, model: torch.nn.Module) -> None:
+    def keep_personal(self, plan: Plan, run_id: str, model: torch.nn.Module, mixed: torch.nn.Module | None = None) -> None:
         """Saves what this node keeps for itself after training; none of it leaves the node.
 
         That is the model's local part (FedBN, FedRep, Local; LC-Fed's head and HC) and,
-        for IOP-FL, the running mix of the models it trained.
+        for IOP-FL, the running mix of ``mixed`` (default ``model``) over the rounds.
         """
         _require_finite(model, f"the model trained in run {run_id}")
         local = local_keys(model, plan.local_part)
         if local:
             self._save(self._personal_path(run_id), {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in local})
         if plan.algorithm == "iopfl":
-            mix = running_mix(self.personal(run_id, "mix"), state_to_arrays(model), plan.personal.alpha)
+            mix = running_mix(self.personal(run_id, "mix"), state_to_arrays(mixed or model), plan.personal.alpha)
             self._save(self._personal_path(run_id, "mix"), mix)
 
     def keep_models(self, plan: Plan, run_id: str, models: dict[str, torch.nn.Module], extra: dict[str, Any] | None = None) -> None:
@@ -367,7 +368,10 @@ def _train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
         result = trainer.train_round(images, labels["masks"], seed=seed)
     if not math.isfinite(result.mean_loss):
         raise ModelError(f"training from the weights of round {msg.round} gave a non-finite loss ({result.mean_loss}); nothing was kept or sent")
-    rt.keep_personal(plan, msg.run_id, model)
+    mixed = None
+    if plan.algorithm == "iopfl" and plan.personal.mix_epochs > 0:
+        mixed = _fine_tuned(model, plan, plan.personal.mix_epochs, images, labels["masks"], seed + 1)
+    rt.keep_personal(plan, msg.run_id, model, mixed)
     if plan.keeps_optimizer and trainer is not None and result.steps:
         rt.keep_optimizer_state(msg.run_id, msg.round, trainer.optimizer_state)
     log.info("round %d node %s: trained %d samples (%d/%d pseudo-labels), loss %.4f, %.1f s",
@@ -392,14 +396,19 @@ def _plain_train(rt: NodeRuntime, msg: TrainRequest) -> TrainReply:
     return _train(rt, msg)
 
 
+def _fine_tuned(model: torch.nn.Module, plan: Plan, epochs: float, images: torch.Tensor, masks: torch.Tensor, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` trained ``epochs`` more local epochs on this node's training split."""
+    tuned = copy.deepcopy(model)
+    LocalTrainer(tuned, replace(plan.train, local_epochs=epochs)).train_round(images, masks, seed=seed)
+    return tuned
+
+
 def _personal_model(rt: NodeRuntime, plan: Plan, msg: EvaluateRequest, global_model: torch.nn.Module) -> torch.nn.Module | None:
     """The node's own model beside the global one, where the algorithm has one (else None)."""
     if plan.algorithm == "ft" and msg.round > 0:
         # FT: the global model fine-tuned on this node's own training split.
-        model = copy.deepcopy(global_model)
-        tune = replace(plan.train, local_epochs=plan.personal.finetune_epochs)
-        LocalTrainer(model, tune).train_round(rt.images("train", plan), rt.masks("train", plan), seed=round_seed(plan.seed, msg.round, rt.name) + 1)
-        return model
+        return _fine_tuned(global_model, plan, plan.personal.finetune_epochs, rt.images("train", plan), rt.masks("train", plan),
+                           round_seed(plan.seed, msg.round, rt.name) + 1)
     if plan.algorithm == "iopfl":
         mix = rt.personal(msg.run_id, "mix")
         if mix is not None:
@@ -521,9 +530,12 @@ def _personal(rt: NodeRuntime, msg: PersonalRequest) -> PersonalReply:
 def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
     """Test-time routing on this node's images; the adapted model stays here, only numbers leave.
 
-    Adaptation sees the images of every split and nothing else. Masks, if the node has
-    them, are read only afterwards, to score the received global model, the global model
-    with its BatchNorm statistics recomputed here (the simple baseline) and the routed one.
+    Adaptation sees the images of every split and nothing else. The node then keeps the
+    adapted routing, or routing before adaptation, by the label-free rule of
+    :func:`~fedseg.models.test_time.keeps_adaptation`. Masks, if the node has them, are
+    read only afterwards, to score the received global model, the global model with its
+    BatchNorm statistics recomputed here (AdaBN), the kept routed model and, when the
+    settings ask for them, the other comparisons of :mod:`fedseg.models.test_time`.
     """
     plan = Plan.from_dict(msg.plan)
     if plan.algorithm == "fedmix":
@@ -543,27 +555,47 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
             log.info("run %s node %s: adapting, step %d/%d, entropy %.4f, consistency %.4f",
                      msg.run_id, rt.name, step, steps, parts["entropy"], parts["consistency"])
 
+    before = copy.deepcopy(routed)
     result = adapt(routed, images, config, seed, progress)
+    bs = plan.eval_batch_size
+    with torch_threads(config.threads):
+        if has_batch_norm(before):
+            adapt_norm_statistics(before, images, bs)
+        # Every expert with the site's statistics: their majority vote is the rule's reference.
+        site_experts = {name: on_site(plan.model, arrays, images, bs, rt.device) for name, arrays in experts}
+        predicted = {name: predict(model, images, bs) for name, model in site_experts.items()}
+        keep, agreement = keeps_adaptation(routed, before, majority_vote(list(predicted.values())), images, config.keep_margin, bs)
+    global_name = experts[-1][0]
+    agreement.update({EXPERT_PREFIX + name: mask_agreement(p, predicted[global_name]) for name, p in predicted.items() if name != global_name})
+    kept = routed if keep else before
+    log.info("run %s node %s: %s (agreement with the experts' majority vote %.4f adapted, %.4f before, margin %.4f)",
+             msg.run_id, rt.name, "keeps the adapted routing" if keep else "keeps routing before adaptation",
+             agreement["adapted"], agreement["before"], config.keep_margin)
     global_model = rt.place(plan.build_model())
     arrays_to_state(global_model, dict(experts[-1][1]))
-    rt.keep_models(plan, msg.run_id, {"global": global_model, "routed": routed},
-                   {"routed": {"experts": msg.experts, "adapt": config.to_dict()}})
+    rt.keep_models(plan, msg.run_id, {"global": global_model, "routed": kept},
+                   {"routed": {"experts": msg.experts, "adapt": config.to_dict(), "adapted": keep}})
     metrics: dict[str, Any] = {}
     if rt.can_score:
+        scored = {"global": global_model, "routed": kept}
+        if has_batch_norm(global_model):
+            scored["norm_stats"] = site_experts[global_name]
+        if config.baselines:
+            scored.update({"routed_adapted": routed, "routed_before": before,
+                           "uniform": on_site(plan.model, uniform_average(experts), images, bs, rt.device)})
+            scored.update({EXPERT_PREFIX + name: m for name, m in site_experts.items() if name != global_name})
+            tented = copy.deepcopy(global_model)
+            tent(tented, images, config, seed)
+            scored["tent"] = tented
         masks = rt.masks(ALL_IMAGES, plan)
-        scored = {"global": global_model, "routed": routed}
-        if plan.model.norm == Norm.BATCH:
-            adabn = copy.deepcopy(global_model)
-            adapt_norm_statistics(adabn, images, plan.eval_batch_size)
-            scored["norm_stats"] = adabn
         with torch_threads(config.threads):
             for name, model in scored.items():
-                m = evaluate(model, images, masks, batch_size=plan.eval_batch_size)
-                metrics[name] = _scores(m)
+                metrics[name] = _scores(evaluate(model, images, masks, batch_size=bs))
     log.info("run %s node %s: adapted over %d experts (%s) in %d steps, %.1f s; scores %s",
              msg.run_id, rt.name, len(experts), ", ".join(msg.experts), result.steps, result.seconds, metrics)
     return AdaptReply(run_id=msg.run_id, experts=len(experts), n_images=result.n_images, steps=result.steps,
-                      seconds=float(result.seconds), mean_loss=float(result.mean_loss), metrics=metrics)
+                      seconds=float(result.seconds), mean_loss=float(result.mean_loss), metrics=metrics,
+                      adapted=keep, agreement={k: float(v) for k, v in agreement.items()})
 
 
 def _write_overlays(rt: NodeRuntime, model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, run_id: str, round_: int, split: str) -> None:

@@ -55,7 +55,8 @@ class AdaptOutcome:
     def to_dict(self) -> dict[str, Any]:
         r = self.reply
         return {"node": self.node, "run_id": r.run_id, "experts": self.experts, "left_out": self.left_out, "n_images": r.n_images,
-                "steps": r.steps, "seconds": r.seconds, "mean_loss": r.mean_loss, "metrics": r.metrics}
+                "steps": r.steps, "seconds": r.seconds, "mean_loss": r.mean_loss, "metrics": r.metrics, "adapted": r.adapted,
+                "agreement": r.agreement}
 
 
 def routing_set(

@@ -16,7 +16,7 @@ _TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays", "a
 _MODEL = ("width", "depth", "in_channels", "norm")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
 _FEDMIX = ("lam", "beta", "tau", "adaptive")
-_PERSONAL = ("alpha", "head_fraction", "finetune_epochs")
+_PERSONAL = ("alpha", "mix_epochs", "head_fraction", "finetune_epochs")
 #: LC-Fed option name -> its key in plan.lcfed ("alpha" there is the contrastive weight).
 _LCFED = {"contrastive_weight": "alpha", "hc_epochs": "hc_epochs"}
 _SECAGG = {"secagg_threshold": "threshold", "secagg_clip": "clip"}
@@ -83,6 +83,8 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @option("--adaptive/--no-adaptive", default=None, show_default="adaptive",
               help="FedMix adaptive aggregation weights (--no-adaptive: plain n_k, the ablation).")
 @option("--alpha", type=float, default=None, show_default="0.1", help="IOP-FL: weight of the previous running mix.")
+@option("--mix-epochs", type=float, default=None, show_default="0.0", help="IOP-FL: local epochs a node trains a copy of its round's model "
+        "before mixing it in, so personalized models specialize (0: the round's model itself).")
 @option("--head-fraction", type=float, default=None, show_default="0.2", help="FedRep, LC-Fed: share of each round spent on the head.")
 @option("--contrastive-weight", type=float, default=None, show_default="0.1", help="LC-Fed: weight of the contrastive site loss (0 = the ablation).")
 @option("--hc-epochs", type=float, default=None, show_default="50.0", help="LC-Fed: local epochs that train the calibration head.")
@@ -155,6 +157,8 @@ def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - th
 @option("--batch-size", type=int, default=None, show_default="8", help="Images per step.")
 @option("--routing", type=click.Choice(["softmax", "sigmoid"]), default=None, show_default="softmax", help="Expert weights.")
 @option("--threads", type=int, default=None, show_default="1", help="torch threads on the new node.")
+@option("--keep-margin", type=float, default=None, show_default="0.01", help="Keep the adapted routing only if it agrees with the experts' "
+        "majority vote this much more (mean Dice) than routing before adaptation.")
 def adapt(invite: Path, run_dir: Path, **options: Any) -> None:
     """Adapt a run's models to a new hospital's unlabelled images (IOP-FL test-time routing).
 
@@ -181,6 +185,8 @@ def adapt(invite: Path, run_dir: Path, **options: Any) -> None:
     reply = outcome.reply
     click.echo(f"node {outcome.node} adapted over {reply.experts} experts ({', '.join(outcome.experts)}) "
                f"on {reply.n_images} images: {reply.steps} steps, {reply.seconds:.1f} s; the adapted model stays on the node")
+    kept = "the adapted routing" if reply.adapted else "routing before adaptation (adapting did not bring it closer to the experts' majority vote)"
+    click.echo(f"the node keeps {kept}: agreement {reply.agreement['adapted']:.4f} adapted, {reply.agreement['before']:.4f} before")
     if not reply.metrics:
         click.echo("the node holds no masks, so it reported no scores")
     for name, m in reply.metrics.items():

@@ -39,6 +39,7 @@ __all__ = [
     "AdaptRequest",
     "AdaptReply",
     "ADAPT_MODELS",
+    "EXPERT_PREFIX",
     "ErrorReply",
     "SecAggKeysRequest",
     "SecAggKeysReply",
@@ -67,8 +68,11 @@ SPLITS = ("train", "val", "test")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: An evaluate reply may also score the node's personalized model, as "personal_val" etc.
 PERSONAL_PREFIX = "personal_"
-#: The models an adapt reply may score on the new site's images, by name.
-ADAPT_MODELS = ("global", "norm_stats", "routed")
+#: The models an adapt reply may score on the new site's images, by name: "routed" is the
+#: one the node keeps; the others are comparisons (the last five only when asked for).
+ADAPT_MODELS = ("global", "norm_stats", "routed", "routed_adapted", "routed_before", "tent", "uniform")
+#: Prefix of an expert's score in an adapt reply: "expert:<name>", with the site's statistics.
+EXPERT_PREFIX = "expert:"
 
 
 class MessageKind(StrEnum):
@@ -354,8 +358,11 @@ class AdaptRequest(Message):
 class AdaptReply(Message):
     """What leaves the new site after adapting: counts, losses and, if it holds masks, scores.
 
-    ``metrics`` maps a model name from :data:`ADAPT_MODELS` to Dice, IoU, loss and n over
-    all the site's images; it is empty on a node without masks.
+    ``metrics`` maps a model name from :data:`ADAPT_MODELS` (or :data:`EXPERT_PREFIX` and
+    an expert's name) to Dice, IoU, loss and n over all the site's images; it is empty on a
+    node without masks. ``adapted`` says whether the node kept the adapted routing (else
+    routing before adaptation), and ``agreement`` holds the label-free figures it decided
+    on and each expert's agreement with the global model, in [0, 1].
     """
 
     KIND: ClassVar[MessageKind] = MessageKind.ADAPT_REPLY
@@ -366,6 +373,8 @@ class AdaptReply(Message):
     seconds: float
     mean_loss: float
     metrics: dict
+    adapted: bool
+    agreement: dict
 
     def validate(self) -> None:
         for name in ("experts", "n_images", "steps"):
@@ -374,9 +383,12 @@ class AdaptReply(Message):
         _check_finite(self.KIND, "seconds", self.seconds)
         _check_finite(self.KIND, "mean_loss", self.mean_loss)
         for name, values in self.metrics.items():
-            if name not in ADAPT_MODELS:
-                raise MessageError(f"{self.KIND}: metrics[{name!r}] is not one of {ADAPT_MODELS}")
+            if name not in ADAPT_MODELS and not name.startswith(EXPERT_PREFIX):
+                raise MessageError(f"{self.KIND}: metrics[{name!r}] is not one of {ADAPT_MODELS} or {EXPERT_PREFIX}<expert>")
             _check_metrics(self.KIND, name, values)
+        for name, v in self.agreement.items():
+            if type(v) is not float or not 0 <= v <= 1:
+                raise MessageError(f"{self.KIND}: agreement[{name!r}] must be a float in [0, 1], got {v!r}")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedseg.models.errors import ModelError
-from fedseg.models.iopfl import running_mix
+from fedseg.models.iopfl import relative_distance, running_mix
 
 
 def test_running_mix_equals_the_closed_form_over_rounds():
@@ -38,3 +38,15 @@ def test_mismatched_models_and_bad_alpha_are_refused():
         running_mix({"a": np.zeros(1, np.float32)}, {"a": np.zeros(2, np.float32)}, 0.1)
     with pytest.raises(ModelError, match="alpha"):
         running_mix(None, {"a": np.zeros(1, np.float32)}, 1.0)
+
+
+def test_relative_distance_measures_weights_not_statistics():
+    ref = {"w": np.array([3.0, 4.0], np.float32), "bn.running_mean": np.zeros(2, np.float32)}
+    moved = {"w": np.array([3.0, 4.5], np.float32), "bn.running_mean": np.full(2, 100.0, np.float32)}
+    assert relative_distance(ref, ref) == 0.0
+    # ‖(0, 0.5)‖ / ‖(3, 4)‖; the statistics differ hugely and do not count.
+    assert relative_distance(moved, ref) == pytest.approx(0.1)
+    with pytest.raises(ModelError, match="differ in tensors"):
+        relative_distance({"v": np.ones(2, np.float32)}, ref)
+    with pytest.raises(ModelError, match="all zero"):
+        relative_distance({"w": np.ones(2, np.float32)}, {"w": np.zeros(2, np.float32)})

@@ -84,6 +84,6 @@ def test_head_phase_alone_leaves_the_body_untouched():
 
 def test_personal_config_validates():
     assert PersonalConfig.from_dict({"head_fraction": 0.3}).head_fraction == 0.3
-    for bad in ({"head_fraction": 1.0}, {"finetune_epochs": 0}, {"oops": 1}):
+    for bad in ({"head_fraction": 1.0}, {"finetune_epochs": 0}, {"mix_epochs": -1.0}, {"oops": 1}):
         with pytest.raises(ModelError):
             PersonalConfig.from_dict(bad)

@@ -15,6 +15,7 @@ from fedseg.models.routing import (
     adapt_norm_statistics,
     build_routed,
     consistency_loss,
+    consistency_noise,
     entropy_loss,
     route_experts,
     shape_loss,
@@ -67,8 +68,9 @@ def test_every_conv_is_routed_with_k_plus_one_experts_and_only_routers_and_norms
     # Routers of every layer, the bottleneck's included, plus exactly the norm affine parameters.
     assert {n.rsplit(".router.", 1)[0] for n in trainable - norms} == {n.rsplit(".", 1)[0] for n, _ in routed.named_buffers() if n.endswith("experts")}
     assert norms and all(n.endswith((".weight", ".bias")) for n in norms)
-    # BatchNorm uses the batch's statistics: no running buffers are left.
-    assert not any("running" in n for n, _ in routed.named_buffers())
+    # BatchNorm starts from the global model's statistics (the last expert's).
+    glob = _experts(BATCH, 3)[-1][1]
+    np.testing.assert_array_equal(routed.encoder[0][1].running_var.numpy(), glob["encoder.0.1.running_var"])
 
 
 def test_expert_shape_mismatch_names_the_expert_and_key() -> None:
@@ -107,6 +109,18 @@ def test_losses_behave() -> None:
         entropy_loss(torch.zeros(2, 2, 8, 8))
 
 
+def test_consistency_noise_follows_each_image_contrast() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # A dim, flat image (std 0.02) and a contrasted one (std 0.3), as ultrasound and endoscopy differ.
+    images = torch.stack([0.5 + 0.02 * torch.randn(1, 64, 64), 0.5 + 0.3 * torch.randn(1, 64, 64)])
+    noise = consistency_noise(images, 0.1, gen)
+    ratio = noise.flatten(1).std(dim=1) / images.flatten(1).std(dim=1)
+    # Each image gets a tenth of its own spread: never the reference's σ = 0.5, which on
+    # images in [0, 1] is 25 times the dim image's whole contrast.
+    torch.testing.assert_close(ratio, torch.full((2,), 0.1), rtol=0.05, atol=0)
+    assert AdaptConfig().noise_scale == 0.1
+
+
 def test_consistency_is_zero_for_an_equivariant_model_without_noise() -> None:
     identity = torch.nn.Conv2d(1, 1, 1, bias=False)
     torch.nn.init.ones_(identity.weight)
@@ -119,13 +133,17 @@ def test_consistency_is_zero_for_an_equivariant_model_without_noise() -> None:
         consistency_loss(identity, torch.rand(1, 1, 8, 4), torch.rand(1, 1, 8, 4), 0.0, gen)
 
 
+def _trained(config: UNetConfig, images: torch.Tensor, masks: torch.Tensor, **train: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(config)
+    LocalTrainer(model, TrainConfig(augment=False, **train)).train_round(images, masks, seed=0)
+    return model
+
+
 @pytest.mark.parametrize("config", [BATCH, GROUP], ids=["batchnorm", "groupnorm"])
 def test_adaptation_changes_only_routers_and_norm_affine_and_lowers_entropy(config: UNetConfig) -> None:
     images, masks = squares(24, seed=0)
-    torch.manual_seed(0)
-    model = build_model(config)
-    LocalTrainer(model, TrainConfig(lr=3e-3, batch_size=8, local_epochs=4, augment=False)).train_round(images, masks, seed=0)
-    glob = state_to_arrays(model)
+    glob = state_to_arrays(_trained(config, images, masks, lr=3e-3, batch_size=8, local_epochs=4))
     routed = route_experts(config, [("a", glob), ("global", glob)], seed=0)
     before = {k: v.clone() for k, v in routed.state_dict().items()}
     calls = []
@@ -136,8 +154,33 @@ def test_adaptation_changes_only_routers_and_norm_affine_and_lowers_entropy(conf
     assert set(result.parts) == {"entropy", "consistency", "shape"} and math.isfinite(result.mean_loss)
     assert result.parts["entropy"] < first.parts["entropy"]
     changed = {k for k, v in routed.state_dict().items() if not torch.equal(v, before[k])}
-    trainable = {n for n, _ in routed.named_parameters()}
+    # Beside what trains, only BatchNorm statistics change: set to the site's after adapting.
+    trainable = {n for n, _ in routed.named_parameters()} | {n for n, _ in routed.named_buffers() if n.endswith(("running_mean", "running_var"))}
     assert changed and changed <= trainable and any(".router." in k for k in changed) and changed - {k for k in changed if ".router." in k}
+
+
+def test_routed_scores_do_not_depend_on_file_order() -> None:
+    images, masks = squares(20, seed=2)
+    model = _trained(BATCH, images, masks, lr=1e-2, batch_size=4, local_epochs=24)
+    glob = state_to_arrays(model)
+    routed = route_experts(BATCH, [("a", glob), ("global", glob)], seed=0)
+    adapt(routed, images, AdaptConfig(epochs=1, batch_size=8), seed=0)
+    # The files of a site in another order (e.g. video order against sorted names): every
+    # image meets other images in its evaluation batch, and a batch of 7 leaves one alone.
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(1))
+    ordered = evaluate(routed, images, masks, batch_size=7)
+    shuffled = evaluate(routed, images[perm], masks[perm], batch_size=7)
+    assert ordered["dice"] > 0.5
+    assert shuffled["dice"] == pytest.approx(ordered["dice"], abs=1e-6) and shuffled["loss"] == pytest.approx(ordered["loss"], rel=1e-5)
+    # The site's statistics themselves are the same whatever the order and the batch size.
+    again = build_model(BATCH)
+    arrays_to_state(again, glob)
+    adapt_norm_statistics(again, images[perm], batch_size=3)
+    adapt_norm_statistics(model, images, batch_size=16)
+    for a, b in zip(again.modules(), model.modules()):
+        if isinstance(a, torch.nn.BatchNorm2d):
+            torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-5)
 
 
 def test_norm_statistics_baseline_recomputes_only_batchnorm_statistics() -> None:

@@ -76,6 +76,22 @@ def test_only_consenting_models_are_routed_and_only_scores_come_back(federation)
     assert json.loads((run / "adapt" / "site-c.json").read_text())["experts"] == ["site-a", "global"]
 
 
+def test_baselines_are_scored_beside_routing_and_the_kept_model_is_one_of_the_two_routings(federation) -> None:
+    nodes, new, _, run = federation
+    outcome = adapt_new_site(run, InMemoryTransport(new), _originals(nodes), {**ADAPT, "baselines": True}, Reporter())
+    metrics, reply = outcome.reply.metrics, outcome.reply
+    assert set(metrics) == {"global", "norm_stats", "routed", "routed_adapted", "routed_before", "tent", "uniform", "expert:site-a"}
+    assert metrics["routed"] == metrics["routed_adapted" if reply.adapted else "routed_before"]
+    # The rule's label-free figures and the expert's agreement with the global model come back too.
+    assert set(reply.agreement) == {"adapted", "before", "expert:site-a"} and all(0 <= v <= 1 for v in reply.agreement.values())
+    assert reply.adapted == (reply.agreement["adapted"] >= reply.agreement["before"] + 0.01)
+    # A margin no adaptation can meet keeps routing before adaptation.
+    strict = adapt_new_site(run, InMemoryTransport(new), _originals(nodes), {**ADAPT, "keep_margin": 1.0}, Reporter())
+    assert not strict.reply.adapted
+    state = RunStore(run).load()[0]
+    assert json.loads((new.workdir / "models" / state.run_id / "routed.json").read_text())["adapted"] is False
+
+
 def test_a_node_without_masks_adapts_and_reports_no_scores(federation) -> None:
     nodes, _, unscored, run = federation
     outcome = adapt_new_site(run, InMemoryTransport(unscored), _originals(nodes), ADAPT, Reporter())

@@ -682,6 +682,26 @@ def test_iopfl_keeps_a_running_mix_on_each_node_and_scores_it(runtimes: dict[str
     assert not any("personal_test_dice" in r for r in rows if r["round"] == 0)
 
 
+def test_iopfl_mix_epochs_specialize_the_running_mix_without_touching_the_shared_update(
+    runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None
+) -> None:
+    from fedseg.models.iopfl import relative_distance
+
+    far: dict[float, dict[str, float]] = {}
+    shared: dict[float, list[dict[str, np.ndarray]]] = {}
+    for epochs in (0.0, 2.0):
+        transports = [InMemoryTransport(rt) for rt in runtimes.values()]
+        run_federation(tiny_plan(algorithm="iopfl", rounds=1, personal={"alpha": 0.5, "mix_epochs": epochs}), transports, tmp_path / str(epochs), Reporter())
+        state, global_arrays = RunStore(tmp_path / str(epochs)).load()
+        far[epochs] = {t.name: relative_distance(t.runtime.personal(state.run_id, "mix"), global_arrays) for t in transports}
+        shared[epochs] = [r.weights for t in transports for r in t.replies if isinstance(r, TrainReply)]
+    # The extra epochs train a copy: every node shares exactly the update it shares without them.
+    for a, b in zip(shared[0.0], shared[2.0]):
+        _assert_arrays_equal(a, b)
+    # The mixed-in model has trained two more epochs on the node's own data: its mix sits further from the global model.
+    assert all(far[2.0][s] > 1.5 * far[0.0][s] for s in SITES), far
+
+
 def test_lcfed_shares_only_heads_and_only_with_consent(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import fedseg.node.actions as actions
