@@ -63,6 +63,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
     from .config import NodeConfig
     from .datasets import LabelKind, index_site
     from .errors import NodeError
+    from .perimeter.private_files import make_private
 
     if boxes_from_masks and labels != "box" or image_labels_from_masks and labels != "image":
         raise click.UsageError("--boxes-from-masks goes with --labels box, --image-labels-from-masks with --labels image")
@@ -72,7 +73,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
                            boxes=boxes, image_labels=image_labels, labels_from_masks=from_masks)
     except NodeError as exc:
         raise click.ClickException(f"node {name} will not start on bad data: {exc}") from None
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_private(workdir)
     config = NodeConfig(
         name=name, data=str(data.resolve()), labels=labels, workdir=str(workdir.resolve()), limit=limit,
         group_by=None if group_by == "none" else group_by, where=_parse_where(where), split_seed=split_seed,

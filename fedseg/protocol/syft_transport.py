@@ -15,6 +15,7 @@ from typing import Any
 from .errors import TransportError
 from .invite import Invite
 from .syft_action import ACTION_NAME, fedseg_action, from_payload, to_payload
+from .tls_session import login, pinned_session, tls_refusal
 
 __all__ = ["SyftTransport"]
 
@@ -57,11 +58,16 @@ class SyftTransport:
         import syft as sy
         from syft.service.policy.policy import OutputPolicyExecuteCount
 
+        invite = self.invite
         try:
             with _quiet():
-                client = sy.login(url=self.invite.url, port=self.invite.port, email=self.invite.email, password=self.invite.password)
+                session = pinned_session(invite.tls_fingerprint, invite.client_cert, invite.client_key)
+                client = login(invite.host, invite.port, invite.email, invite.password, session)
         except Exception as exc:
             text = str(exc)
+            refusal = tls_refusal(exc)
+            if refusal is not None:
+                raise TransportError(f"node {self.name} at {self.address}: {refusal}") from None
             if "Connection refused" in text or "Max retries" in text:
                 raise TransportError(f"node {self.name} at {self.address} is not reachable") from None
             raise TransportError(f"node {self.name} at {self.address} refused the login: {_first_line(text)}") from None
