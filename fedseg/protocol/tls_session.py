@@ -76,8 +76,8 @@ class _PinnedAdapter(HTTPAdapter):
             where = request.url.split("/api/", 1)[0] if request.url else "the node"
             if "Fingerprints did not match" in text:
                 got = text.split("got ", 1)[-1].split(".", 1)[0].strip("'\" ")
-                raise TLSRefused(f"TLS: the certificate at {where} is not the one pinned in the invite "
-                                 f"(expected sha256:{self._pin[:16]}..., got sha256:{got[:16]}...); refusing an impostor") from None
+                raise TLSRefused(f"TLS: its certificate is not the one pinned in the invite "
+                                 f"(expected sha256:{self._pin[:16]}..., got sha256:{got[:16]}...); refused as an impostor") from None
             raise TLSRefused(f"TLS: handshake with {where} failed: {_reason(text)}") from None
 
 

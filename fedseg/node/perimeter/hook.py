@@ -10,6 +10,9 @@ Three places see everything that reaches Syft from the network, and fedseg guard
 - the user service's ``exchange_credentials`` (the login): failures are logged and
   limited by a :class:`~.login_limit.LoginLimit`.
 
+Before all three, the TLS handshake refuses peers without a client certificate the node
+issued, and plain HTTP; :func:`log_tls_refusals` writes those refusals to the log too.
+
 Every refusal answers with an error and one line in ``node.log`` naming the peer's address.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ..node_log import log
 from .allow_list import API_ROUTE, ROUTES, AllowList
 from .login_limit import LoginLimit
 
-__all__ = ["Peer", "guard_routes", "guard_server"]
+__all__ = ["Peer", "guard_routes", "guard_server", "log_tls_refusals"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +143,29 @@ def guard_server(worker: Any, allow: AllowList, logins: LoginLimit) -> None:
             raise
 
     users.exchange_credentials = exchange_credentials
+
+
+def log_tls_refusals() -> None:
+    """Logs every failed TLS handshake of this process's asyncio servers with the peer's address.
+
+    asyncio reports a failed handshake nowhere unless its loop runs in debug mode, so the
+    handshake's completion callback is wrapped (Python 3.11's ``SSLProtocol``; fedseg
+    requires 3.11). Only the node's server process calls this.
+    """
+    from asyncio import sslproto
+
+    complete = sslproto.SSLProtocol._on_handshake_complete
+    if getattr(complete, "fedseg_logged", False):
+        return
+
+    def on_handshake_complete(self: Any, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            transport = getattr(self, "_transport", None)
+            peername = transport.get_extra_info("peername") if transport is not None else None
+            # asyncio passes the class ConnectionResetError when the peer hangs up mid-handshake.
+            reason = getattr(handshake_exc, "reason", None) or getattr(handshake_exc, "__name__", None) or type(handshake_exc).__name__
+            log.warning("perimeter: refused a TLS connection from %s: %s", peername[0] if peername else "unknown", reason)
+        complete(self, handshake_exc)
+
+    on_handshake_complete.fedseg_logged = True  # type: ignore[attr-defined]
+    sslproto.SSLProtocol._on_handshake_complete = on_handshake_complete

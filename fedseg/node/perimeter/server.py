@@ -63,11 +63,12 @@ def _serve(settings: ServerSettings, owner_password: list[str]) -> None:
     from syft.server.datasite import Datasite
     from syft.server.routes import make_routes
 
-    from .hook import guard_routes, guard_server
+    from .hook import guard_routes, guard_server, log_tls_refusals
     from .login_limit import LoginLimit
 
     worker = Datasite(name=settings.name, reset=True, root_email=settings.callers.owner_email, root_password=owner_password.pop(),
                       processes=1, n_consumers=0, create_producer=False, deployment_type="remote", in_memory_workers=True)
+    log_tls_refusals()
     allow = AllowList(settings.callers, _verify_key_lookup(worker))
     guard_server(worker, allow, LoginLimit())
     app = FastAPI(title=settings.name)
@@ -79,7 +80,9 @@ def _serve(settings: ServerSettings, owner_password: list[str]) -> None:
                     ssl_certfile=str(settings.certfile), ssl_keyfile=str(settings.keyfile),
                     ssl_ca_certs=str(settings.client_cas), ssl_cert_reqs=ssl.CERT_REQUIRED,
                     # A TLS close waits for the peer's close_notify (30 s in asyncio): do not wait for idle clients.
-                    timeout_graceful_shutdown=1)
+                    timeout_graceful_shutdown=1,
+                    # asyncio's own loop, not uvloop: :func:`.hook.log_tls_refusals` logs its failed handshakes.
+                    loop="asyncio")
     finally:
         # Syft's worker leaves threads behind (and its stop() can hang): without this the process outlives its server.
         os._exit(0)
