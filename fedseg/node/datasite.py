@@ -170,6 +170,8 @@ def _previous_invite(path: Path, name: str) -> Invite | None:
 
 def _review_loop(do: Any, coordinator_email: str, stop: threading.Event, retention: StoreRetention) -> None:
     period = REVIEW_PERIOD_S
+    # Requests that could be neither approved nor denied stay pending in Syft: decided once, not at every poll.
+    given_up: set[str] = set()
     while not stop.wait(period):
         try:
             retention.step()
@@ -180,14 +182,20 @@ def _review_loop(do: Any, coordinator_email: str, stop: threading.Event, retenti
         except Exception as exc:  # a transient server hiccup must not stop the node
             log.warning("could not list pending requests: %s", exc)
             continue
+        pending = [r for r in pending if str(r.id) not in given_up]
         # Fast while requests arrive (a coordinator connecting), then back off while idle.
         period = REVIEW_PERIOD_S if pending else min(2 * period, IDLE_REVIEW_PERIOD_S)
         for request in pending:
-            _decide(request, coordinator_email)
+            if not _decide(request, coordinator_email):
+                given_up.add(str(request.id))
 
 
-def _decide(request: Any, coordinator_email: str) -> None:
-    """Approves or denies one request; an error in it denies it, and the node keeps serving."""
+def _decide(request: Any, coordinator_email: str) -> bool:
+    """Approves or denies one request; an error in it denies it, and the node keeps serving.
+
+    Returns:
+        False if neither could be done (logged).
+    """
     who = getattr(request, "requesting_user_email", "?")
     try:
         reason = review_request(request, coordinator_email)
@@ -202,6 +210,8 @@ def _decide(request: Any, coordinator_email: str) -> None:
             log.warning("refused request from %s: %s", who, reason)
     except Exception as exc:
         log.warning("could not %s the request from %s: %s", "approve" if reason is None else "deny", who, _one_line(exc))
+        return False
+    return True
 
 
 def _one_line(exc: Exception) -> str:
