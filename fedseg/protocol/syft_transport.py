@@ -1,6 +1,7 @@
 """The coordinator's side of the wire to a node's Syft datasite.
 
-One session per node: log in with the invite's credentials, submit the single fedseg
+One session per node: log in with the invite's credentials over a mutual-TLS session
+pinned to the invite's certificate (:mod:`.tls_session`), submit the single fedseg
 action as a code request (or reuse an approved one), wait for the node to approve it,
 then exchange one frame per call. Syft is imported here lazily, and only here on the
 coordinator's side.
