@@ -190,10 +190,9 @@ def test_a_connection_without_the_client_certificate_is_refused_at_the_handshake
 class _Impostor:
     """A TLS server with its own certificate on a free port, recording any bytes a client sends it."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
         pair = issue("impostor", server=True)
-        folder = Path(os.environ.get("TMPDIR", "/tmp"))
-        self._cert, self._key = folder / f"impostor-{os.getpid()}.pem", folder / f"impostor-{os.getpid()}.key"
+        self._cert, self._key = folder / "impostor.pem", folder / "impostor.key"
         self._cert.write_text(pair.cert_pem)
         self._key.write_text(pair.key_pem)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -215,13 +214,11 @@ class _Impostor:
 
     def close(self) -> None:
         self.sock.close()
-        self._cert.unlink()
-        self._key.unlink()
 
 
 def test_an_impostor_with_the_wrong_certificate_is_refused_before_any_credential_is_sent(target, tmp_path):
     node, invite, transport = target
-    impostor = _Impostor()
+    impostor = _Impostor(tmp_path)
     try:
         data = json.loads(node.invite.read_text()) | {"port": impostor.port}
         (tmp_path / "impostor.json").write_text(json.dumps(data))
