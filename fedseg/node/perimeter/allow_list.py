@@ -34,6 +34,10 @@ COORDINATOR_PATHS = frozenset({
     "code.call",
     "action.get",
     "action.has_storage_permission",
+    # Objects over 1 MB (Syft's MIN_SIZE_BLOB_STORAGE_MB) travel through the on-disk blob store.
+    "blob_storage.allocate",
+    "blob_storage.write_to_disk",
+    "blob_storage.read",
 })
 
 #: Syft API paths the node's own review loop, dataset upload and store retention use.
@@ -43,6 +47,9 @@ OWNER_PATHS = frozenset({
     "user.create",
     "action.set",
     "dataset.add",
+    "blob_storage.allocate",
+    "blob_storage.write_to_disk",
+    "blob_storage.read",
     "dataset.get_all",
     "request.get_all_pending",
     "notifications.resolve_object",
