@@ -141,24 +141,16 @@ def test_code_not_on_the_allow_list_is_denied(node):
 
 
 def test_private_images_cannot_be_read_through_syft(node):
-    _, transport, _ = node
+    # Neither the images nor their mock: the coordinator's Syft paths are those of fedseg's action only.
+    _, transport, peer = node
     images = transport._client.datasets["site"].assets["images"]
-    assert images.mock is not None and images.mock.shape[0] == 30
-    private = images.data
-    assert private is None or "no access" in str(private).lower() or "permission" in str(private).lower()
-
-
-def test_a_credential_for_one_node_is_refused_by_another(federation, tmp_path):
-    import json
-
-    from conftest import TINY_PLAN_ARGS, fedseg
-
-    invite = json.loads(federation["site-a"].invite.read_text())
-    invite["port"] = json.loads(federation["site-b"].invite.read_text())["port"]
-    crossed = tmp_path / "crossed.json"
-    crossed.write_text(json.dumps(invite))
-    result = fedseg("run", "--invite", str(crossed), "--rounds", "1", "--out", str(tmp_path / "run"), *TINY_PLAN_ARGS)
-    assert result.returncode != 0 and "refused the login" in result.stderr and "Traceback" not in result.stderr
+    for side in ("data", "mock"):
+        try:
+            value = getattr(images, side)
+        except Exception as exc:  # the perimeter's refusal, raised through Syft
+            value = exc
+        assert not isinstance(value, np.ndarray), side
+    _still_serving(peer)
 
 
 def _stored(workdir, ids: set[str]) -> set[str]:

@@ -80,6 +80,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
     from .config import NodeConfig
     from .errors import NodeError
     from .site import open_site
+    from .perimeter.private_files import make_private
 
     if boxes_from_masks and labels != "box" or image_labels_from_masks and labels != "image":
         raise click.UsageError("--boxes-from-masks goes with --labels box, --image-labels-from-masks with --labels image")
@@ -107,7 +108,7 @@ def start(name: str, data: Path, labels: str, boxes: Path | None, image_labels: 
         index, _ = open_site(config)
     except NodeError as exc:
         raise click.ClickException(f"node {name} will not start: {exc}") from None
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_private(workdir)
     config.save()
     _serve(config, index, host, port, new_credentials)
 

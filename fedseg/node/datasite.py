@@ -6,8 +6,11 @@ loopback. An endpoint call is always queued as a server job and polled, costing
 the request and cost 0.15 s and 1.1-1.3 s. At a ~15 s local round the endpoint path
 alone would eat most of the 10% overhead budget. The function a node approves is
 fixed (``fedseg.protocol.syft_action``): its source hash, its policies and its
-requester are checked by :func:`review_request`, and everything else is denied, because
-approved code runs unsandboxed in the server (PYSEC-2026-546).
+requester are checked by :func:`~.perimeter.approval.review_request`, and everything else
+is denied, because approved code runs unsandboxed in the server (PYSEC-2026-546).
+
+The Syft server itself runs behind the node's perimeter (:mod:`.perimeter`): HTTPS with
+client certificates only, and an allow-list of callers and Syft paths.
 """
 from __future__ import annotations
 
@@ -25,15 +28,19 @@ from fedseg.protocol.errors import TransportError
 from fedseg.protocol.invite import Invite, load_invite
 from fedseg.protocol.files import write_private
 from fedseg.protocol.identity import fingerprint, load_or_create_identity
-from fedseg.protocol.syft_action import ACTION_CODE_SHA256, ACTION_NAME, code_sha256
+from fedseg.protocol.tls_session import login, pinned_session
 
 from .config import WORKDIR_ENV, NodeConfig
 from .datasets import SiteIndex, load_arrays
 from .errors import NodeError
 from .node_log import log
+from .perimeter.allow_list import Callers
+from .perimeter.approval import review_request
+from .perimeter.server import ServerSettings, SyftServer
+from .perimeter.tls import KeyPair, issue, load_or_issue, trust_bundle
 from .syft_retention import StoreRetention
 
-__all__ = ["DATASET_NAME", "SUMMARY_ASSET", "review_request", "serve"]
+__all__ = ["DATASET_NAME", "SUMMARY_ASSET", "serve"]
 
 
 DATASET_NAME = "site"
@@ -47,28 +54,6 @@ REVIEW_PERIOD_S = 0.5
 IDLE_REVIEW_PERIOD_S = 4.0
 #: Registered images are capped at this side: the asset is for discovery, not training.
 ASSET_SIZE = 128
-
-
-def review_request(request: Any, coordinator_email: str) -> str | None:
-    """Decides on one pending Syft request.
-
-    Args:
-        request: A ``syft`` Request.
-        coordinator_email: The only user allowed to run fedseg actions here.
-
-    Returns:
-        None to approve, else the reason for denying it.
-    """
-    if request.requesting_user_email != coordinator_email:
-        return f"requester {request.requesting_user_email} is not this node's coordinator"
-    code = request.code
-    if not hasattr(code, "raw_code"):
-        return "request carries no code"
-    if code.service_func_name != ACTION_NAME or code_sha256(code.raw_code) != ACTION_CODE_SHA256:
-        return f"code {code.service_func_name!r} is not on this node's allow-list"
-    if code.input_policy_type.__name__ != "MixedInputPolicy" or code.output_policy_type.__name__ != "OutputPolicyExecuteCount":
-        return "code policies differ from fedseg's (MixedInputPolicy, OutputPolicyExecuteCount)"
-    return None
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -121,11 +106,20 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
     identity = load_or_create_identity(workdir / "identity.key")
     owner_password = secrets.token_urlsafe(24)
     write_private(workdir / "owner.json", json.dumps({"email": OWNER_EMAIL, "password": owner_password}).encode())
-    # Syft reads these when its server process starts: no default password ever exists.
+    if previous is not None:
+        coordinator_email, password = previous.email, previous.password
+        coordinator_tls = KeyPair(previous.client_cert, previous.client_key)
+    else:
+        coordinator_email, password = f"coordinator-{secrets.token_hex(4)}@fedseg.org", secrets.token_urlsafe(24)
+        coordinator_tls = issue(f"fedseg coordinator of {config.name}", server=False)
+    # Kept across restarts, so the invite's pin stays valid; the owner's certificate never leaves this process.
+    server_tls = load_or_issue(workdir / "tls", "server", f"fedseg node {config.name}", server=True)
+    owner_tls = issue(f"fedseg owner of {config.name}", server=False)
+    settings = ServerSettings(name=config.name, host=host, port=port, callers=Callers(coordinator_email, OWNER_EMAIL),
+                              certfile=workdir / "tls" / "server.pem", keyfile=workdir / "tls" / "server.key",
+                              client_cas=trust_bundle(workdir / "tls" / "clients.pem", [coordinator_tls, owner_tls]))
     os.environ.update(
         {
-            "DEFAULT_ROOT_EMAIL": OWNER_EMAIL,
-            "DEFAULT_ROOT_PASSWORD": owner_password,
             "SYFT_TEMP_ROOT": str(workdir / "syft"),
             WORKDIR_ENV: str(workdir),
             # Payloads up to the node's message limit stay in Syft's store instead of its blob
@@ -140,10 +134,11 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
 
     import syft as sy
 
-    handle = sy.orchestra.launch(name=config.name, port=port, host=host, reset=True, n_consumers=0, create_producer=False)
+    server = SyftServer(settings, owner_password)
     try:
-        url = f"http://{host}"
-        do = sy.login(url=url, port=port, email=OWNER_EMAIL, password=owner_password)
+        session = pinned_session(server_tls.fingerprint, owner_tls.cert_pem, owner_tls.key_pem)
+        server.wait_ready(session)
+        do = login(host, port, OWNER_EMAIL, owner_password, session)
         images, _ = load_arrays(index, min(ASSET_SIZE, (index.native_size or (ASSET_SIZE,))[0]))
         dataset = sy.Dataset(name=DATASET_NAME)
         dataset.add_asset(sy.Asset(name=IMAGES_ASSET, data=images, mock=_mock_like(images, config.split_seed)))
@@ -155,19 +150,19 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
         dataset.add_asset(summary_asset)
         do.upload_dataset(dataset)
         retention = StoreRetention(do, [asset.action_id for asset in do.datasets[DATASET_NAME].assets], config.syft_retention_s)
-        if previous is not None:
-            coordinator_email, password = previous.email, previous.password
-        else:
-            coordinator_email, password = f"coordinator-{secrets.token_hex(4)}@fedseg.org", secrets.token_urlsafe(24)
-        do.register(name="coordinator", email=coordinator_email, password=password, password_verify=password)
-        invite = Invite(url=url, port=port, node=config.name, email=coordinator_email, password=password, fingerprint=fingerprint(identity.public_key()))
+        # As an admin call, not through Syft's /register route, which the perimeter does not serve.
+        do.users.create(name="coordinator", email=coordinator_email, password=password, password_verify=password)
+        url = f"https://{host}"
+        invite = Invite(url=url, port=port, node=config.name, email=coordinator_email, password=password,
+                        fingerprint=fingerprint(identity.public_key()), tls_fingerprint=server_tls.fingerprint,
+                        client_cert=coordinator_tls.cert_pem, client_key=coordinator_tls.key_pem)
         invite.save(workdir / "invite.json")
-        again = "the same invite as before" if previous is not None else "a new invite"
-        say(f"node {config.name} serving {len(index)} images at {url}:{port}; {again}: {workdir / 'invite.json'}")
+        again = "the same invite as before" if previous is not None and previous == invite else "a new invite"
+        say(f"node {config.name} serving {len(index)} images at {url}:{port} (TLS); {again}: {workdir / 'invite.json'}")
         _review_loop(do, coordinator_email, stop, retention)
     finally:
         say(f"node {config.name} shutting down")
-        handle.land()
+        server.land()
 
 
 def _previous_invite(path: Path, name: str) -> Invite | None:
@@ -184,6 +179,8 @@ def _previous_invite(path: Path, name: str) -> Invite | None:
 
 def _review_loop(do: Any, coordinator_email: str, stop: threading.Event, retention: StoreRetention) -> None:
     period = REVIEW_PERIOD_S
+    # Requests that could be neither approved nor denied stay pending in Syft: decided once, not at every poll.
+    given_up: set[str] = set()
     while not stop.wait(period):
         try:
             retention.step()
@@ -194,13 +191,38 @@ def _review_loop(do: Any, coordinator_email: str, stop: threading.Event, retenti
         except Exception as exc:  # a transient server hiccup must not stop the node
             log.warning("could not list pending requests: %s", exc)
             continue
+        pending = [r for r in pending if str(r.id) not in given_up]
         # Fast while requests arrive (a coordinator connecting), then back off while idle.
         period = REVIEW_PERIOD_S if pending else min(2 * period, IDLE_REVIEW_PERIOD_S)
         for request in pending:
-            reason = review_request(request, coordinator_email)
-            if reason is None:
-                request.approve()
-                log.info("approved fedseg action for %s", request.requesting_user_email)
-            else:
-                request.deny(reason=f"refused by fedseg node: {reason}")
-                log.warning("refused request from %s: %s", request.requesting_user_email, reason)
+            if not _decide(request, coordinator_email):
+                given_up.add(str(request.id))
+
+
+def _decide(request: Any, coordinator_email: str) -> bool:
+    """Approves or denies one request; an error in it denies it, and the node keeps serving.
+
+    Returns:
+        False if neither could be done (logged).
+    """
+    who = getattr(request, "requesting_user_email", "?")
+    try:
+        reason = review_request(request, coordinator_email)
+    except Exception as exc:
+        reason = f"the request could not be checked ({_one_line(exc)})"
+    try:
+        if reason is None:
+            request.approve()
+            log.info("approved fedseg action for %s", who)
+        else:
+            request.deny(reason=f"refused by fedseg node: {reason}")
+            log.warning("refused request from %s: %s", who, reason)
+    except Exception as exc:
+        log.warning("could not %s the request from %s: %s", "approve" if reason is None else "deny", who, _one_line(exc))
+        return False
+    return True
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__

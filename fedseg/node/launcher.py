@@ -35,14 +35,17 @@ class NodeProcess:
         workdir: Node workdir; its invite.json appears once the node serves.
         port: Port to bind (a free one if None).
         extra: Further ``fedseg node start`` arguments, e.g. ``["--limit", "40"]``.
+        run_in: A command that runs the node inside it, e.g. ``["ip", "netns", "exec", "ns1"]``
+            (it must exec the node, so that the node is this process).
     """
 
-    def __init__(self, name: str, data: Path, workdir: Path, port: int | None = None, extra: list[str] | None = None) -> None:
+    def __init__(self, name: str, data: Path, workdir: Path, port: int | None = None, extra: list[str] | None = None,
+                 run_in: list[str] | None = None) -> None:
         self.name, self.workdir = name, Path(workdir)
         self.port = port or free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.output = self.workdir / "launcher.out"
-        args = [sys.executable, "-m", "fedseg", "node", "start", "--name", name, "--data", str(data),
+        args = [*(run_in or []), sys.executable, "-m", "fedseg", "node", "start", "--name", name, "--data", str(data),
                 "--workdir", str(self.workdir), "--port", str(self.port), *(extra or [])]
         with open(self.output, "wb") as out:
             # Own session, so stopping the node also stops the Syft server it spawns.

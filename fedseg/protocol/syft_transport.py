@@ -1,6 +1,7 @@
 """The coordinator's side of the wire to a node's Syft datasite.
 
-One session per node: log in with the invite's credentials, submit the single fedseg
+One session per node: log in with the invite's credentials over a mutual-TLS session
+pinned to the invite's certificate (:mod:`.tls_session`), submit the single fedseg
 action as a code request (or reuse an approved one), wait for the node to approve it,
 then exchange one frame per call. Syft is imported here lazily, and only here on the
 coordinator's side.
@@ -16,6 +17,7 @@ from typing import Any
 from .errors import TransportError
 from .invite import Invite
 from .syft_action import ACTION_NAME, fedseg_action, from_payload, served_seconds, to_payload
+from .tls_session import login, pinned_session, tls_refusal
 
 __all__ = ["SyftTransport"]
 
@@ -66,11 +68,16 @@ class SyftTransport:
         # Syft's client retries a refused connection and urllib3 logs each retry as a warning
         # on the root handler Syft installs; the one line below says what failed.
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        invite = self.invite
         try:
             with _quiet():
-                client = sy.login(url=self.invite.url, port=self.invite.port, email=self.invite.email, password=self.invite.password)
+                session = pinned_session(invite.tls_fingerprint, invite.client_cert, invite.client_key)
+                client = login(invite.host, invite.port, invite.email, invite.password, session)
         except Exception as exc:
             text = str(exc)
+            refusal = tls_refusal(exc)
+            if refusal is not None:
+                raise TransportError(f"node {self.name} at {self.address}: {refusal}") from None
             if "Connection refused" in text or "Max retries" in text:
                 raise TransportError(f"node {self.name} at {self.address} is not reachable") from None
             raise TransportError(f"node {self.name} at {self.address} refused the login: {_first_line(text)}") from None
