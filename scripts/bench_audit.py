@@ -16,7 +16,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from fedseg.node.actions import NodeRuntime, handle
+from benchlib import InProcessTransport
+
+from fedseg.node.actions import NodeRuntime
 from fedseg.node.config import NodeConfig
 from fedseg.protocol.audit import AuditLog
 from fedseg.protocol.rounds import run_federation
@@ -49,19 +51,6 @@ def timed_record(self, **kwargs):  # noqa: ANN001, ANN202 - wraps AuditLog.recor
 AuditLog.record = timed_record
 
 
-class Direct:
-    """Frames straight to a node's dispatcher: only the audit differs between the two runs."""
-
-    def __init__(self, rt: NodeRuntime) -> None:
-        self.runtime, self.name, self.bytes_sent, self.bytes_received = rt, rt.name, 0, 0
-
-    def connect(self) -> None:
-        pass
-
-    def exchange(self, frame: bytes) -> bytes:
-        return handle(self.runtime, frame)
-
-
 class Quiet:
     def __init__(self) -> None:
         self.seconds: list[float] = []
@@ -84,7 +73,7 @@ print("--- audited run", flush=True)
 runtimes = [NodeRuntime(NodeConfig(name=site, data=str(args.data / site), labels="pixel", limit=args.limit,
                                    workdir=str((args.out / "nodes" / site).resolve())), audit=True) for site in args.sites.split(",")]
 reporter = Quiet()
-run_federation(plan, [Direct(rt) for rt in runtimes], args.out / "run", reporter)
+run_federation(plan, [InProcessTransport(rt) for rt in runtimes], args.out / "run", reporter)
 # Round 0 only evaluates; the per-round audit cost is spread over every round that wrote entries.
 per_round_audit = sum(record_seconds) / (args.rounds + 1)
 round_seconds = statistics.median(reporter.seconds)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import REPO, commit_label, git_commit, machine_info, say, write_results
+from benchlib import REPO, InProcessTransport, commit_label, git_commit, machine_info, say, write_results
 
 #: Variant name -> changes to the demo's plan (section -> key -> value) and images per site.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -32,22 +32,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 GOAL_MAX_FALL = 0.15  # a site's validation Dice never falls by more than this between rounds
 IMAGES = 60
-
-
-class _Direct:
-    """Frames straight to a node's whitelist (the demo's nodes run the same code behind Syft)."""
-
-    def __init__(self, runtime: Any) -> None:
-        self.runtime, self.name = runtime, runtime.name
-        self.bytes_sent = self.bytes_received = 0
-
-    def connect(self) -> None:
-        pass
-
-    def exchange(self, frame: bytes) -> bytes:
-        from fedseg.node.actions import handle
-
-        return handle(self.runtime, frame)
 
 
 class _Quiet:
@@ -83,7 +67,7 @@ def run_variant(name: str, seed: int, rounds: int, root: Path) -> dict[str, Any]
     sites = write_federation(work / "data", n_per_site=images, size=DEMO_IMAGE_SIZE, seed=seed)
     runtimes = [NodeRuntime(NodeConfig(name=s.name, data=str(s), labels="pixel", workdir=str(work / "nodes" / s.name))) for s in sites]
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    rows = run_federation(Plan.from_dict(plan_dict), [_Direct(rt) for rt in runtimes], work / "run", _Quiet(), channels_from_nodes=True)
+    rows = run_federation(Plan.from_dict(plan_dict), [InProcessTransport(rt) for rt in runtimes], work / "run", _Quiet(), channels_from_nodes=True)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     val = {s.name: [r["val_dice"] for r in sorted(rows, key=lambda r: r["round"]) if r["site"] == s.name] for s in sites}
     test = [statistics.mean(r["test_dice"] for r in rows if r["round"] == k) for k in range(rounds + 1)]

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    REPO, Reporter, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
+    REPO, InProcessTransport, Reporter, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
     with_budget, write_results,
 )
 
@@ -76,26 +76,6 @@ FULL = {"rounds": 80, "limit": 0, "seeds": 2, "image_size": 64, "width": 16, "de
 
 
 # ------------------------------------------------------------------------ one job
-
-
-class LocalTransport:
-    """A node's whitelist called in this process: the frames a Syft transport would carry."""
-
-    def __init__(self, runtime: Any) -> None:
-        self.runtime = runtime
-        self.name = runtime.name
-        self.bytes_sent = self.bytes_received = 0
-
-    def connect(self) -> None:
-        pass
-
-    def exchange(self, frame: bytes) -> bytes:
-        from fedseg.node.actions import handle
-
-        reply = handle(self.runtime, frame)
-        self.bytes_sent += len(frame)
-        self.bytes_received += len(reply)
-        return reply
 
 
 def best_test(rows: list[dict[str, Any]], prefix: str) -> dict[str, float]:
@@ -147,11 +127,11 @@ def _job(spec: dict[str, Any], label: str) -> dict[str, Any]:
     new = runtime(*next(s for s in spec["sites"] if s[0] == spec["held_out"]), "new", labels="none")
     plan = Plan.from_dict(spec["plan"])
     reporter = Reporter(label, plan.rounds)
-    rows = run_federation(plan, [LocalTransport(rt) for rt in train], root / "run", reporter)
+    rows = run_federation(plan, [InProcessTransport(rt) for rt in train], root / "run", reporter)
     state, global_arrays = RunStore(root / "run").load()
     distance = {rt.name: relative_distance(rt.personal(state.run_id, "mix"), global_arrays) for rt in train}
     t_adapt = time.monotonic()
-    outcome = adapt_new_site(root / "run", LocalTransport(new), [LocalTransport(rt) for rt in train], spec["adapt"], reporter)
+    outcome = adapt_new_site(root / "run", InProcessTransport(new), [InProcessTransport(rt) for rt in train], spec["adapt"], reporter)
     scores = "  ".join(f"{k} {v['dice']:.3f}" for k, v in outcome.reply.metrics.items())
     say(f"{label}: adapted over {outcome.experts}, kept {'adapted' if outcome.reply.adapted else 'before'}: Dice {scores}")
     return {"inside": {"global": best_test(rows, ""), "mix": best_test(rows, "personal_")}, "distance": distance,

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    REPO, Site, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data,
+    REPO, InProcessTransport, Site, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data,
     run_plan, say, start_bench, start_nodes, stop_nodes, with_budget, write_results,
 )
 
@@ -149,28 +149,6 @@ def make_plan(args: argparse.Namespace, method: str, seed: int) -> Any:
 # ------------------------------------------------------------- in-process jobs
 
 
-class LocalTransport:
-    """A :class:`fedseg.protocol.rounds.Transport` to a node served in this process; the
-    job's nodes share one lock, so they take turns on the job's threads."""
-
-    def __init__(self, runtime: Any, lock: threading.Lock) -> None:
-        self.runtime, self.lock = runtime, lock
-        self.name = runtime.name
-        self.bytes_sent = self.bytes_received = 0
-
-    def connect(self) -> None:
-        pass
-
-    def exchange(self, frame: bytes) -> bytes:
-        from fedseg.node.actions import handle
-
-        with self.lock:
-            reply = handle(self.runtime, frame)
-        self.bytes_sent += len(frame)
-        self.bytes_received += len(reply)
-        return reply
-
-
 def node_has_device() -> bool:
     from fedseg.node.config import NodeConfig
 
@@ -242,7 +220,7 @@ def _run_job(job: dict[str, Any], label: str) -> dict[str, Any]:
     runtimes = [NodeRuntime(NodeConfig(name=site, data=str(folder), labels="pixel", workdir=str(root / "nodes" / site),
                                        split_seed=job["split_seed"], **device))
                 for site, folder in job["sites"].items()]
-    transports = [LocalTransport(rt, lock) for rt in runtimes]
+    transports = [InProcessTransport(rt, lock) for rt in runtimes]
     t0 = time.monotonic()
     lcfed = plan.algorithm == "lcfed"
     reporter = JobReporter(label, plan.rounds, root / "run", [Path(rt.workdir) for rt in runtimes], keep_best=lcfed)

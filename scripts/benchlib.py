@@ -6,6 +6,7 @@ through the same :func:`~fedseg.protocol.rounds.run_federation` that ``fedseg ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -15,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -276,11 +278,15 @@ def write_results(out: Path, name: str, record: dict[str, Any], md: str, figures
 class InProcessTransport:
     """A :class:`fedseg.protocol.rounds.Transport` to a node in this process: every frame goes
     straight to the node's own dispatcher (:func:`fedseg.node.actions.handle`), so the node
-    validates, trains and answers exactly as a datasite does, without Syft."""
+    validates, trains and answers exactly as a datasite does, without Syft.
 
-    def __init__(self, runtime: Any) -> None:
+    Nodes given one ``lock`` take turns, so a job of several nodes uses only its own threads.
+    """
+
+    def __init__(self, runtime: Any, lock: threading.Lock | None = None) -> None:
         self.runtime = runtime
         self.name = runtime.name
+        self.lock = lock or contextlib.nullcontext()
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -290,7 +296,8 @@ class InProcessTransport:
     def exchange(self, frame: bytes) -> bytes:
         from fedseg.node.actions import handle
 
-        reply = handle(self.runtime, frame)
+        with self.lock:
+            reply = handle(self.runtime, frame)
         self.bytes_sent += len(frame)
         self.bytes_received += len(reply)
         return reply

@@ -34,9 +34,9 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
     sections = [("model", _MODEL), ("train", _TRAIN), ("fedmix", _FEDMIX), ("personal", _PERSONAL), ("lcfed", _LCFED), ("secagg", _SECAGG)]
     for section, keys in sections:
         names = keys if isinstance(keys, dict) else {k: k for k in keys}
-        for option, key in names.items():
-            if options.get(option) is not None:
-                plan.setdefault(section, {})[key] = options[option]
+        for name, key in names.items():
+            if options.get(name) is not None:
+                plan.setdefault(section, {})[key] = options[name]
     if options.get("algorithm"):
         plan["algorithm"] = options["algorithm"]
     width = plan.get("model", {}).get("width")
