@@ -109,14 +109,16 @@ def test_unreadable_invite_is_one_clear_line(tmp_path):
 
 def test_unreachable_node_is_one_line_without_library_warnings(tmp_path):
     from fedseg.node.launcher import free_port
+    from fedseg.node.perimeter.tls import issue
     from fedseg.protocol.invite import Invite
 
-    port = free_port()  # nothing listens there
+    port, client = free_port(), issue("coordinator", server=False)  # nothing listens there
     invite = tmp_path / "invite.json"
-    Invite(url="http://127.0.0.1", port=port, node="ghost", email="c@fedseg.org", password="pw", fingerprint="sha256:" + "0" * 64).save(invite)
+    Invite(url="https://127.0.0.1", port=port, node="ghost", email="c@fedseg.org", password="pw", fingerprint="sha256:" + "0" * 64,
+           tls_fingerprint="sha256:" + "0" * 64, client_cert=client.cert_pem, client_key=client.key_pem).save(invite)
     result = fedseg("run", "--invite", str(invite), "--out", str(tmp_path / "run"), timeout=300)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"Error: node ghost at http://127.0.0.1:{port} is not reachable"]
+    assert result.stderr.strip().splitlines() == [f"Error: node ghost at https://127.0.0.1:{port} is not reachable"]
     assert "Retrying" not in result.stdout + result.stderr and "urllib3" not in result.stdout + result.stderr
 
 

@@ -78,7 +78,7 @@ def test_weights_with_nan_are_refused_naming_the_tensor(node):
     name = sorted(weights)[0]
     weights[name] = weights[name].copy()
     weights[name].flat[0] = np.nan
-    frame = encode_frame("train", 1, {"run_id": "t", "round": 1, "plan": PLAN.to_dict()}, {f"weights/{k}": v for k, v in weights.items()})
+    frame = encode_frame("train", 1, {"run_id": "t", "round": 1, "plan": PLAN.to_dict(), "score": [], "overlays": 0}, {f"weights/{k}": v for k, v in weights.items()})
     reply = _reply(transport, frame)
     assert reply.code == "bad_weights" and name in reply.message and "NaN" in reply.message
     _still_serving(peer)
