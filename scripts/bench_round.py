@@ -374,10 +374,10 @@ def median(values: list[float]) -> float:
 
 #: The Syft call's parts, in the order they happen (seconds, from SyftTransport.last_call).
 BREAKDOWN = (
-    ("upload", "upload of the request payload (ActionObject.send)"),
+    ("upload", "upload of the request frame (node's frame route) and of its digest (ActionObject.send)"),
     ("node_wall", "code call: fedseg's own work on the node"),
     ("syft_on_node", "code call: Syft's work around it (input policy, store reads and writes, output policy)"),
-    ("fetch", "fetch of the reply (.get())"),
+    ("fetch", "fetch of the reply's digest (.get()) and of its frame (frame route)"),
 )
 
 

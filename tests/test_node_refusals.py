@@ -163,28 +163,59 @@ def _stored(workdir, ids: set[str]) -> set[str]:
         return ids & {row[0] for row in con.execute("SELECT id FROM ActionObject")}
 
 
-def test_served_calls_leave_no_models_or_updates_in_the_syft_store(node):
+def _largest_stored(workdir, ids: set[str]) -> int:
+    """The size of the largest of these objects in the node's Syft store, as Syft keeps it."""
+    import sqlite3
+
+    (db,) = (workdir / "syft").glob("*/db/*_json.db")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        return max(len(fields) for id_, fields in con.execute("SELECT id, fields FROM ActionObject") if id_ in ids)
+
+
+def test_served_calls_leave_no_models_or_updates_on_the_node(node):
+    """Frames never enter Syft's store; a reply is handed out once; the store forgets each call."""
     import time
 
     import syft as sy
 
     from conftest import NODE_SYFT_RETENTION_S
-    from fedseg.protocol.syft_action import ACTION_NAME, from_payload, to_payload
+    from fedseg.protocol.syft_action import ACTION_NAME, FRAMES_ROUTE, from_payload, to_payload
 
     proc, transport, peer = node
-    frame = np.random.default_rng(0).bytes(3 * 2**20)  # refused, but Syft stores it all the same
+    frames = f"https://{transport.invite.host}:{transport.invite.port}{FRAMES_ROUTE}"
+    frame = np.random.default_rng(0).bytes(3 * 2**20)  # refused: not a fedseg frame
     calls = set()
     for _ in range(3):  # what SyftTransport.exchange does, keeping the ids of the request and the reply
-        request = sy.ActionObject.from_obj(to_payload(frame)).send(transport._client)
+        digest = transport._session.post(frames, data=frame).text
+        request = sy.ActionObject.from_obj(to_payload(digest)).send(transport._client)
         reply = getattr(transport._client.code, ACTION_NAME)(site=transport._site, message=request)
-        assert isinstance(decode(from_payload(reply.get())), ErrorReply)
+        reply_digest = from_payload(reply.get())
+        assert isinstance(decode(transport._session.get(f"{frames}/{reply_digest}").content), ErrorReply)
+        assert transport._session.get(f"{frames}/{reply_digest}").status_code == 404
         calls |= {request.id.no_dash, reply.id.no_dash}
     assert len(calls) == 6 and _stored(proc.workdir, calls) == calls
+    assert _largest_stored(proc.workdir, calls) < 2**14  # digests, not 3 MB frames
     # The node checks every few seconds, and less often as its list of served calls grows.
     deadline = time.monotonic() + 30 * NODE_SYFT_RETENTION_S
     while _stored(proc.workdir, calls) and time.monotonic() < deadline:
         time.sleep(1)
     assert not _stored(proc.workdir, calls)
+    _still_serving(peer)
+
+
+def test_a_call_naming_a_frame_never_staged_gets_a_typed_error(node):
+    import syft as sy
+
+    from fedseg.protocol.syft_action import ACTION_NAME, FRAMES_ROUTE, from_payload, to_payload
+
+    _, transport, peer = node
+    frames = f"https://{transport.invite.host}:{transport.invite.port}{FRAMES_ROUTE}"
+    for payload in (to_payload("cd" * 32), {"frame": np.zeros(8, np.uint8)}):
+        request = sy.ActionObject.from_obj(payload).send(transport._client)
+        reply = getattr(transport._client.code, ACTION_NAME)(site=transport._site, message=request).get()
+        error = decode(transport._session.get(f"{frames}/{from_payload(reply)}").content)
+        assert isinstance(error, ErrorReply) and error.code == "bad_message"
+        assert ("cd" * 32 in error.message) if "sha256" in payload else ("payload must be" in error.message)
     _still_serving(peer)
 
 

@@ -126,6 +126,35 @@ def test_routes_outside_the_allow_list_are_refused(target, route):
     _serves(transport)
 
 
+def test_frame_route_hands_out_only_what_it_staged_and_nothing_over_the_limit(target):
+    """fedseg's own route for frames, probed with the invite's certificate: a reply it never
+    staged, a path or method it does not serve, a body over the limit; each refused and logged."""
+    from conftest import NODE_MAX_MB
+    from fedseg.protocol.messages import ErrorReply, decode
+    from fedseg.protocol.syft_action import FRAMES_ROUTE
+
+    node, invite, transport = target
+    session = pinned_session(invite.tls_fingerprint, invite.client_cert, invite.client_key)
+    frames = f"{_base(invite)}{FRAMES_ROUTE}"
+    unknown = "ab" * 32
+    response = session.get(f"{frames}/{unknown}")
+    assert response.status_code == 404 and "no such reply" in response.text
+    _logged(node, f"refused GET {FRAMES_ROUTE}/{unknown}", "127.0.0.1")
+    assert session.get(f"{frames}/not-a-digest").status_code == 404
+    assert session.delete(frames).status_code == 405
+    staged = session.post(frames, data=b"not a frame")
+    assert staged.status_code == 200 and len(staged.text) == 64
+    # A staged request is no reply: the two never mix.
+    assert session.get(f"{frames}/{staged.text}").status_code == 404
+    # Chunked, so the node learns the size only while reading: refused as soon as it is over.
+    big = (b"\0" * 2**20 for _ in range(NODE_MAX_MB + 1))
+    response = session.post(frames, data=big)
+    assert response.status_code == 413 and "exceeds the limit" in decode(response.content).message
+    assert isinstance(decode(response.content), ErrorReply)
+    _logged(node, f"refused POST {FRAMES_ROUTE}", "exceeds the limit")
+    _serves(transport)
+
+
 def test_request_naming_a_code_that_does_not_exist_is_refused_and_the_node_keeps_serving(target):
     from syft.service.code.user_code import UserCode, UserCodeStatus, UserCodeStatusCollection
     from syft.service.code.user_code_service import UserCodeService

@@ -81,6 +81,7 @@ from .config import WORKDIR_ENV, NodeConfig
 from .datasets import LabelKind, load_arrays, load_weak_labels
 from .errors import ActionRefused, NodeError
 from .node_log import log, log_to_workdir
+from .perimeter.frame_stage import STAGE, TTL_S
 from .predict import HEADS_FILE, MODELS_DIR
 from .secure_actions import secure_keys, secure_mask, secure_train, secure_unmask
 from .site import open_site
@@ -727,30 +728,36 @@ def _unserved(exc: Exception) -> bytes:
 def handle_syft_call(site: Any, message: Any) -> dict[str, np.ndarray]:
     """Entry point of the approved Syft function, run inside the node's server process.
 
-    Whatever goes wrong here is answered as a typed :class:`ErrorReply` and logged in
-    ``node.log``: an exception escaping to Syft would reach the coordinator only as
-    Syft's "please contact the Server Admin", with nothing on the node.
+    The request frame waits on the node's frame stage, named by the digest the call
+    carries; the reply waits there too, until the coordinator fetches it by the digest
+    returned here. Whatever goes wrong is answered as a typed :class:`ErrorReply` and
+    logged in ``node.log``: an exception escaping to Syft would reach the coordinator
+    only as Syft's "please contact the Server Admin", with nothing on the node.
 
     Args:
         site: The node's site summary asset (Syft requires one private input).
         message: The coordinator's payload (:func:`fedseg.protocol.syft_action.to_payload`).
 
     Returns:
-        The reply frame as a payload.
+        The payload naming the staged reply frame.
     """
     if not isinstance(site, np.ndarray):
         # Syft runs approved code a second time against the assets' mock side (here an
         # empty pointer) and discards that result; doing no work there halves a round.
-        return to_payload(b"")
+        return {}
     with _lock:
         try:
             t0, c0 = time.perf_counter(), time.thread_time()
             rt = _get_runtime()
-            frame = from_payload(message)
-            if frame is None:
-                return to_payload(_refuse(rt, ErrorCode.BAD_MESSAGE, "payload must be {'frame': uint8 array}"))
-            reply = handle(rt, frame)
+            digest = from_payload(message)
+            frame = STAGE.requests.take(digest) if digest is not None else None
+            if digest is None:
+                reply = _refuse(rt, ErrorCode.BAD_MESSAGE, "payload must be {'sha256': 32 uint8} naming a frame staged on /fedseg/frames")
+            elif frame is None:
+                reply = _refuse(rt, ErrorCode.BAD_MESSAGE, f"no staged frame with sha256 {digest}: upload it to /fedseg/frames first (frames wait at most {TTL_S:.0f} s)")
+            else:
+                reply = handle(rt, frame)
             # Time spent here, so the coordinator can tell Syft's work around the call from fedseg's.
-            return to_payload(reply, (time.perf_counter() - t0, time.thread_time() - c0))
+            return to_payload(STAGE.replies.put(reply), (time.perf_counter() - t0, time.thread_time() - c0))
         except Exception as exc:  # the audit log, the runtime's data: whatever it is, the coordinator learns it
-            return to_payload(_unserved(exc))
+            return to_payload(STAGE.replies.put(_unserved(exc)))

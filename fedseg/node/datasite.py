@@ -117,15 +117,12 @@ def serve(config: NodeConfig, index: SiteIndex, host: str, port: int, say: Any, 
     owner_tls = issue(f"fedseg owner of {config.name}", server=False)
     settings = ServerSettings(name=config.name, host=host, port=port, callers=Callers(coordinator_email, OWNER_EMAIL),
                               certfile=workdir / "tls" / "server.pem", keyfile=workdir / "tls" / "server.key",
-                              client_cas=trust_bundle(workdir / "tls" / "clients.pem", [coordinator_tls, owner_tls]))
+                              client_cas=trust_bundle(workdir / "tls" / "clients.pem", [coordinator_tls, owner_tls]),
+                              max_frame_bytes=config.max_message_mb * 2**20)
     os.environ.update(
         {
             "SYFT_TEMP_ROOT": str(workdir / "syft"),
             WORKDIR_ENV: str(workdir),
-            # Payloads up to the node's message limit stay in Syft's store instead of its blob
-            # storage: Syft re-reads a blob on each of its several accesses to a call's input,
-            # walking every byte in Python each time (a 7 MB train call cost 16 s more that way).
-            "MIN_SIZE_BLOB_STORAGE_MB": str(config.max_message_mb + 1),
         }
     )
     stop = stop or threading.Event()

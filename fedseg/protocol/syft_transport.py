@@ -3,12 +3,15 @@
 One session per node: log in with the invite's credentials over a mutual-TLS session
 pinned to the invite's certificate (:mod:`.tls_session`), submit the single fedseg
 action as a code request (or reuse an approved one), wait for the node to approve it,
-then exchange one frame per call. Syft is imported here lazily, and only here on the
-coordinator's side.
+then exchange one frame per call: the frame is staged on the node's frame route, the Syft
+call runs the approved action on its SHA-256, and the reply frame is fetched from the
+route by the digest the call returns (:mod:`fedseg.node.perimeter.frame_stage` says why).
+Syft is imported here lazily, and only here on the coordinator's side.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import time
@@ -16,10 +19,14 @@ from typing import Any
 
 from .errors import TransportError
 from .invite import Invite
-from .syft_action import ACTION_NAME, fedseg_action, from_payload, served_seconds, to_payload
+from .syft_action import ACTION_NAME, FRAMES_ROUTE, fedseg_action, from_payload, served_seconds, to_payload
 from .tls_session import login, pinned_session, tls_refusal
 
 __all__ = ["SyftTransport"]
+
+#: Connecting, then waiting for the bytes of a frame (up to the plan's message limit).
+HTTP_TIMEOUT_S = (10.0, 600.0)
+
 
 @contextlib.contextmanager
 def _quiet():
@@ -42,12 +49,14 @@ class SyftTransport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._client: Any = None
+        self._session: Any = None
         self._site: Any = None
         self._approval_timeout_s = approval_timeout_s
-        #: Where the last call's time went (seconds): ``upload`` (the request payload sent as
-        #: a Syft object), ``run`` (the code call, answered when the node's job is done),
-        #: ``fetch`` (the reply's ``.get()``), and, as the node reports them, ``node_wall``
-        #: and ``node_cpu`` spent in fedseg's own code inside ``run``.
+        #: Where the last call's time went (seconds): ``upload`` (the request frame staged on
+        #: the node's frame route, and its digest sent as a Syft object), ``run`` (the code
+        #: call, answered when the node's job is done), ``fetch`` (the reply's digest, by
+        #: ``.get()``, and its frame from the route), and, as the node reports them,
+        #: ``node_wall`` and ``node_cpu`` spent in fedseg's own code inside ``run``.
         self.last_call: dict[str, float] = {}
 
     @property
@@ -86,6 +95,7 @@ class SyftTransport:
         except Exception:
             raise TransportError(f"node {self.name} at {self.address} has no fedseg site dataset") from None
         self._client = client
+        self._session = session
         if self._approved_function() is None:
             with _quiet():
                 function = sy.syft_function(
@@ -144,21 +154,36 @@ class SyftTransport:
     def _call(self, frame: bytes) -> bytes:
         import syft as sy
 
+        base = f"https://{self.invite.host}:{self.invite.port}{FRAMES_ROUTE}"
         try:
+            t0 = time.perf_counter()
+            staged = self._session.post(base, data=frame, timeout=HTTP_TIMEOUT_S)
+            if staged.status_code == 413:  # the node's own typed refusal of the frame's size
+                return staged.content
+            if staged.status_code != 200:
+                raise TransportError(f"node {self.name} at {self.address} refused the frame: HTTP {staged.status_code}: {staged.text[:300]}")
+            digest = staged.text.strip()
+            if digest != hashlib.sha256(frame).hexdigest():
+                raise TransportError(f"node {self.name} at {self.address} staged the frame under a wrong digest")
             # No output capture here: calls run on several threads, and redirecting
             # sys.stdout is process-wide.
-            t0 = time.perf_counter()
-            pointer = sy.ActionObject.from_obj(to_payload(frame)).send(self._client)
+            pointer = sy.ActionObject.from_obj(to_payload(digest)).send(self._client)
             t1 = time.perf_counter()
             answer = getattr(self._client.code, ACTION_NAME)(site=self._site, message=pointer)
             t2 = time.perf_counter()
             result = answer.get()
+            reply_digest = from_payload(result)
+            if reply_digest is None:
+                raise TransportError(f"node {self.name} at {self.address} answered with {type(result).__name__}, not a fedseg reply")
+            fetched = self._session.get(f"{base}/{reply_digest}", timeout=HTTP_TIMEOUT_S)
             t3 = time.perf_counter()
+        except TransportError:
+            raise
         except Exception as exc:
             raise TransportError(f"node {self.name} at {self.address}: call failed: {_first_line(str(exc))}") from None
-        reply = from_payload(result)
-        if reply is None:
-            raise TransportError(f"node {self.name} at {self.address} answered with {type(result).__name__}, not a fedseg frame")
+        reply = fetched.content
+        if fetched.status_code != 200 or hashlib.sha256(reply).hexdigest() != reply_digest:
+            raise TransportError(f"node {self.name} at {self.address}: reply {reply_digest[:12]}... could not be fetched: HTTP {fetched.status_code}")
         node_wall, node_cpu = served_seconds(result) or (float("nan"), float("nan"))
         self.last_call = {"upload": t1 - t0, "run": t2 - t1, "fetch": t3 - t2, "node_wall": node_wall, "node_cpu": node_cpu}
         return reply

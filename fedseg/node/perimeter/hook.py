@@ -4,6 +4,7 @@ Three places see everything that reaches Syft from the network, and fedseg guard
 
 - the HTTP routes (an ASGI wrapper around Syft's app): only :data:`~.allow_list.ROUTES`
   are served, and ``/api`` (which hands out a caller's API) only to an allowed caller;
+  fedseg's own frame route (:mod:`.frame_route`) is answered here, never by Syft;
 - ``Server.handle_api_call_with_unsigned_result``, which every API call passes through:
   the call must be validly signed, addressed to this server, and allowed for its caller
   and path by the :class:`~.allow_list.AllowList`;
@@ -25,6 +26,7 @@ from urllib.parse import parse_qs
 
 from ..node_log import log
 from .allow_list import API_ROUTE, ROUTES, AllowList
+from .frame_route import is_frame_route, serve_frame_route
 from .login_limit import LoginLimit
 
 __all__ = ["Peer", "guard_routes", "guard_server", "log_tls_refusals"]
@@ -63,8 +65,14 @@ def _refuse(what: str, peer: Peer | None, reason: str) -> str:
     return f"refused by fedseg node: {reason}"
 
 
-def guard_routes(app: Any, allow: AllowList) -> Any:
-    """Wraps Syft's ASGI app so that only fedseg's routes are served, each with the peer known."""
+def guard_routes(app: Any, allow: AllowList, max_frame_bytes: int) -> Any:
+    """Wraps Syft's ASGI app so that only fedseg's routes are served, each with the peer known.
+
+    Args:
+        app: Syft's app.
+        allow: Who may call which Syft path.
+        max_frame_bytes: The node's message limit, for :mod:`.frame_route`.
+    """
 
     async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -72,6 +80,9 @@ def guard_routes(app: Any, allow: AllowList) -> Any:
             return
         peer = _peer(scope)
         route = scope["path"]
+        if is_frame_route(route):
+            await serve_frame_route(scope, receive, send, max_frame_bytes, lambda what, reason: _refuse(what, peer, reason))
+            return
         reason = None
         if route not in ROUTES:
             reason = f"route {route} is not served"

@@ -37,6 +37,7 @@ class ServerSettings:
         certfile: The node's server certificate (PEM).
         keyfile: Its private key.
         client_cas: The client certificates the node accepts (PEM bundle).
+        max_frame_bytes: The largest frame the node accepts.
     """
 
     name: str
@@ -46,6 +47,7 @@ class ServerSettings:
     certfile: Path
     keyfile: Path
     client_cas: Path
+    max_frame_bytes: int
 
 
 def _verify_key_lookup(worker: Any) -> Any:
@@ -76,7 +78,7 @@ def _serve(settings: ServerSettings, owner_password: list[str]) -> None:
     router.include_router(make_routes(worker=worker))
     app.include_router(router, prefix="/api/v2")
     try:
-        uvicorn.run(guard_routes(app, allow), host=settings.host, port=settings.port, log_level="warning",
+        uvicorn.run(guard_routes(app, allow, settings.max_frame_bytes), host=settings.host, port=settings.port, log_level="warning",
                     ssl_certfile=str(settings.certfile), ssl_keyfile=str(settings.keyfile),
                     ssl_ca_certs=str(settings.client_cas), ssl_cert_reqs=ssl.CERT_REQUIRED,
                     # A TLS close waits for the peer's close_notify (30 s in asyncio): do not wait for idle clients.
