@@ -493,7 +493,7 @@ def main() -> None:
     gate, goals = gate_and_goals(res, args.tasks)
     record = {"config": config, "git": commit, "machine": machine, "wall_seconds": wall, "subsets": subsets,
               "gate": gate, "goals": goals, "box_rule": box_rule(subsets, args), "results": res,
-              "failures": [{"job": {k: f["job"][k] for k in ("task", "method", "seed")}, "error": f["error"]} for f in failures],
+              "failures": [{"job": {k: f[k] for k in ("task", "method", "seed")}, "error": f["error"]} for f in failures],
               "runs": [compact(r) for r in runs]}
     pngs = [plot(runs, task, out) for task in args.tasks]
     record["plots"] = pngs

@@ -35,17 +35,15 @@ run in ``--workers`` processes; a failed job is reported and the others finish. 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    REPO, InProcessTransport, Reporter, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, say, start_bench,
+    REPO, InProcessTransport, Reporter, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data, run_jobs, say, start_bench,
     with_budget, write_results,
 )
 
@@ -305,18 +303,10 @@ def main() -> None:
             record["subsets"][f"{task}/{name}"] = make_subset(args.data / folder, out / "data" / task / name, args.limit, where, args.split_seed)
     specs = job_specs(args, out, record["subsets"])
     say(f"{len(specs)} jobs on {args.workers} worker(s), {args.threads} thread(s) each, device {args.device}")
-    if args.workers == 1:
-        jobs = [run_job(spec) for spec in specs]
-    else:
-        with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_job, spec) for spec in specs]
-            jobs = []
-            for future in as_completed(futures):
-                jobs.append(future.result())
-                say(f"{len(jobs)}/{len(specs)} jobs done ({(time.monotonic() - t_start) / 60:.1f} min)")
+    jobs = run_jobs(run_job, specs, args.workers)
     record["wall_seconds"] = time.monotonic() - t_start
     record["failures"] = [{"label": f"{j['config']} {j['task']} seed {j['seed']} held-out {j['held_out']}", "error": j["error"]} for j in jobs if "error" in j]
-    record["syft_imported"] = "syft" in sys.modules or any(j["syft_imported"] for j in jobs)
+    record["syft_imported"] = "syft" in sys.modules or any(j.get("syft_imported") for j in jobs)
     record["jobs"] = jobs
     ok = [j for j in jobs if "error" not in j]
     record["seconds_per_round"] = {c: statistics.median(s for j in ok if j["config"] == c for s in j["round_seconds"]) for c in args.configs

@@ -6,10 +6,10 @@ BUS-BRA scanners (GE Logiq 5, GE Logiq 7, Toshiba; meta.csv ``device``), seeded 
 subsets of ``--limit`` images each. Every method goes through the same
 :func:`run_federation` with the same rounds, local epochs and learning rate.
 
-**In process** (the default): each (variant, method, seed) job runs in its own process
-(``--workers`` of them, spawned), holding one ``NodeRuntime`` per site, the node's own
-dispatcher (:func:`fedseg.node.actions.handle`), behind a transport that hands it the
-frames; the sites take turns, so a job uses ``--threads`` cores. Syft is never
+**In process** (the default): the (variant, method, seed) jobs run in ``--workers``
+spawned processes (in this one with 1); each job holds one ``NodeRuntime`` per site,
+the node's own dispatcher (:func:`fedseg.node.actions.handle`), behind a transport that
+hands it the frames; the sites take turns, so a job uses ``--threads`` cores. Syft is never
 imported. ``--syft`` runs the same jobs one after another over real ``fedseg node start``
 datasites instead, as a spot check of the same code over Syft.
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -46,13 +45,12 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
     REPO, InProcessTransport, Site, budget_parser, check_budget, commit_label, git_commit, machine_info, make_subset, mean_std, require_data,
-    run_plan, say, start_bench, start_nodes, stop_nodes, with_budget, write_results,
+    run_jobs, run_plan, say, start_bench, start_nodes, stop_nodes, with_budget, write_results,
 )
 
 BUSBRA = "breast/BUS-BRA"
@@ -196,16 +194,7 @@ class JobReporter:
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One (variant, method, seed) federation in this process; never raises (errors are returned)."""
-    label = f"{job['variant']} {job['method']} seed {job['seed']}"
-    try:
-        return {**job, **_run_job(job, label)}
-    except Exception:  # one failed job must not stop the others
-        say(f"{label}: FAILED\n{traceback.format_exc()}")
-        return {**job, "error": traceback.format_exc()}
-
-
-def _run_job(job: dict[str, Any], label: str) -> dict[str, Any]:
+    """One (variant, method, seed) federation in this process: the job with its results."""
     import torch
 
     from fedseg.node.actions import NodeRuntime
@@ -213,6 +202,7 @@ def _run_job(job: dict[str, Any], label: str) -> dict[str, Any]:
     from fedseg.protocol.rounds import run_federation
 
     torch.set_num_threads(job["threads"])
+    label = f"{job['variant']} {job['method']} seed {job['seed']}"
     plan, root = job["plan"], Path(job["dir"])
     shutil.rmtree(root, ignore_errors=True)
     lock = threading.Lock()
@@ -225,7 +215,7 @@ def _run_job(job: dict[str, Any], label: str) -> dict[str, Any]:
     lcfed = plan.algorithm == "lcfed"
     reporter = JobReporter(label, plan.rounds, root / "run", [Path(rt.workdir) for rt in runtimes], keep_best=lcfed)
     rows = run_federation(plan, transports, root / "run", reporter)
-    result: dict[str, Any] = {"rows": rows, "round_seconds": reporter.round_seconds, "round_cpu_seconds": reporter.round_cpu_seconds}
+    result: dict[str, Any] = {**job, "rows": rows, "round_seconds": reporter.round_seconds, "round_cpu_seconds": reporter.round_cpu_seconds}
     if lcfed:
         result["best_rows"] = _calibrate_at_best(plan, runtimes, transports, root, reporter, rows)
     result["seconds"], result["cpu_seconds"] = time.monotonic() - t0, time.process_time()
@@ -249,25 +239,6 @@ def _calibrate_at_best(plan: Any, runtimes: list[Any], transports: list[Any], ro
         shutil.copytree(keep / "personal" / rt.name, rt.workdir / "personal")
     resumed = run_federation(dataclasses.replace(plan, rounds=best), transports, keep / "run", reporter, resume=True)
     return [r for r in resumed if r["round"] == best + 1]
-
-
-def run_jobs(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    """Runs the jobs in ``workers`` spawned processes; results in the jobs' order."""
-    results: dict[int, dict[str, Any]] = {}
-    t0 = time.monotonic()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        pending = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                i = pending.pop(future)
-                try:
-                    results[i] = future.result()
-                except Exception:  # the worker process itself died
-                    results[i] = {**jobs[i], "error": traceback.format_exc()}
-                elapsed = time.monotonic() - t0
-                say(f"{len(results)}/{len(jobs)} jobs done; ~{elapsed / len(results) * len(pending) / 60:.1f} min to go")
-    return [results[i] for i in range(len(jobs))]
 
 
 def run_syft(jobs: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -542,7 +513,7 @@ def main() -> None:
         f"{args.limit or 'all'} images/site, {args.image_size} px, width {args.width}, depth {args.depth}, "
         + ("over Syft" if args.syft else f"in process on {args.workers} workers"))
     t_start = time.monotonic()
-    runs = run_syft(jobs, out, args) if args.syft else run_jobs(jobs, args.workers)
+    runs = run_syft(jobs, out, args) if args.syft else run_jobs(run_job, jobs, args.workers)
     wall = time.monotonic() - t_start
     machine["loadavg_end"] = os.getloadavg()[0]
     failures = [f"{r['variant']} {r['method']} seed {r['seed']}: {r['error'].strip().splitlines()[-1]}" for r in runs if "error" in r]

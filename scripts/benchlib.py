@@ -324,33 +324,43 @@ def run_plan_in_process(plan: Any, runtimes: list[Any], run_dir: Path, label: st
 def run_jobs(fn: Any, jobs: list[Any], workers: int) -> list[dict[str, Any]]:
     """Runs ``fn(job)`` for every job in ``workers`` spawned processes (in this one if 1).
 
-    A job that raises becomes ``{"job": job, "error": traceback}``, and the others still
-    finish. Results come back in the order of ``jobs``.
+    A job that raises, or whose worker process dies, becomes ``{**job, "error": traceback}``
+    (``{"job": job, "error": traceback}`` if the job is not a dict), and the others still
+    finish. Says after each job how many are done and about how long the rest will take.
+    Results come back in the order of ``jobs``.
     """
     import traceback
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing as mp
 
+    results: dict[int, dict[str, Any]] = {}
+    t0 = time.monotonic()
+
+    def finish(i: int, result: dict[str, Any]) -> None:
+        results[i] = result
+        per_job = (time.monotonic() - t0) / len(results)
+        say(f"{len(results)}/{len(jobs)} jobs done; ~{per_job * (len(jobs) - len(results)) / 60:.1f} min to go")
+
     def failed(job: Any, text: str) -> dict[str, Any]:
         say(f"job {job} FAILED:\n{text}")
-        return {"job": job, "error": text}
+        return {**job, "error": text} if isinstance(job, dict) else {"job": job, "error": text}
 
     if workers <= 1:
-        out = []
-        for job in jobs:
+        for i, job in enumerate(jobs):
             try:
-                out.append(fn(job))
+                result = fn(job)
             except Exception:
-                out.append(failed(job, traceback.format_exc()))
-        return out
-    results: dict[int, dict[str, Any]] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            i = futures[future]
-            try:
-                results[i] = future.result()
-            except Exception:
-                results[i] = failed(jobs[i], traceback.format_exc())
+                result = failed(job, traceback.format_exc())
+            finish(i, result)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    result = future.result()
+                except Exception:
+                    result = failed(jobs[i], traceback.format_exc())
+                finish(i, result)
     return [results[i] for i in range(len(jobs))]
 

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fedseg.models.config import DictConfig
 from fedseg.models.errors import ModelError
 
-__all__ = ["Norm", "RunningBatchNorm", "UNet", "UNetConfig", "build_model"]
+__all__ = ["Norm", "RunningBatchNorm", "SeededInit", "UNet", "UNetConfig", "build_model"]
 
 
 class Norm(StrEnum):
@@ -216,8 +217,33 @@ class UNet(nn.Module):
         return x
 
 
+class SeededInit(TorchFunctionMode):
+    """Inside it, layers built in this thread draw their initial weights from a generator of their own.
+
+    They get the weights that ``torch.manual_seed(seed)`` would give them, but the
+    process-wide generator is never touched: seeding it would reset the caller's stream,
+    and race with other threads that build models or draw at the same time. ``nn.init``
+    passes ``generator=None`` on to torch, and a function mode sees only its own thread's
+    calls, so every such call here gets this generator instead. A draw that names no
+    generator at all (a bare ``torch.rand`` in a constructor) would still take the
+    process-wide one.
+
+    Args:
+        seed: Seeds the generator.
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
+        if kwargs and "generator" in kwargs and kwargs["generator"] is None:
+            kwargs = {**kwargs, "generator": self.generator}
+        return func(*args, **(kwargs or {}))
+
+
 def build_model(config: UNetConfig) -> UNet:
-    """Builds a :class:`UNet`; the weights depend only on the torch seed.
+    """Builds a :class:`UNet`; the weights depend only on the torch seed (or a :class:`SeededInit`'s).
 
     Args:
         config: The architecture.

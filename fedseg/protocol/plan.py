@@ -11,7 +11,7 @@ from fedseg.models.fedmix import CoTrainedUNets, FedMixConfig
 from fedseg.models.lcfed import LCFedConfig, LCFedUNet, head_arrays
 from fedseg.models.personalization import LocalPart, PersonalConfig
 from fedseg.models.local_training import TrainConfig
-from fedseg.models.unet import UNet, UNetConfig, build_model
+from fedseg.models.unet import SeededInit, UNet, UNetConfig, build_model
 
 from .errors import PlanError
 
@@ -225,7 +225,9 @@ class Plan:
         """The network this plan's algorithm trains, initialised from ``plan.seed``.
 
         Every node and the coordinator build the same initial weights, so parameters that
-        stay local start where the shared ones do.
+        stay local start where the shared ones do. Torch's global generator is left alone
+        (:class:`~fedseg.models.unet.SeededInit`): nodes in threads of one process may
+        build at the same time, and the caller's random stream stays its own.
 
         Args:
             node: The node that builds it; LC-Fed's site code depends on it. The
@@ -234,18 +236,16 @@ class Plan:
         Raises:
             PlanError: For LC-Fed, if ``sites`` is empty or does not name ``node``.
         """
-        import torch
-
-        torch.manual_seed(self.seed)
-        if self.algorithm == "fedmix":
-            return CoTrainedUNets(self.model)
-        if self.algorithm == "lcfed":
-            if not self.sites:
-                raise PlanError("lcfed needs plan.sites, the federation's node names in order (the coordinator fills it)")
-            if node is not None and node not in self.sites:
-                raise PlanError(f"node {node} is not among plan.sites {list(self.sites)}")
-            return LCFedUNet(self.model, len(self.sites), self.sites.index(node) if node else 0, self.lcfed, self.image_size)
-        return build_model(self.model)
+        with SeededInit(self.seed):
+            if self.algorithm == "fedmix":
+                return CoTrainedUNets(self.model)
+            if self.algorithm == "lcfed":
+                if not self.sites:
+                    raise PlanError("lcfed needs plan.sites, the federation's node names in order (the coordinator fills it)")
+                if node is not None and node not in self.sites:
+                    raise PlanError(f"node {node} is not among plan.sites {list(self.sites)}")
+                return LCFedUNet(self.model, len(self.sites), self.sites.index(node) if node else 0, self.lcfed, self.image_size)
+            return build_model(self.model)
 
 
 def _obj(value: Any, name: str) -> dict[str, Any]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import torch
 
 from fedseg.models.local_training import TrainConfig
-from fedseg.models.unet import UNetConfig
+from fedseg.models.unet import UNetConfig, build_model
 from fedseg.protocol.errors import PlanError
 from fedseg.protocol.plan import ALGORITHMS, Plan
 
@@ -138,6 +142,57 @@ def test_lcfed_model_gets_the_hc_filter_of_the_plans_image_size():
     assert model.hc.gaussian.shape == (1, 1, 5, 5) and model.hc.config.gaussian_sigma == 1.0
     # The plan keeps "unset" (so it means the same at any size) and survives the wire.
     assert plan.lcfed.window is None and Plan.from_dict(plan.to_dict()) == plan
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedmix", "lcfed"])
+def test_build_model_leaves_torchs_global_generator_alone(algorithm: str) -> None:
+    plan = Plan.from_dict({**TINY, "algorithm": algorithm, "seed": 3, "sites": ["a", "b"]})
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    plan.build_model("b")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_build_model_gives_the_weights_of_torchs_global_generator_seeded_with_plan_seed() -> None:
+    plan = Plan.from_dict({**TINY, "seed": 3})
+    torch.manual_seed(3)
+    expected = build_model(plan.model).state_dict()
+    state = plan.build_model().state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedmix", "lcfed"])
+def test_build_model_in_concurrent_threads_gives_the_sequential_weights(algorithm: str) -> None:
+    # In-process nodes are threads: they build at once, while others draw from torch's global generator.
+    plan = Plan.from_dict({**TINY, "algorithm": algorithm, "seed": 3, "sites": ["a", "b"]})
+    expected = plan.build_model("b").state_dict()
+    start, stop = threading.Barrier(3), threading.Event()
+
+    def build() -> dict[str, torch.Tensor]:
+        start.wait()
+        return plan.build_model("b").state_dict()
+
+    def draw() -> None:
+        start.wait()
+        while not stop.is_set():
+            torch.rand(1)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # so the threads interleave inside a build
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            drawing = pool.submit(draw)
+            builds = [pool.submit(build) for _ in range(2)]
+            try:
+                states = [b.result() for b in builds]
+            finally:
+                stop.set()
+            drawing.result()
+    finally:
+        sys.setswitchinterval(switch)
+    for state in states:
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
 def test_keep_optimizer_defaults_to_fedmix_and_is_refused_for_phased_training() -> None:
