@@ -12,7 +12,6 @@ setup(
         # syft 0.9.5 imports sniffio without declaring it.
         "sniffio",
         "torch==2.14.1",
-        "torchvision==0.29.1",
         "numpy<=1.24.4",
         "pillow",
         "click>=8.1",

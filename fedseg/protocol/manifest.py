@@ -25,7 +25,7 @@ __all__ = ["LIBRARIES", "MANIFEST_FILE", "record_manifest"]
 
 MANIFEST_FILE = "manifest.json"
 #: The libraries whose versions decide a run's numbers (or its wire format).
-LIBRARIES = ("torch", "torchvision", "numpy", "pillow", "syft")
+LIBRARIES = ("torch", "numpy", "pillow", "syft")
 
 
 def record_manifest(path: Path, run_id: str, plan: Plan, nodes: dict[str, DescribeReply], first_round: int) -> list[str]:

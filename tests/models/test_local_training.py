@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 
-from fedseg.models.augment import augment_batch, make_augment
+from fedseg.models.augment import augment_batch
 from fedseg.models.errors import ModelError
 from fedseg.models.local_training import (
     LocalTrainer,
@@ -146,17 +145,34 @@ def test_augment_binary_and_deterministic() -> None:
     assert torch.equal(after, torch.rand(1))
 
 
-def test_augment_moves_boxes_with_mask() -> None:
-    mask = torch.zeros(1, 32, 32)
-    mask[0, 4:12, 20:30] = 1
-    boxes = tv_tensors.BoundingBoxes([[20, 4, 30, 12]], format="XYXY", canvas_size=(32, 32))
-    torch.manual_seed(0)
-    _, m, b = make_augment()(tv_tensors.Image(torch.rand(3, 32, 32)), tv_tensors.Mask(mask), boxes)
-    assert isinstance(b, tv_tensors.BoundingBoxes)
-    ys, xs = torch.nonzero(m[0], as_tuple=True)
-    x0, y0, x1, y1 = b[0].tolist()
-    # The box is the transformed rectangle's bounding box, so it contains the mask.
-    assert x0 - 1 <= xs.min() and xs.max() <= x1 + 1 and y0 - 1 <= ys.min() and ys.max() <= y1 + 1
+def test_augment_moves_image_and_masks_together() -> None:
+    """The image and every mask channel are warped alike: a box drawn as a mask still bounds its lesion."""
+    lesion = torch.zeros(16, 1, 32, 32)
+    lesion[:, :, 6:14, 18:28] = 1
+    box = torch.zeros_like(lesion)
+    box[:, :, 4:16, 16:30] = 1
+    image = lesion.repeat(1, 3, 1, 1)  # the lesion is the image's bright part
+    out, masks = augment_batch(image, torch.cat([lesion, box], dim=1), torch.Generator().manual_seed(3))
+    moved, moved_box = masks[:, :1], masks[:, 1:]
+    assert not torch.equal(moved, lesion)  # the geometry did change
+    # Jitter maps each image's values monotonically, so its brightest pixels are the lesion's.
+    brightest = out[:, :1] > out[:, :1].amin(dim=(-2, -1), keepdim=True) + 1e-6
+    assert torch.equal(brightest, moved.bool())
+    assert torch.all(moved <= moved_box)
+    # A warp, not a redraw: the lesion keeps about its area (scale 0.9-1.1, minus the borders).
+    area = moved.sum(dim=(1, 2, 3)) / lesion[0].sum()
+    assert area.min() > 0.7 and area.max() < 1.3
+
+
+def test_augment_flips_and_rotates_in_both_directions() -> None:
+    """Over many samples, a lesion in the top-left quadrant lands in every quadrant."""
+    mask = torch.zeros(64, 1, 32, 32)
+    mask[:, :, 4:10, 4:10] = 1
+    _, moved = augment_batch(mask.repeat(1, 3, 1, 1), mask, torch.Generator().manual_seed(0))
+    ys, xs = (torch.arange(32.0)[:, None] * moved[:, 0]).sum((1, 2)), (torch.arange(32.0) * moved[:, 0]).sum((1, 2))
+    cy, cx = ys / moved[:, 0].sum((1, 2)), xs / moved[:, 0].sum((1, 2))
+    quadrants = {(bool(y > 16), bool(x > 16)) for y, x in zip(cy, cx)}
+    assert quadrants == {(False, False), (False, True), (True, False), (True, True)}
 
 
 def test_predict_and_overlay(tmp_path) -> None:

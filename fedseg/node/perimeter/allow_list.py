@@ -29,15 +29,12 @@ COORDINATOR_PATHS = frozenset({
     # Resolving the links of a request (its code, the code's status) to check its approval.
     "notifications.resolve_object",
     "migration._get_object",
-    # One call: store the request frame, run the approved action, read its reply.
+    # One call: store the request frame's digest, run the approved action, read its reply's
+    # digest. The frames themselves cross on fedseg's frame route, never through Syft's blob store.
     "action.set",
     "code.call",
     "action.get",
     "action.has_storage_permission",
-    # Objects over 1 MB (Syft's MIN_SIZE_BLOB_STORAGE_MB) travel through the on-disk blob store.
-    "blob_storage.allocate",
-    "blob_storage.write_to_disk",
-    "blob_storage.read",
 })
 
 #: Syft API paths the node's own review loop, dataset upload and store retention use.
