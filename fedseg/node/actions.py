@@ -118,6 +118,10 @@ class NodeRuntime:
     """
 
     def __init__(self, config: NodeConfig, audit: bool = False) -> None:
+        # torch.optim imports torch._dynamo (2 s here) when the first optimizer is built:
+        # import it while the node loads its data, not inside its first training round.
+        import torch._dynamo  # noqa: F401
+
         self.config = config
         self.device = resolve_device(config.device, config.amp)
         self.workdir = Path(config.workdir)
