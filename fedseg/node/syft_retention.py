@@ -1,12 +1,13 @@
 """How long a node's Syft store keeps what each call brought and returned.
 
-Syft keeps every object a call uploads or returns, for as long as the server runs: the
-coordinator's request (the global model, for a training round) and the node's reply (its
-update). Left alone, a node's disk grows by about one model per call (measured here: 20
-FedAvg rounds of a width-16 U-Net left 108 MB in a node's Syft store, against its 6.5 MB at
-start), and every update the node ever sent stays at rest on it. So the node deletes both
-once the coordinator has had ample time to fetch the reply, which it does right after the
-call returns. An object uploaded for a call that never ran (one the node refused at the
+Syft keeps every object a call uploads or returns, for as long as the server runs. The
+frames themselves never enter Syft's store (:mod:`.perimeter.frame_stage`); what a call
+leaves there is the digest of the coordinator's request and of the node's reply. When the
+frames still rode inside Syft, 20 FedAvg rounds of a width-16 U-Net left 108 MB in a node's
+Syft store, against its 6.5 MB at start, every update the node ever sent at rest on it.
+The digests are small, but a record of each call would still accumulate for as long as the
+node runs. So the node deletes both objects once the coordinator has had ample time to
+fetch the reply, which it does right after the call returns. An object uploaded for a call that never ran (one the node refused at the
 Syft level) has no execution record and is not found this way; it stays until the node
 restarts, which starts Syft's store afresh.
 
