@@ -20,7 +20,7 @@ from benchlib import InProcessTransport
 
 from fedseg.node.actions import NodeRuntime
 from fedseg.node.config import NodeConfig
-from fedseg.protocol.audit import AuditLog
+from fedseg.protocol.audit.log import AuditLog
 from fedseg.protocol.rounds import run_federation
 from fedseg.protocol.plan import Plan
 

@@ -48,8 +48,8 @@ from fedseg.protocol.messages import (  # noqa: E402
     TrainRequest,
     encode,
 )
-from fedseg.protocol.quantize import dequantize, flatten, scale_bits  # noqa: E402
-from fedseg.protocol.secure_aggregation import CoordinatorRound, NodeRound, threshold  # noqa: E402
+from fedseg.protocol.secagg.protocol import CoordinatorRound, NodeRound, threshold  # noqa: E402
+from fedseg.protocol.secagg.quantize import dequantize, flatten, scale_bits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_E2E_RATIO = 1.10

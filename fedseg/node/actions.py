@@ -37,7 +37,7 @@ from fedseg.models.routing import AdaptConfig, adapt, adapt_norm_statistics, has
 from fedseg.models.test_time import keeps_adaptation, mask_agreement, majority_vote, on_site, tent, uniform_average
 from fedseg.models.overlay import overlay_png
 from fedseg.models.fedmix import FedMixTrainer, synthesize_box_masks
-from fedseg.protocol.audit import AUDIT_FILE, AuditLog
+from fedseg.protocol.audit.log import AUDIT_FILE, AuditLog
 from fedseg.protocol.errors import MessageError, PlanError
 from fedseg.protocol.files import atomic_write
 from fedseg.protocol.identity import fingerprint, load_or_create_identity
@@ -73,7 +73,7 @@ from fedseg.protocol.messages import (
     unpack_experts,
 )
 from fedseg.protocol.plan import Plan
-from fedseg.protocol.secure_aggregation import NodeRound
+from fedseg.protocol.secagg.protocol import NodeRound
 from fedseg.protocol.syft_action import from_payload, to_payload
 from fedseg.protocol.wire import decode_frame
 

@@ -25,8 +25,8 @@ from fedseg.protocol.messages import (
     TrainRequest,
 )
 from fedseg.protocol.plan import Plan
-from fedseg.protocol.quantize import scale_bits
-from fedseg.protocol.secure_aggregation import NodeRound
+from fedseg.protocol.secagg.protocol import NodeRound
+from fedseg.protocol.secagg.quantize import scale_bits
 
 from .node_log import log
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from fedseg.models.personalization import LocalPart
 
-from .audit import AuditLog
+from .audit.log import AuditLog
 from .errors import PlanError, ProtocolError, RemoteError
 from .files import atomic_write
 from .identity import load_or_create_identity

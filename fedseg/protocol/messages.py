@@ -443,7 +443,7 @@ class ErrorReply(Message):
             raise MessageError(f"{self.KIND}: unknown error code {self.code!r}")
 
 
-# Secure aggregation (fedseg.protocol.secure_aggregation has the protocol). Keys, sealed
+# Secure aggregation (fedseg.protocol.secagg.protocol has the protocol). Keys, sealed
 # shares and revealed shares travel as base64 strings in declared fields; the only
 # tensors are the masked uint32 updates, under the shared parameters' names and shapes.
 

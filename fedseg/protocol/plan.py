@@ -86,7 +86,7 @@ class Plan:
         sites: The federation's node names in a fixed order; LC-Fed's site index k of a
             node is its position here. The coordinator fills it from the invites.
         secure_aggregation: The coordinator learns only the weighted sum of the shared
-            parameters (see :mod:`fedseg.protocol.secure_aggregation`).
+            parameters (see :mod:`fedseg.protocol.secagg.protocol`).
         secagg: Settings of secure aggregation.
     """
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from fedseg.models.lcfed import join_heads
 
-from .audit import AuditLog
+from .audit.log import AuditLog
 from .errors import MessageError, ProtocolError, RemoteError, RoundError
 from .identity import load_or_create_identity
 from .manifest import MANIFEST_FILE, record_manifest
@@ -309,7 +309,7 @@ def run_federation(
 
             secure = None
             if plan.secure_aggregation:
-                from .secure_round import SecureRounds  # crypto loads only for secure runs
+                from .secagg.coordinator import SecureRounds  # crypto loads only for secure runs
 
                 secure = SecureRounds(plan, strategy, run_id, peers, nodes, pool, reporter)
             if start == 0:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .audit import AUDIT_FILE
+from .audit.log import AUDIT_FILE
 from .errors import ProtocolError
 from .files import atomic_write
 from .messages import Arrays

@@ -1,7 +1,7 @@
 """Federated strategies: who is asked to train, and how replies are combined.
 
 A strategy does no I/O: the round engine sends what ``configure`` returns and hands
-``aggregate`` the valid replies. Secure aggregation (:mod:`.secure_round`) takes only
+``aggregate`` the valid replies. Secure aggregation (:mod:`.secagg.coordinator`) takes only
 ``linear`` strategies: it asks them for ``weights`` from the declared scalars and never
 hands them an update.
 """

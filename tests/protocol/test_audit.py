@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedseg.protocol.audit import (
+from fedseg.protocol.audit.log import (
     AUDIT_LABEL,
     GENESIS,
     AuditError,

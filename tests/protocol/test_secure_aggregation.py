@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from fedseg.protocol.aggregate import weighted_average
 from fedseg.protocol.errors import MessageError, PlanError, RoundError
 from fedseg.protocol.identity import fingerprint
-from fedseg.protocol.masking import expand, pairwise_seed
-from fedseg.protocol.quantize import dequantize, flatten, quantize, scale_bits, unflatten
-from fedseg.protocol.round_keys import AuthenticationFailed, RoundKeys, open_sealed, seal, verify_advertisement
-from fedseg.protocol.secure_aggregation import CoordinatorRound, NodeRound, threshold
-from fedseg.protocol.shamir import ShareError, combine, split
+from fedseg.protocol.secagg.masking import expand, pairwise_seed
+from fedseg.protocol.secagg.protocol import CoordinatorRound, NodeRound, threshold
+from fedseg.protocol.secagg.quantize import dequantize, flatten, quantize, scale_bits, unflatten
+from fedseg.protocol.secagg.round_keys import AuthenticationFailed, RoundKeys, open_sealed, seal, verify_advertisement
+from fedseg.protocol.secagg.shamir import ShareError, combine, split
 
 RUN = "run-1"
 CLIP = 8.0

@@ -25,11 +25,11 @@ from fedseg.protocol.messages import (
     SecAggUnmaskRequest,
     encode,
 )
-from fedseg.protocol.quantize import flatten
 from fedseg.protocol.rounds import run_federation
 
 from engine_doubles import SITES, FailingTransport, InMemoryTransport, Reporter, TamperingTransport, tiny_plan
 from fedseg.protocol.run_store import RunStore
+from fedseg.protocol.secagg.quantize import flatten
 
 SECURE = {"secure_aggregation": True}
 
@@ -75,7 +75,7 @@ def test_keys_ride_on_the_unmask_answer_after_the_first_round(runtimes: dict[str
 
 
 def test_coordinator_never_receives_an_unmasked_update(tmp_path: Path, no_plots: None) -> None:
-    from fedseg.protocol.audit import check_policy, cross_check, verify_log
+    from fedseg.protocol.audit.log import check_policy, cross_check, verify_log
     from fedseg.protocol.identity import load_or_create_identity
 
     sites = write_federation(tmp_path / "data", n_per_site=12, size=32, seed=3)
@@ -163,7 +163,7 @@ def test_plan_that_could_overflow_is_refused_before_any_round(runtimes: dict[str
 def test_node_whose_identity_differs_from_its_invite_is_refused(runtimes: dict[str, NodeRuntime], tmp_path: Path, no_plots: None) -> None:
     from types import SimpleNamespace
 
-    from fedseg.protocol.round_keys import AuthenticationFailed
+    from fedseg.protocol.secagg.round_keys import AuthenticationFailed
 
     a, b, c = runtimes.values()
     impostor = InMemoryTransport(c)

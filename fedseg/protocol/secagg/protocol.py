@@ -61,12 +61,12 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from .errors import MessageError, PlanError, RoundError
+from ..errors import MessageError, PlanError, RoundError
+from ..wire import canonical_json
 from .masking import SEED_BYTES, add_mask, pair_sign, pairwise_seed
 from .quantize import Layout, flatten, quantize, unflatten
 from .round_keys import AuthenticationFailed, RoundKeys, b64, open_sealed, raw, seal, unb64, verify_advertisement
 from .shamir import SHARE_BYTES, ShareError, combine, share_index, split
-from .wire import canonical_json
 
 __all__ = ["SELF_MASK_LABEL", "Stage", "threshold", "commit", "NodeRound", "CoordinatorRound"]
 

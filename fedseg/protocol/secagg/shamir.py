@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 __all__ = ["PRIME", "SECRET_BYTES", "SHARE_BYTES", "ShareError", "split", "combine", "share_index"]
 

@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import MessageError
-from .identity import fingerprint
+from ..errors import MessageError
+from ..identity import fingerprint
+from ..wire import canonical_json
 from .masking import hkdf
-from .wire import canonical_json
 
 __all__ = [
     "KEYS_LABEL",

@@ -48,9 +48,9 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import MessageError, ProtocolError
-from .messages import MESSAGE_TYPES, Message, MessageKind, declared_fields
-from .wire import DEFAULT_MAX_BYTES, canonical_json, decode_frame
+from ..errors import MessageError, ProtocolError
+from ..messages import MESSAGE_TYPES, Message, MessageKind, declared_fields
+from ..wire import DEFAULT_MAX_BYTES, canonical_json, decode_frame
 
 #: File name of a writer's log: in a node's workdir and in a run directory.
 AUDIT_FILE = "audit.jsonl"
@@ -712,7 +712,7 @@ def write_report(
         title: E.g. ``"Audit report: node kvasir"``.
         findings: From :func:`check_policy` and :func:`cross_check`, listed as they are.
     """
-    from .run_store import atomic_write
+    from ..run_store import atomic_write
 
     path_md, path_png = Path(path_md), Path(path_png)
     leaks = [(s, t) for s in summaries for t in s["image_shaped_out"]]

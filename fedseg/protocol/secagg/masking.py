@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .wire import canonical_json
+from ..wire import canonical_json
 
 __all__ = ["MASK_LABEL", "SEED_BYTES", "hkdf", "pairwise_seed", "expand", "add_mask", "pair_sign"]
 

@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .errors import PlanError, RoundError
-from .messages import (
+from ..errors import PlanError, RoundError
+from ..messages import (
     Arrays,
     DescribeReply,
     SecAggKeysReply,
@@ -40,12 +40,12 @@ from .messages import (
     check_arrays,
     encode,
 )
-from .plan import Plan
+from ..plan import Plan
+from ..rounds import Peer, Reporter, _Outcome, _phase
+from ..strategies import Strategy
+from .protocol import CoordinatorRound, threshold
 from .quantize import Layout, dequantize, flatten, scale_bits, unflatten
 from .round_keys import AuthenticationFailed, verify_advertisement
-from .rounds import Peer, Reporter, _Outcome, _phase
-from .secure_aggregation import CoordinatorRound, threshold
-from .strategies import Strategy
 
 __all__ = ["SecureRounds"]
 

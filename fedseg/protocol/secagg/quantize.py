@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .errors import PlanError
+from ..errors import PlanError
 
 __all__ = ["MIN_BITS", "Layout", "scale_bits", "flatten", "unflatten", "quantize", "dequantize"]
 
