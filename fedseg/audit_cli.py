@@ -17,7 +17,8 @@ def audit() -> None:
 
 def _load(run_dir: Path, node_dirs: tuple[Path, ...]):  # noqa: ANN202 - lazy imports below
     from fedseg.node.config import NodeConfig
-    from fedseg.protocol.audit.log import AUDIT_FILE, verify_log
+    from fedseg.protocol.audit.log import AUDIT_FILE
+    from fedseg.protocol.audit.verify import verify_log
     from fedseg.protocol.identity import load_or_create_identity
     from fedseg.protocol.plan import Plan
     from fedseg.protocol.run_store import RunStore
@@ -47,7 +48,8 @@ def _load(run_dir: Path, node_dirs: tuple[Path, ...]):  # noqa: ANN202 - lazy im
 @click.argument("node_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 def verify(run_dir: Path, node_dirs: tuple[Path, ...]) -> None:
     """Check every chain and signature, that both ends logged each message alike, and the privacy policy."""
-    from fedseg.protocol.audit.log import check_policy, cross_check
+    from fedseg.protocol.audit.cross_check import cross_check
+    from fedseg.protocol.audit.policy import check_policy
     from fedseg.protocol.errors import ProtocolError
     from fedseg.protocol.identity import fingerprint, load_or_create_identity
 
@@ -81,7 +83,8 @@ def verify(run_dir: Path, node_dirs: tuple[Path, ...]) -> None:
 @option("--out", type=click.Path(path_type=Path), default=None, show_default="RUN_DIR/audit", help="Folder for the reports.")
 def report(run_dir: Path, node_dirs: tuple[Path, ...], out: Path | None) -> None:
     """Write a plain-language report per node: messages, bytes in and out, what left, refusals."""
-    from fedseg.protocol.audit.log import check_policy, summarize, write_report
+    from fedseg.protocol.audit.policy import check_policy
+    from fedseg.protocol.audit.report import summarize, write_report
     from fedseg.protocol.errors import ProtocolError
 
     try:

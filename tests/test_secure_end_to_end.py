@@ -10,7 +10,7 @@ from conftest import TINY_PLAN_ARGS, fedseg
 
 
 def test_secure_run_equals_the_plain_run_and_sends_no_update(federation, tmp_path: Path) -> None:
-    from fedseg.protocol.audit.log import read_log
+    from fedseg.protocol.audit.verify import read_log
     from fedseg.protocol.run_store import RunStore
 
     invites = [arg for node in federation.values() for arg in ("--invite", str(node.invite))]

@@ -53,6 +53,7 @@ __all__ = [
     "SPLITS",
     "PERSONAL_PREFIX",
     "MESSAGE_TYPES",
+    "TYPE_BY_KIND",
     "declared_fields",
     "encode",
     "decode",
@@ -588,7 +589,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     SecAggUnmaskRequest, SecAggUnmaskReply,
     PersonalRequest, PersonalReply, AdaptRequest, AdaptReply,
 )
-_TYPES: dict[str, type[Message]] = {cls.KIND.value: cls for cls in MESSAGE_TYPES}
+#: Each declared message type under its kind, as frames name it.
+TYPE_BY_KIND: dict[str, type[Message]] = {cls.KIND.value: cls for cls in MESSAGE_TYPES}
 
 
 def declared_fields(cls: type[Message]) -> tuple[frozenset[str], frozenset[str]]:
@@ -620,7 +622,7 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
         MessageError: Naming the unknown kind or version, or the bad field or tensor.
     """
     frame = decode_frame(data, max_bytes)
-    cls = _TYPES.get(frame.kind)
+    cls = TYPE_BY_KIND.get(frame.kind)
     if cls is None:
         raise MessageError(f"unknown message kind {frame.kind!r}")
     if frame.schema_version != cls.SCHEMA_VERSION:

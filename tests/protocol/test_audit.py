@@ -1,4 +1,4 @@
-"""Tests of the privacy audit log (fedseg.protocol.audit): chain, tampering, cross-check, policy."""
+"""Tests of the privacy audit (fedseg.protocol.audit): chain, tampering, cross-check, policy, report."""
 from __future__ import annotations
 
 import hashlib
@@ -12,19 +12,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedseg.protocol.audit.log import (
-    AUDIT_LABEL,
-    GENESIS,
-    AuditError,
-    AuditLog,
-    check_policy,
-    cross_check,
-    frame_schema,
-    read_log,
-    summarize,
-    verify_log,
-    write_report,
-)
+from fedseg.protocol.audit.cross_check import cross_check
+from fedseg.protocol.audit.entry import AUDIT_LABEL, GENESIS, AuditError
+from fedseg.protocol.audit.log import AuditLog
+from fedseg.protocol.audit.policy import check_policy
+from fedseg.protocol.audit.report import summarize, write_report
+from fedseg.protocol.audit.schema import frame_schema
+from fedseg.protocol.audit.verify import read_log, verify_log
 from fedseg.protocol.errors import ProtocolError
 from fedseg.protocol.messages import (
     DescribeReply,

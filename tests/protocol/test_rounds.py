@@ -769,7 +769,9 @@ def test_lcfed_sites_must_match_the_invited_nodes(runtimes: dict[str, NodeRuntim
 
 
 def test_both_ends_log_every_message_and_the_logs_agree(tmp_path: Path, no_plots: None) -> None:
-    from fedseg.protocol.audit.log import check_policy, cross_check, verify_log
+    from fedseg.protocol.audit.cross_check import cross_check
+    from fedseg.protocol.audit.policy import check_policy
+    from fedseg.protocol.audit.verify import verify_log
     from fedseg.protocol.identity import load_or_create_identity
 
     sites = write_federation(tmp_path / "data", n_per_site=12, size=32, seed=3)

@@ -75,7 +75,9 @@ def test_keys_ride_on_the_unmask_answer_after_the_first_round(runtimes: dict[str
 
 
 def test_coordinator_never_receives_an_unmasked_update(tmp_path: Path, no_plots: None) -> None:
-    from fedseg.protocol.audit.log import check_policy, cross_check, verify_log
+    from fedseg.protocol.audit.cross_check import cross_check
+    from fedseg.protocol.audit.policy import check_policy
+    from fedseg.protocol.audit.verify import verify_log
     from fedseg.protocol.identity import load_or_create_identity
 
     sites = write_federation(tmp_path / "data", n_per_site=12, size=32, seed=3)
