@@ -759,19 +759,19 @@ class FedMixTrainer:
         try:
             # Chunked so only the accepted augmented images are held, not a float copy of all.
             for i in range(0, images.shape[0], cfg.batch_size):
-                xb = _as_float_images(images[i : i + cfg.batch_size])  # (b, C, H, W)
+                # On the training device, where the batch is augmented too.
+                xd = _as_float_images(images[i : i + cfg.batch_size]).to(device)  # (b, C, H, W)
                 # Image-level nodes have nothing spatial to transform; a zero mask stands in.
-                bb = box_masks[i : i + cfg.batch_size].float() if box_masks is not None else (
-                    torch.zeros(xb.shape[0], 1, *xb.shape[-2:])
+                bb = box_masks[i : i + cfg.batch_size].float().to(device) if box_masks is not None else (
+                    torch.zeros(xd.shape[0], 1, *xd.shape[-2:], device=device)
                 )  # (b, 1, H, W)
                 if cfg.augment:
                     # The box is a mask here, so it follows the image's geometry exactly.
-                    xb, bb = augment_batch(xb, bb, gen)
-                xd = xb.to(device)
+                    xd, bb = augment_batch(xd, bb, gen)
                 prob1 = torch.sigmoid(model.net1(xd))  # (b, 1, H, W)
                 prob2 = torch.sigmoid(model.net2(xd))
                 if box_masks is not None:
-                    sel = select_pseudo_labels(prob1, prob2, box_mask=bb.to(device), config=self.fedmix)
+                    sel = select_pseudo_labels(prob1, prob2, box_mask=bb, config=self.fedmix)
                 else:
                     assert has_lesion is not None
                     sel = select_pseudo_labels(
@@ -821,14 +821,14 @@ class FedMixTrainer:
         weigh = 0.0
         for step in range(steps):
             idx = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, total)]
-            xb = x[idx]  # (b, C, H, W)
-            targets = {"net1": None if target1 is None else target1[idx], "net2": None if target2 is None else target2[idx]}
+            # On the training device, where the batch is augmented too.
+            xb = x[idx].to(device)  # (b, C, H, W)
+            targets = {name: None if t is None else t[idx].to(device) for name, t in (("net1", target1), ("net2", target2))}
             if augment:
                 # Pixel nodes (one shared mask) and self-training nodes (none; zeros stand in).
                 shared = targets["net1"] if targets["net1"] is not None else torch.zeros_like(xb[:, :1])
                 xb, yb = augment_batch(xb, shared, gen)
                 targets = {name: None if t is None else yb for name, t in targets.items()}
-            xb = xb.to(device)
             for name, net in self.nets.items():
                 opt, yb = self.optimizers[name], targets[name]
                 if yb is None:
@@ -836,7 +836,6 @@ class FedMixTrainer:
                     losses = self._self_training_loss(net, xb, gen)
                     weighed = losses.total.detach().expand(len(idx))
                 else:
-                    yb = yb.to(device)
                     logits = net(xb)
                     losses = self.compute_loss(logits, yb)
                     weighed = aggregation_loss(logits, yb)

@@ -272,10 +272,11 @@ class LocalTrainer:
             model.zero_grad(set_to_none=True)
             loss_sum, part_sums = 0.0, {}
             for step, idx in enumerate(batches):
-                xb, yb = x[idx], y[idx]  # (b, C, H, W), (b, 1, H, W)
+                # On the training device, where the batch is augmented too.
+                xb, yb = x[idx].to(device), y[idx].to(device)  # (b, C, H, W), (b, 1, H, W)
                 if cfg.augment:
                     xb, yb = augment_batch(xb, yb, gen)
-                losses = self.compute_loss(model(xb.to(device)), yb.to(device))
+                losses = self.compute_loss(model(xb), yb)
                 losses.total.backward()
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(params, cfg.grad_clip)
