@@ -321,12 +321,11 @@ def run_plan_in_process(plan: Any, runtimes: list[Any], run_dir: Path, label: st
             "summaries": reporter.summaries, "node_info": reporter.lines, "run_dir": str(run_dir), "rows": rows}
 
 
-def run_jobs(fn: Any, jobs: list[Any], workers: int) -> list[dict[str, Any]]:
+def run_jobs(fn: Any, jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     """Runs ``fn(job)`` for every job in ``workers`` spawned processes (in this one if 1).
 
-    A job that raises, or whose worker process dies, becomes ``{**job, "error": traceback}``
-    (``{"job": job, "error": traceback}`` if the job is not a dict), and the others still
-    finish. Says after each job how many are done and about how long the rest will take.
+    A job that raises, or whose worker process dies, becomes ``{**job, "error": traceback}``,
+    and the others still finish. Says after each job how many are done and about how long the rest will take.
     Results come back in the order of ``jobs``.
     """
     import traceback
@@ -341,9 +340,9 @@ def run_jobs(fn: Any, jobs: list[Any], workers: int) -> list[dict[str, Any]]:
         per_job = (time.monotonic() - t0) / len(results)
         say(f"{len(results)}/{len(jobs)} jobs done; ~{per_job * (len(jobs) - len(results)) / 60:.1f} min to go")
 
-    def failed(job: Any, text: str) -> dict[str, Any]:
+    def failed(job: dict[str, Any], text: str) -> dict[str, Any]:
         say(f"job {job} FAILED:\n{text}")
-        return {**job, "error": text} if isinstance(job, dict) else {"job": job, "error": text}
+        return {**job, "error": text}
 
     if workers <= 1:
         for i, job in enumerate(jobs):

@@ -754,10 +754,9 @@ def handle_syft_call(site: Any, message: Any) -> dict[str, np.ndarray]:
             t0, c0 = time.perf_counter(), time.thread_time()
             rt = _get_runtime()
             digest = from_payload(message)
-            frame = STAGE.requests.take(digest) if digest is not None else None
             if digest is None:
                 reply = _refuse(rt, ErrorCode.BAD_MESSAGE, "payload must be {'sha256': 32 uint8} naming a frame staged on /fedseg/frames")
-            elif frame is None:
+            elif (frame := STAGE.requests.take(digest)) is None:
                 reply = _refuse(rt, ErrorCode.BAD_MESSAGE, f"no staged frame with sha256 {digest}: upload it to /fedseg/frames first (frames wait at most {TTL_S:.0f} s)")
             else:
                 reply = handle(rt, frame)

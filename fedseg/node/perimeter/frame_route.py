@@ -16,23 +16,24 @@ from fedseg.protocol.syft_action import FRAMES_ROUTE
 
 from .frame_stage import STAGE
 
-__all__ = ["is_frame_route", "serve_frame_route"]
+__all__ = ["answer", "is_frame_route", "serve_frame_route"]
 
-_REPLY = re.compile(rf"{FRAMES_ROUTE}/([0-9a-f]{{64}})")
+_REPLY = re.compile(re.escape(FRAMES_ROUTE) + "/([0-9a-f]{64})")
 
 
 def is_frame_route(path: str) -> bool:
     return path == FRAMES_ROUTE or path.startswith(FRAMES_ROUTE + "/")
 
 
-async def _answer(send: Any, status: int, body: bytes, content_type: bytes = b"text/plain") -> None:
+async def answer(send: Any, status: int, body: bytes, content_type: bytes = b"text/plain") -> None:
+    """Answers an ASGI request with one whole body."""
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
 async def _too_large(send: Any, text: str) -> None:
-    await _answer(send, 413, encode(ErrorReply(code=ErrorCode.BAD_MESSAGE.value, message=text)), b"application/octet-stream")
+    await answer(send, 413, encode(ErrorReply(code=ErrorCode.BAD_MESSAGE.value, message=text)), b"application/octet-stream")
 
 
 async def serve_frame_route(scope: dict[str, Any], receive: Any, send: Any, max_bytes: int, refuse: Any) -> None:
@@ -63,14 +64,14 @@ async def serve_frame_route(scope: dict[str, Any], receive: Any, send: Any, max_
             chunks.append(chunk)
             if not event.get("more_body", False):
                 break
-        await _answer(send, 200, STAGE.requests.put(b"".join(chunks)).encode())
+        await answer(send, 200, STAGE.requests.put(b"".join(chunks)).encode())
         return
     match = _REPLY.fullmatch(path)
     if method == "GET" and match:
         frame = STAGE.replies.take(match.group(1))
         if frame is None:
-            await _answer(send, 404, refuse(what, "no such reply: fetched already, or expired").encode())
+            await answer(send, 404, refuse(what, "no such reply: fetched already, or expired").encode())
             return
-        await _answer(send, 200, frame, b"application/octet-stream")
+        await answer(send, 200, frame, b"application/octet-stream")
         return
-    await _answer(send, 405 if path == FRAMES_ROUTE or match else 404, refuse(what, "only POST /fedseg/frames and GET /fedseg/frames/<sha256> are served").encode())
+    await answer(send, 405 if path == FRAMES_ROUTE or match else 404, refuse(what, "only POST /fedseg/frames and GET /fedseg/frames/<sha256> are served").encode())

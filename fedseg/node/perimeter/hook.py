@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 
 from ..node_log import log
 from .allow_list import API_ROUTE, ROUTES, AllowList
-from .frame_route import is_frame_route, serve_frame_route
+from .frame_route import answer, is_frame_route, serve_frame_route
 from .login_limit import LoginLimit
 
 __all__ = ["Peer", "guard_routes", "guard_server", "log_tls_refusals"]
@@ -90,9 +90,7 @@ def guard_routes(app: Any, allow: AllowList, max_frame_bytes: int) -> Any:
             key = parse_qs(scope.get("query_string", b"").decode()).get("verify_key", [""])[0]
             reason = allow.refusal(key, None, peer.local)
         if reason is not None:
-            body = _refuse(f"{scope.get('method', '')} {route}", peer, reason).encode()
-            await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await answer(send, 403, _refuse(f"{scope.get('method', '')} {route}", peer, reason).encode())
             return
         token = PEER.set(peer)
         try:
