@@ -16,11 +16,11 @@ its label-free rule. How far each expert is from the global model: relative L2 d
 of the weights, and 1 − Dice agreement of their predictions on the held-out site. Inside,
 every federation's sites score their running mix against the global model.
 
-Two configurations: "reference" (running mix α 0.1 of the round's model, as the paper) and
-"specialized" (α 0.5 of a copy trained 3 more local epochs, ``mix_epochs``). The extra
-epochs never touch the shared update. (The global models still differ a little between the
-two: the in-process nodes train in threads of one process, and augmentation seeds torch's
-process-wide generator, so concurrent nodes' draws interleave differently.)
+Three configurations: "reference" (running mix α 0.1 of the round's model, as the paper);
+"ensemble" (α 0.7: a temporal average of the node's last few local models rather than
+little more than the latest one); and "specialized" (α 0.5 of a copy trained 3 more local
+epochs, ``mix_epochs``). Neither the mix nor the extra epochs touch the shared update, so
+for a seed every configuration trains the same global model.
 
 Everything runs in process: each site is the node's own ``NodeRuntime`` behind its
 whitelist (``handle``), driven by the coordinator's ``run_federation`` and
@@ -61,7 +61,8 @@ TASKS: dict[str, dict[str, Any]] = {
                                           ("CVC-ColonDB", "polyp/CVC-ColonDB", None)]},
 }
 #: Inside personalization per configuration (plan.personal).
-CONFIGS: dict[str, dict[str, float]] = {"reference": {"alpha": 0.1, "mix_epochs": 0.0}, "specialized": {"alpha": 0.5, "mix_epochs": 3.0}}
+CONFIGS: dict[str, dict[str, float]] = {"reference": {"alpha": 0.1, "mix_epochs": 0.0}, "ensemble": {"alpha": 0.7, "mix_epochs": 0.0},
+                                         "specialized": {"alpha": 0.5, "mix_epochs": 3.0}}
 #: Method -> the adapt reply's model; "best expert" and "mean expert" are derived from the experts' scores.
 OUTSIDE = {"global": "global", "AdaBN": "norm_stats", "TENT": "tent", "uniform average": "uniform", "routing before": "routed_before",
            "routing adapted": "routed_adapted", "routing (kept)": "routed"}

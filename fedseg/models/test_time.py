@@ -70,7 +70,8 @@ def tent(model: nn.Module, images: torch.Tensor, config: AdaptConfig, seed: int)
     """TENT: minimizes the prediction entropy over the model's norm affine parameters alone.
 
     Everything else is frozen (``requires_grad`` off). Same epochs, batch size, learning
-    rate and entropy as routing's adaptation, without its consistency and shape terms;
+    rate, entropy and foreground prior as routing's adaptation, without its consistency
+    and shape terms: TENT without the prior erases lesions just as routing does;
     like routing, the model ends with the site's BatchNorm statistics.
 
     Args:

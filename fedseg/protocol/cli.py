@@ -157,6 +157,8 @@ def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - th
 @option("--batch-size", type=int, default=None, show_default="8", help="Images per step.")
 @option("--routing", type=click.Choice(["softmax", "sigmoid"]), default=None, show_default="softmax", help="Expert weights.")
 @option("--threads", type=int, default=None, show_default="1", help="torch threads on the new node.")
+@option("--lambda-prior", type=float, default=None, show_default="10.0", help="Weight of the term that keeps the predicted lesion mass where "
+        "it was before adapting; 0 is the paper's objective, whose entropy term can erase every lesion.")
 @option("--keep-margin", type=float, default=None, show_default="0.01", help="Keep the adapted routing only if it agrees with the experts' "
         "majority vote this much more (mean Dice) than routing before adaptation.")
 def adapt(invite: Path, run_dir: Path, **options: Any) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from fedseg.models.routing import (
     consistency_loss,
     consistency_noise,
     entropy_loss,
+    foreground_prior_loss,
+    initial_foreground,
     route_experts,
     shape_loss,
 )
@@ -151,7 +154,7 @@ def test_adaptation_changes_only_routers_and_norm_affine_and_lowers_entropy(conf
     first = adapt(routed, images, AdaptConfig(epochs=0.34, batch_size=8, lr=1e-9), seed=0)
     result = adapt(routed, images, cfg, seed=0, progress=lambda step, steps, parts: calls.append((step, steps)))
     assert result.steps == 9 and calls[-1] == (9, 9) and result.n_images == 24
-    assert set(result.parts) == {"entropy", "consistency", "shape"} and math.isfinite(result.mean_loss)
+    assert set(result.parts) == {"entropy", "consistency", "shape", "prior"} and math.isfinite(result.mean_loss)
     assert result.parts["entropy"] < first.parts["entropy"]
     changed = {k for k, v in routed.state_dict().items() if not torch.equal(v, before[k])}
     # Beside what trains, only BatchNorm statistics change: set to the site's after adapting.
@@ -210,4 +213,40 @@ def test_adapt_config_names_bad_field() -> None:
         AdaptConfig(shape_window=4)
     with pytest.raises(ModelError, match="epochs"):
         AdaptConfig(epochs=0)
+    with pytest.raises(ModelError, match="lambda_prior"):
+        AdaptConfig(lambda_prior=-1.0)
     assert AdaptConfig.from_dict(AdaptConfig(routing="sigmoid").to_dict()).routing == "sigmoid"
+
+
+def test_foreground_anchor_prices_moving_the_lesion_mass_not_its_place() -> None:
+    reference = torch.tensor(0.1)
+    logits = torch.full((2, 1, 8, 8), -10.0)
+    logits[:, :, :2, :4] = 10.0  # 1/8 of the pixels
+    same = logits.clone()
+    same[:, :, :2, :4] = -10.0
+    same[:, :, 6:, 4:] = 10.0  # the same mass elsewhere
+    torch.testing.assert_close(foreground_prior_loss(logits, reference), foreground_prior_loss(same, reference))
+    half, double = (torch.logit(torch.tensor(p)).expand(1, 1, 4, 4) for p in (0.05, 0.2))
+    assert foreground_prior_loss(half, reference).item() == pytest.approx(foreground_prior_loss(double, reference).item(), rel=0.02)
+    empty = torch.full((1, 1, 4, 4), -30.0)
+    assert foreground_prior_loss(empty, reference) > 4 * foreground_prior_loss(half, reference)
+    # Its gradient pushes a shrinking foreground back up.
+    x = torch.full((1, 1, 4, 4), -4.0, requires_grad=True)
+    foreground_prior_loss(x, reference).backward()
+    assert (x.grad < 0).all()
+
+
+def test_the_anchor_keeps_entropy_minimisation_from_erasing_the_lesions() -> None:
+    images, masks = squares(24, seed=0)
+    glob = state_to_arrays(_trained(BATCH, images, masks, lr=3e-3, batch_size=8, local_epochs=4))
+    # An aggressive adaptation, so that entropy alone has room to collapse.
+    cfg = AdaptConfig(epochs=6, batch_size=8, lr=5e-2, lambda_cons=0.0, lambda_shape=0.0)
+    start = route_experts(BATCH, [("a", glob), ("global", glob)], seed=0)
+    before = initial_foreground(start, images, 8).mean().item()
+    fractions = {}
+    for weight in (0.0, 10.0):
+        routed = route_experts(BATCH, [("a", glob), ("global", glob)], seed=0)
+        result = adapt(routed, images, replace(cfg, lambda_prior=weight), seed=0)
+        assert ("prior" in result.parts) and (result.parts["prior"] == 0) == (weight == 0)
+        fractions[weight] = initial_foreground(routed, images, 8).mean().item()
+    assert abs(math.log(fractions[10.0] / before)) < abs(math.log(fractions[0.0] / before))
