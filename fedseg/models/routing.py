@@ -390,7 +390,7 @@ def foreground_prior_loss(logits: torch.Tensor, reference: torch.Tensor) -> torc
 
 @torch.no_grad()
 def initial_foreground(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Each image's mean foreground probability ``(N,)`` before adaptation, on the CPU.
+    """Each image's mean foreground probability ``(N,)`` before adaptation, on the model's device.
 
     The model predicts as it does during the adaptation's steps (training mode, so
     BatchNorm uses each batch's statistics), except that the routers' dropout is off, so
@@ -404,7 +404,7 @@ def initial_foreground(model: nn.Module, images: torch.Tensor, batch_size: int) 
     for m in dropouts:
         m.eval()
     try:
-        return torch.cat([torch.sigmoid(model(_as_float_images(images[i : i + batch_size]).to(device))).mean(dim=(1, 2, 3)).cpu()
+        return torch.cat([torch.sigmoid(model(_as_float_images(images[i : i + batch_size]).to(device))).mean(dim=(1, 2, 3))
                           for i in range(0, images.shape[0], batch_size)])
     finally:
         model.train(was_training)
@@ -420,7 +420,8 @@ def test_time_losses(
         images: ``(B, C, H, W)`` float in [0, 1].
         config: The loss weights, noise and window.
         generator: Source of the consistency loss's noise and transforms.
-        prior: ρ₀ of :func:`foreground_prior_loss` for this batch; None leaves the term out.
+        prior: ρ₀ of :func:`foreground_prior_loss` for this batch, on the model's device;
+            None leaves the term out.
 
     Returns:
         The weighted total and the unweighted parts "entropy", "consistency" (0 when
@@ -431,7 +432,7 @@ def test_time_losses(
     # Without its weight (TENT) the consistency term would cost a second forward pass for nothing.
     cons = consistency_loss(model, images, logits, config.noise_scale, generator) if config.lambda_cons else logits.new_zeros(())
     shape = shape_loss(logits, config.shape_window)
-    anchor = foreground_prior_loss(logits, prior.to(logits.device)) if prior is not None else logits.new_zeros(())
+    anchor = foreground_prior_loss(logits, prior) if prior is not None else logits.new_zeros(())
     total = config.lambda_ent * ent + config.lambda_cons * cons + config.lambda_shape * shape + config.lambda_prior * anchor
     return Losses(total=total, parts={"entropy": ent.item(), "consistency": cons.item(), "shape": shape.item(), "prior": anchor.item()})
 
