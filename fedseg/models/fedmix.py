@@ -61,6 +61,7 @@ __all__ = [
     "aggregation_loss",
     "fixed_weights",
     "box_from_mask",
+    "box_projection_loss",
     "boxes_to_mask",
     "enlarge_box",
     "random_margins",
@@ -101,6 +102,10 @@ class FedMixConfig(DictConfig):
             by sample count (FedST's [0.05, 0.05, 0.9]); in [0, 1).
         confidence: Self-training learns pixels with ``p > confidence`` or
             ``p < 1 - confidence``; in (0.5, 1).
+        box_projection: Weight of :func:`box_projection_loss` on every image of a
+            box node that accepted at least one pseudo-label, rejected images
+            included; >= 0. 0 is the paper's FedMix, where a rejected image
+            teaches nothing although its box says where the lesion is not.
     """
 
     lam: float = 10.0
@@ -113,6 +118,7 @@ class FedMixConfig(DictConfig):
     warmup_rounds: int = 0
     weak_weight: float = 0.0
     confidence: float = 0.9
+    box_projection: float = 1.0
 
     def __post_init__(self) -> None:
         check_number("FedMixConfig", "lam", self.lam, lo=0)
@@ -127,6 +133,7 @@ class FedMixConfig(DictConfig):
         check_number("FedMixConfig", "warmup_rounds", self.warmup_rounds, lo=0, integer=True)
         check_number("FedMixConfig", "weak_weight", self.weak_weight, lo=0, hi=1, hi_open=True)
         check_number("FedMixConfig", "confidence", self.confidence, lo=0.5, hi=1, lo_open=True, hi_open=True)
+        check_number("FedMixConfig", "box_projection", self.box_projection, lo=0)
 
 
 # --------------------------------------------------------------------------- boxes
@@ -406,6 +413,44 @@ def select_pseudo_labels(
     return Selection(accepted=accepted, pseudo1=y1, pseudo2=y2)
 
 
+def box_projection_loss(logits: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+    """Per-image loss that the prediction spans its box, the box supervision of BoxInst (Tian et al., CVPR 2021).
+
+    A box fixes the projections of its lesion: the column-wise maximum of the mask is 1
+    exactly on the box's columns, and the row-wise maximum on its rows. This is the
+    Dice loss ``1 - 2 Σ p b / (Σ p² + Σ b²)`` between the predicted probability's
+    projections and the box's, summed over both axes. It is 0 for any prediction that
+    touches every row and column of the box and nothing outside it, so, unlike a
+    pseudo-label, it does not say which pixels inside the box are lesion: it needs no
+    agreement between the networks, and every box image can teach it. The margin of a
+    synthesised box makes its target a few pixels wider than the lesion.
+
+    Args:
+        logits: ``(B, 1, H, W)``.
+        box_mask: ``(B, 1, H, W)`` in {0, 1}, non-empty for every image.
+
+    Returns:
+        ``(B,)`` in [0, 2], with grad.
+
+    Raises:
+        ModelError: On unequal or non ``(B, 1, H, W)`` shapes, or an empty box mask.
+    """
+    if logits.ndim != 4 or logits.shape[1] != 1 or logits.shape != box_mask.shape:
+        raise ModelError(
+            f"box_projection_loss expects logits and box_mask (B, 1, H, W) of equal shape, "
+            f"got logits {tuple(logits.shape)} and box_mask {tuple(box_mask.shape)}"
+        )
+    box = box_mask.to(logits.dtype)
+    if not bool((box.flatten(1).sum(1) > 0).all()):
+        raise ModelError("box_projection_loss needs a non-empty box on every image")
+    prob = torch.sigmoid(logits)
+    loss = logits.new_zeros(logits.shape[0])
+    for axis in (2, 3):
+        p, b = prob.amax(dim=axis).flatten(1), box.amax(dim=axis).flatten(1)  # (B, W) or (B, H)
+        loss = loss + 1 - 2 * (p * b).sum(1) / ((p * p).sum(1) + (b * b).sum(1))
+    return loss
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -670,8 +715,12 @@ class FedMixTrainer:
         train on the ground truth. Weak node (``box_masks`` or ``has_lesion``), with
         co-training: each image is augmented once, both networks predict it in eval
         mode, and :func:`select_pseudo_labels` picks the triples ``(x_aug, y1, y2)``;
-        network 1 then trains toward ``y2`` and network 2 toward ``y1``. A weak node
-        that accepts nothing trains nothing (``n_samples == 0``, weights untouched).
+        network 1 then trains toward ``y2`` and network 2 toward ``y1``. With
+        ``box_projection`` > 0, a box node also trains both networks on
+        :func:`box_projection_loss` over all its images, the rejected ones included;
+        ``n_samples`` still counts the accepted pseudo-labels, the ``n_k`` of the
+        adaptive weights. A weak node that accepts nothing trains nothing
+        (``n_samples == 0``, weights untouched).
         With self-training (FedST) every image is used and the weak labels are not.
 
         Args:
@@ -723,14 +772,14 @@ class FedMixTrainer:
                 result = self._fit(_as_float_images(images), None, None, gen, augment=cfg.augment)
                 accepted = candidates = images.shape[0]
             else:
-                x, y1, y2 = self._pseudo_label(images, box_masks, has_lesion, gen)
-                accepted, candidates = x.shape[0], images.shape[0]
+                x, y1, y2, chosen, boxes = self._pseudo_label(images, box_masks, has_lesion, gen)
+                accepted, candidates = int(chosen.sum()), images.shape[0]
                 if accepted == 0:
                     # Never fall back to any ground truth (METHODS §4): train nothing.
                     result = (0, 0.0, 0, {})
                 else:
                     # The triples are already augmented and stay fixed for the round.
-                    result = self._fit(x, y2, y1, gen, augment=False)
+                    result = self._fit(x, y2, y1, gen, augment=False, boxes=boxes, accepted=chosen if boxes is not None else None)
         n, mean_loss, steps, parts = result
         return FedMixRoundResult(
             n_samples=n,
@@ -749,15 +798,20 @@ class FedMixTrainer:
         box_masks: torch.Tensor | None,
         has_lesion: torch.Tensor | None,
         gen: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Augments every image once and keeps the accepted ``(x_aug, y1, y2)``, on the model's device."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Augments every image once and labels it: ``(x_aug, y1, y2, accepted, boxes)`` on the model's device.
+
+        Only the accepted images are kept, unless the box projection trains on every
+        image of a box node; then all are, with their augmented boxes (else None).
+        """
         model, cfg = self.model, self.config
         device = _device(model)
+        keep_all = box_masks is not None and self.fedmix.box_projection > 0
         was_training = model.training
         model.eval()
-        kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        kept: list[tuple[torch.Tensor, ...]] = []
         try:
-            # Chunked so only the accepted augmented images are held, not a float copy of all.
+            # Chunked so that, without the projection, only the accepted augmented images are held.
             for i in range(0, images.shape[0], cfg.batch_size):
                 # On the training device, where the batch is augmented too.
                 xd = _as_float_images(images[i : i + cfg.batch_size]).to(device)  # (b, C, H, W)
@@ -777,12 +831,13 @@ class FedMixTrainer:
                     sel = select_pseudo_labels(
                         prob1, prob2, has_lesion=has_lesion[i : i + cfg.batch_size], config=self.fedmix
                     )
-                keep = sel.accepted  # (b,)
-                kept.append((xd[keep], sel.pseudo1[keep], sel.pseudo2[keep]))
+                keep = torch.ones_like(sel.accepted) if keep_all else sel.accepted  # (b,)
+                kept.append((xd[keep], sel.pseudo1[keep], sel.pseudo2[keep], sel.accepted[keep], bb[keep]))
         finally:
             model.train(was_training)
-        x, y1, y2 = (torch.cat(parts) for parts in zip(*kept))
-        return x, y1, y2  # (n_acc, C, H, W), (n_acc, 1, H, W), (n_acc, 1, H, W)
+        x, y1, y2, accepted, boxes = (torch.cat(parts) for parts in zip(*kept))
+        # (n, C, H, W), (n, 1, H, W) twice, (n,), (n, 1, H, W); n = all images or the accepted ones
+        return x, y1, y2, accepted, boxes if keep_all else None
 
     def _self_training_loss(self, net: nn.Module, xb: torch.Tensor, gen: torch.Generator) -> Losses:
         """FedST: BCE between the prediction on a gamma-shifted image (γ ~ U(0, 2)) and the
@@ -797,14 +852,24 @@ class FedMixTrainer:
         return Losses(total=loss, parts={"bce": loss.item()})
 
     def _fit(
-        self, x: torch.Tensor, target1: torch.Tensor | None, target2: torch.Tensor | None, gen: torch.Generator, *, augment: bool
+        self,
+        x: torch.Tensor,
+        target1: torch.Tensor | None,
+        target2: torch.Tensor | None,
+        gen: torch.Generator,
+        *,
+        augment: bool,
+        boxes: torch.Tensor | None = None,
+        accepted: torch.Tensor | None = None,
     ) -> tuple[int, float, int, dict[str, float]]:
         """Trains net1 toward ``target1`` and net2 toward ``target2`` for one round.
 
         With ``augment`` the targets must be the same tensor (a pixel node's masks):
         one augmentation is drawn per batch and applied to it. Without targets each
-        network self-trains (FedST). Returns ``(n, mean net1 aggregation loss, steps,
-        parts)``.
+        network self-trains (FedST). With ``boxes`` and ``accepted`` (a box node with
+        the projection on), the targets count only on accepted images and the
+        projection on every image with a box. Returns ``(n, mean net1 aggregation
+        loss, steps, parts)``, ``n`` and the loss over the images with a target.
         """
         if augment and target1 is not target2:
             raise ModelError("internal: only a single shared target can be augmented during training")
@@ -818,12 +883,14 @@ class FedMixTrainer:
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         sums = {"net1": 0.0, "net2": 0.0}
-        weigh = 0.0
+        weigh, weighed_n = 0.0, 0
         for step in range(steps):
             idx = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, total)]
             # On the training device, where the batch is augmented too.
             xb = x[idx].to(device)  # (b, C, H, W)
             targets = {name: None if t is None else t[idx].to(device) for name, t in (("net1", target1), ("net2", target2))}
+            bb = None if boxes is None else boxes[idx].to(device)  # (b, 1, H, W)
+            ab = None if accepted is None else accepted[idx].to(device)  # (b,)
             if augment:
                 # Pixel nodes (one shared mask) and self-training nodes (none; zeros stand in).
                 shared = targets["net1"] if targets["net1"] is not None else torch.zeros_like(xb[:, :1])
@@ -835,10 +902,15 @@ class FedMixTrainer:
                     # FedST's weights are fixed, so its own loss stands in for the aggregation loss.
                     losses = self._self_training_loss(net, xb, gen)
                     weighed = losses.total.detach().expand(len(idx))
-                else:
+                elif bb is None:
                     logits = net(xb)
                     losses = self.compute_loss(logits, yb)
                     weighed = aggregation_loss(logits, yb)
+                else:
+                    assert ab is not None
+                    logits = net(xb)
+                    losses = self._box_node_loss(logits, yb, bb, ab)
+                    weighed = aggregation_loss(logits[ab], yb[ab])
                 losses.total.backward()
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -847,5 +919,24 @@ class FedMixTrainer:
                 sums[name] += losses.total.item() * len(idx)
                 if name == "net1":
                     weigh += weighed.sum().item()
-        return n, weigh / total, steps, {"dice_net1": sums["net1"] / total, "dice_net2": sums["net2"] / total}
+                    weighed_n += len(weighed)
+        n_target = n if accepted is None else int(accepted.sum())
+        return n_target, weigh / max(weighed_n, 1), steps, {"dice_net1": sums["net1"] / total, "dice_net2": sums["net2"] / total}
+
+    def _box_node_loss(self, logits: torch.Tensor, target: torch.Tensor, box: torch.Tensor, accepted: torch.Tensor) -> Losses:
+        """A box node's loss on one batch: the pseudo-label loss on its accepted images plus
+        ``box_projection`` times :func:`box_projection_loss` on its images with a box.
+
+        A lesion-free image has no box and is always accepted, so every image adds a term.
+        """
+        total, parts = logits.new_zeros(()), {}
+        if bool(accepted.any()):
+            pseudo = self.compute_loss(logits[accepted], target[accepted])
+            total, parts = total + pseudo.total, dict(pseudo.parts)
+        has_box = box.flatten(1).sum(1) > 0  # (b,)
+        if bool(has_box.any()):
+            projection = box_projection_loss(logits[has_box], box[has_box]).mean()
+            total = total + self.fedmix.box_projection * projection
+            parts["projection"] = projection.item()
+        return Losses(total=total, parts=parts)
 

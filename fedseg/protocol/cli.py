@@ -15,7 +15,7 @@ __all__ = ["adapt", "run", "plan_from_options"]
 _TOP = ("rounds", "image_size", "seed", "timeout_s", "min_nodes", "overlays", "aggregation")
 _MODEL = ("width", "depth", "in_channels", "norm")
 _TRAIN = ("lr", "batch_size", "local_epochs", "threads")
-_FEDMIX = ("lam", "beta", "tau", "adaptive")
+_FEDMIX = ("lam", "beta", "tau", "adaptive", "box_projection")
 _PERSONAL = ("alpha", "mix_epochs", "head_fraction", "finetune_epochs")
 #: LC-Fed option name -> its key in plan.lcfed ("alpha" there is the contrastive weight).
 _LCFED = {"contrastive_weight": "alpha", "hc_epochs": "hc_epochs"}
@@ -82,6 +82,8 @@ def plan_from_options(base: dict[str, Any], options: dict[str, Any]) -> dict[str
 @option("--tau", type=float, default=None, show_default="0.9", help="FedMix τ: agreement needed to accept a pseudo-label.")
 @option("--adaptive/--no-adaptive", default=None, show_default="adaptive",
               help="FedMix adaptive aggregation weights (--no-adaptive: plain n_k, the ablation).")
+@option("--box-projection", type=float, default=None, show_default="1.0",
+        help="FedMix: weight of the loss that a box node's predictions span their boxes, on every box image (0: the paper's FedMix).")
 @option("--alpha", type=float, default=None, show_default="0.1", help="IOP-FL: weight of the previous running mix.")
 @option("--mix-epochs", type=float, default=None, show_default="0.0", help="IOP-FL: local epochs a node trains a copy of its round's model "
         "before mixing it in, so personalized models specialize (0: the round's model itself).")

@@ -14,6 +14,7 @@ from fedseg.models.fedmix import (
     adaptive_weights,
     aggregation_loss,
     box_from_mask,
+    box_projection_loss,
     fixed_weights,
     boxes_to_mask,
     enlarge_box,
@@ -367,18 +368,96 @@ def test_weak_node_with_no_accepted_label_trains_nothing() -> None:
 def test_weak_node_cross_pseudo_supervision() -> None:
     # tau = box_agreement = 0 accept everything. net1 says "box" (all foreground,
     # masked to the box), net2 says "nothing". Cross supervision pushes net1 toward
-    # background and net2 toward the box; self-training would do the opposite.
+    # background and net2 toward the box; self-training would do the opposite. The
+    # box projection, which pulls the same way, is off so that only the pseudo-labels act.
     images, masks = squares(4, 1)
     box_masks = torch.from_numpy(synthesize_box_masks(masks.numpy(), np.random.default_rng(1), 3))
     model = _model(0)
     _force(model.net1, 3.0)
     _force(model.net2, -3.0)
     trainer = FedMixTrainer(model, TrainConfig(batch_size=4, weight_decay=0.0),
-                            FedMixConfig(tau=0.0, box_agreement=0.0))
+                            FedMixConfig(tau=0.0, box_agreement=0.0, box_projection=0.0))
     result = trainer.train_round(images, box_masks=box_masks, seed=0)
     assert (result.n_samples, result.steps, result.accepted, result.candidates) == (4, 1, 4, 4)
     assert set(result.parts) == {"dice_net1", "dice_net2"} and 0 < result.mean_loss < 1
     assert model.net1.head.bias.item() < 3.0 and model.net2.head.bias.item() > -3.0
+
+
+def test_box_projection_prices_the_extent_not_the_shape() -> None:
+    box = _box(1, 8, 24)  # rows and columns 8..23
+    filled = torch.where(box > 0, 20.0, -20.0)
+    cross = torch.full_like(box, -20.0)  # a thin cross touching every row and column of the box, nothing outside
+    cross[:, :, 8:24, 15] = 20.0
+    cross[:, :, 15, 8:24] = 20.0
+    half = torch.full_like(box, -20.0)
+    half[:, :, 8:24, 8:16] = 20.0  # every row, half the columns
+    spill = filled.clone()
+    spill[:, :, 8:24, 24:30] = 20.0  # the box plus 6 columns outside it
+    loss = {name: box_projection_loss(x, box).item() for name, x in
+            (("filled", filled), ("cross", cross), ("half", half), ("spill", spill))}
+    assert loss["filled"] < 1e-6 and loss["cross"] < 1e-6
+    assert loss["half"] == pytest.approx(1 - 2 * 8 / (8 + 16), abs=1e-4)  # rows exact, columns Dice 2/3
+    assert loss["spill"] == pytest.approx(1 - 2 * 16 / (22 + 16), abs=1e-4)
+
+
+def test_box_projection_gradient_grows_the_prediction_into_its_box_and_out_of_the_rest() -> None:
+    box = _box(1, 8, 24)
+    logits = torch.zeros(1, 1, 32, 32, requires_grad=True)
+    box_projection_loss(logits, box).sum().backward()
+    grad = logits.grad[0, 0]
+    # Gradient descent raises the logits inside the box and lowers them where neither row nor column is the box's.
+    assert grad[16, 16] < 0 and grad[2, 2] > 0 and grad[2, 28] > 0
+
+
+def test_box_projection_argument_checks() -> None:
+    with pytest.raises(ModelError, match="equal shape"):
+        box_projection_loss(torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 9))
+    with pytest.raises(ModelError, match="non-empty box"):
+        box_projection_loss(torch.zeros(2, 1, 8, 8), torch.cat([torch.ones(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)]))
+    with pytest.raises(ModelError, match="box_projection"):
+        FedMixConfig(box_projection=-1.0)
+
+
+@pytest.mark.parametrize("projection", [0.0, 1.0])
+def test_rejected_box_images_teach_only_through_the_projection(projection: float) -> None:
+    # Both networks predict nothing on every image: Dice(y1, B) = 0 < box_agreement
+    # rejects all, except image 0, whose box is blanked so it is lesion-free and accepted.
+    # Changing a rejected image must change the update exactly when the projection is on.
+    images, masks = squares(6, 3)
+    box_masks = torch.from_numpy(synthesize_box_masks(masks.numpy(), np.random.default_rng(3), 3))
+    box_masks[0] = 0
+    updates = []
+    for scale in (1.0, 0.5):
+        x = images.clone()
+        x[3] = (x[3].float() * scale).to(x.dtype)
+        model = _model(0)
+        _force(model.net1, -4.0)
+        _force(model.net2, -4.0)
+        trainer = FedMixTrainer(model, TrainConfig(batch_size=6, augment=False), FedMixConfig(box_projection=projection))
+        result = trainer.train_round(x, box_masks=box_masks, seed=0)
+        assert (result.n_samples, result.accepted, result.candidates) == (1, 1, 6)
+        updates.append(_snapshot(model))
+    same = all(torch.equal(v, updates[1][k]) for k, v in updates[0].items())
+    assert same is (projection == 0.0)
+
+
+def test_box_projection_teaches_where_pseudo_labels_are_rejected() -> None:
+    # One accepted lesion-free image keeps the node training; every lesion image is
+    # rejected (tau = 1). Without the projection the node learns only "background" and
+    # its Dice on the lesions falls to 0; with it, the boxes alone keep the lesions found.
+    images, masks = squares(8, 4)
+    box_masks = torch.from_numpy(synthesize_box_masks(masks.numpy(), np.random.default_rng(4), 1))
+    box_masks[0] = 0
+    dice = {}
+    for projection in (0.0, 1.0):
+        model = _model(1)
+        before = evaluate(model, images[1:], masks[1:])["dice"]
+        trainer = FedMixTrainer(model, TrainConfig(batch_size=8, lr=1e-2, augment=False),
+                                FedMixConfig(tau=1.0, box_agreement=1.0, box_projection=projection))
+        for r in range(10):
+            trainer.train_round(images, box_masks=box_masks, seed=r)
+        dice[projection] = evaluate(model, images[1:], masks[1:])["dice"]
+    assert dice[0.0] < 0.05 and dice[1.0] > before, (before, dice)
 
 
 def test_image_level_node_learns_from_negatives() -> None:
