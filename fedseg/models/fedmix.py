@@ -17,6 +17,9 @@ labels. Two independently initialised U-Nets are co-trained:
 * **Co-training** (:class:`FedMixTrainer`): pixel clients train both networks on
   the ground truth; weak clients use cross pseudo-supervision (network 1 learns
   network 2's label and vice versa), with the plan's Dice + BCE loss.
+* **Box projection** (:func:`box_projection_loss`, fedseg's addition): on box
+  clients every image, its pseudo-label accepted or not, also teaches both networks
+  that their prediction spans its box.
 * **Adaptive aggregation** (:func:`adaptive_weights`): the server weights client
   k by ``(d_k + lam * s_k) / sum_j (d_j + lam * s_j)`` from its sample share
   ``d_k`` and loss share ``s_k``.
