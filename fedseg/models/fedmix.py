@@ -887,6 +887,8 @@ class FedMixTrainer:
         self.model.zero_grad(set_to_none=True)
         sums = {"net1": 0.0, "net2": 0.0}
         weigh, weighed_n = 0.0, 0
+        # Which images have a box is fixed for the round: found once, not per step and network.
+        has_box = None if boxes is None else boxes.flatten(1).sum(1) > 0  # (n,)
         for step in range(steps):
             idx = order[step * cfg.batch_size : min((step + 1) * cfg.batch_size, total)]
             # On the training device, where the batch is augmented too.
@@ -894,6 +896,7 @@ class FedMixTrainer:
             targets = {name: None if t is None else t[idx].to(device) for name, t in (("net1", target1), ("net2", target2))}
             bb = None if boxes is None else boxes[idx].to(device)  # (b, 1, H, W)
             ab = None if accepted is None else accepted[idx].to(device)  # (b,)
+            hb = None if has_box is None else has_box[idx].to(device)  # (b,)
             if augment:
                 # Pixel nodes (one shared mask) and self-training nodes (none; zeros stand in).
                 shared = targets["net1"] if targets["net1"] is not None else torch.zeros_like(xb[:, :1])
@@ -910,9 +913,9 @@ class FedMixTrainer:
                     losses = self.compute_loss(logits, yb)
                     weighed = aggregation_loss(logits, yb)
                 else:
-                    assert ab is not None
+                    assert ab is not None and hb is not None
                     logits = net(xb)
-                    losses = self._box_node_loss(logits, yb, bb, ab)
+                    losses = self._box_node_loss(logits, yb, bb, ab, hb)
                     weighed = aggregation_loss(logits[ab], yb[ab])
                 losses.total.backward()
                 if cfg.grad_clip > 0:
@@ -926,7 +929,9 @@ class FedMixTrainer:
         n_target = n if accepted is None else int(accepted.sum())
         return n_target, weigh / max(weighed_n, 1), steps, {"dice_net1": sums["net1"] / total, "dice_net2": sums["net2"] / total}
 
-    def _box_node_loss(self, logits: torch.Tensor, target: torch.Tensor, box: torch.Tensor, accepted: torch.Tensor) -> Losses:
+    def _box_node_loss(
+        self, logits: torch.Tensor, target: torch.Tensor, box: torch.Tensor, accepted: torch.Tensor, has_box: torch.Tensor
+    ) -> Losses:
         """A box node's loss on one batch: the pseudo-label loss on its accepted images plus
         ``box_projection`` times :func:`box_projection_loss` on its images with a box.
 
@@ -936,7 +941,6 @@ class FedMixTrainer:
         if bool(accepted.any()):
             pseudo = self.compute_loss(logits[accepted], target[accepted])
             total, parts = total + pseudo.total, dict(pseudo.parts)
-        has_box = box.flatten(1).sum(1) > 0  # (b,)
         if bool(has_box.any()):
             projection = box_projection_loss(logits[has_box], box[has_box]).mean()
             total = total + self.fedmix.box_projection * projection
