@@ -18,7 +18,7 @@ has the best image-weighted validation Dice, and at the last round. The scored m
 the global one (FedAvg), the node's own (Local, FedBN, FedRep, and LC-Fed's stage 1,
 "LC-Fed PCS only"), the fine-tuned copy (FT) or the calibrated one (LC-Fed, HC only,
 α = 0). LC-Fed calibrates after its last round; for its validation-chosen figure, the
-job keeps the shared weights and every node's head of its best stage-1 round and runs the
+job keeps the shared weights and every node's head of its best stage-1 round (from round 2) and runs the
 calibration stage from there too (``run_federation`` resumed at that round).
 
 **Gate and variants.** The gate asks whether there is anything to personalize: the best
@@ -77,8 +77,9 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
 #: Read off the LC-Fed runs, no run of its own: the stage-1 model, before calibration.
 PCS_ONLY = "LC-Fed PCS only"
 BASELINES = ("Local", "FedAvg", "FT", "FedBN", "FedRep")
-#: Where a validation-chosen LC-Fed run keeps its best stage-1 round, and resumes from it.
-BEST = "best_stage1"
+#: Where a validation-chosen LC-Fed run keeps its best stage-1 round, and resumes from it;
+#: and the snapshot of the round trained but not yet scored, which may become it.
+BEST, CANDIDATE = "best_stage1", "unscored_stage1"
 GATE_IOU = 0.02
 GOAL_OVER_FEDAVG, GOAL_OVER_FEDREP, GOAL_ABLATION = 0.03, 0.01, 0.005
 METRICS = ("iou", "dice", "assd")
@@ -183,14 +184,24 @@ class JobReporter:
         dice = image_weighted(rows, "", "val", "dice")
         if round_ % 10 == 0 or round_ >= self.rounds:
             say(f"{self.label}: {summary.get('stage') or f'round {round_}/{self.rounds}'} {summary['seconds']:.1f} s, val Dice {dice:.3f}")
-        if self.keep_best and 1 <= round_ <= self.rounds and dice > self.best[0]:
+        if not self.keep_best or "stage" in summary:
+            return
+        # Round r >= 1 is scored on round r+1's train request, so by now the checkpoint and
+        # the nodes' local parts are round r+1's: the state round r had is the snapshot taken
+        # one call earlier, kept if r is the best round so far. Round 1's state is never on
+        # disk at a call (round 0 is scored before it trains), so the best counts from round 2.
+        candidate, keep = self.run_dir.parent / CANDIDATE, self.run_dir.parent / BEST
+        if 2 <= round_ <= self.rounds and dice > self.best[0]:
             self.best = (dice, round_)
-            keep = self.run_dir.parent / BEST
-            shutil.rmtree(keep, ignore_errors=True)
-            (keep / "run").mkdir(parents=True)
-            shutil.copy2(self.run_dir / "checkpoint.npz", keep / "run" / "checkpoint.npz")
+            if round_ < self.rounds:
+                shutil.rmtree(keep, ignore_errors=True)
+                candidate.rename(keep)
+        if 1 <= round_ < self.rounds - 1:
+            shutil.rmtree(candidate, ignore_errors=True)
+            (candidate / "run").mkdir(parents=True)
+            shutil.copy2(self.run_dir / "checkpoint.npz", candidate / "run" / "checkpoint.npz")
             for workdir in self.workdirs:
-                shutil.copytree(workdir / "personal", keep / "personal" / workdir.name)
+                shutil.copytree(workdir / "personal", candidate / "personal" / workdir.name)
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:

@@ -48,3 +48,28 @@ def test_gate_is_the_best_of_ft_and_fedrep_over_fedavg(margin, met):
 
     g = bench.gate({"FedAvg": method(0.5), "FT": method(0.5 + margin), "FedRep": method(0.4)})["personalization_over_fedavg"]
     assert g["met"] is met and g["method"] == "FT" and g["measured"] == pytest.approx(margin)
+
+
+def test_lcfed_calibrates_from_the_state_its_best_round_was_scored_with(tmp_path, monkeypatch):
+    """Round r is scored while round r+1 already trains, so the job must keep round r's own
+    checkpoint and local parts: resumed from them, the stage-1 model scores as it did in round r."""
+    from types import SimpleNamespace
+
+    from fedseg.node.synthetic import write_federation
+
+    folders = write_federation(tmp_path / "data", n_per_site=20, size=32)
+    # Validation "peaks" at round 2 of 4, whatever the model learns, so the job resumes mid-run.
+    monkeypatch.setattr(bench, "image_weighted", lambda rows, *_: 1.0 / (1 + abs(rows[0]["round"] - 2)))
+    args = SimpleNamespace(rounds=4, image_size=32, aggregation="samples", width=4, depth=2, lr=1e-3, batch_size=8,
+                           threads=1, hc_epochs=2.0)
+    job = {"variant": "as-is", "method": "LC-Fed", "seed": 0, "rounds": 4, "plan": bench.make_plan(args, "LC-Fed", 0),
+           "sites": {f.name: str(f) for f in folders}, "split_seed": 0, "threads": 1, "device": "cpu", "dir": str(tmp_path / "job")}
+    result = bench.run_job(job)
+    original = {r["site"]: r for r in result["rows"] if r["round"] == 2}
+    best = {r["site"]: r for r in result["best_rows"]}
+    assert set(best) == set(original)
+    for site, row in best.items():
+        assert row["round"] == 3 and "personal_test_iou" in row
+        # The unprefixed figures are the stage-1 model the calibration started from.
+        assert row["val_dice"] == pytest.approx(original[site]["val_dice"], abs=1e-6)
+        assert row["test_iou"] == pytest.approx(original[site]["test_iou"], abs=1e-6)
