@@ -509,6 +509,11 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def every_variant(res: dict[str, Any], variants: list[str], key: str) -> dict[str, Any]:
+    """The first variant's gate or goals as they are, each later variant's with its name appended."""
+    return {f"{k} ({v})" if v != variants[0] else k: g for v in variants for k, g in res[v][key].items()}
+
+
 def main() -> None:
     args = parse_args()
     out, config = start_bench(args)
@@ -529,7 +534,6 @@ def main() -> None:
     machine["loadavg_end"] = os.getloadavg()[0]
     failures = [f"{r['variant']} {r['method']} seed {r['seed']}: {r['error'].strip().splitlines()[-1]}" for r in runs if "error" in r]
     res = {variant: summarize_variant([r for r in runs if r["variant"] == variant]) for variant in args.variants}
-    primary = res[args.variants[0]]
     png = plot(res, out)
     md = markdown(res, config, commit_label(commit), wall, failures)
     # Every job's metrics rows stay in its run directory (metrics.jsonl); the summary keeps its costs.
@@ -539,8 +543,7 @@ def main() -> None:
     md += "\n" + "\n".join(["## Cost per training round (median over rounds and seeds)", "", "| method | wall s | CPU s |", "|---|---|---|",
                              *(f"| {m} | {c['wall_s']:.2f} | {c['cpu_s']:.2f} |" for m, c in cost.items())]) + "\n"
     record = {"config": config, "git": commit, "machine": machine, "wall_seconds": wall, "subsets": subsets, "cost_per_round": cost,
-              "gate": primary["gate"], "goals": {**primary["goals"],
-                                                 **{f"{k} ({v})": g for v in args.variants[1:] for k, g in res[v]["goals"].items()}},
+              "gate": every_variant(res, args.variants, "gate"), "goals": every_variant(res, args.variants, "goals"),
               "failures": failures, "results": res, "plot": png, "jobs": jobs_summary,
               "syft_imported": any(r.get("syft_imported") for r in runs) or "syft" in sys.modules}
     write_results(out, "bench_personalization", record, md, [png], wall)

@@ -73,3 +73,11 @@ def test_lcfed_calibrates_from_the_state_its_best_round_was_scored_with(tmp_path
         # The unprefixed figures are the stage-1 model the calibration started from.
         assert row["val_dice"] == pytest.approx(original[site]["val_dice"], abs=1e-6)
         assert row["test_iou"] == pytest.approx(original[site]["test_iou"], abs=1e-6)
+
+
+def test_the_summary_keeps_every_variants_gate_and_goals():
+    res = {"as-is": {"gate": {"g": {"met": False}}, "goals": {"x": {"met": False}}},
+           "conventions": {"gate": {"g": {"met": True}}, "goals": {"x": {"met": True}}}}
+    variants = ["as-is", "conventions"]
+    assert bench.every_variant(res, variants, "gate") == {"g": {"met": False}, "g (conventions)": {"met": True}}
+    assert bench.every_variant(res, variants, "goals") == {"x": {"met": False}, "x (conventions)": {"met": True}}
