@@ -504,7 +504,7 @@ def _check_stats(stats: Mapping[str, tuple[Any, ...]]) -> dict[str, tuple[float,
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
             raise ModelError(f"adaptive_weights: node {node!r} needs an int count >= 0, got {count!r}")
         if isinstance(share, bool) or not isinstance(share, (int, float, np.floating)) or not 0 <= share <= 1:
-            raise ModelError(f"adaptive_weights: node {node!r} needs an accepted share in [0, 1], got {share!r}")
+            raise ModelError(f"adaptive_weights: node {node!r} needs a share of taught images in [0, 1], got {share!r}")
         out[node] = (float(loss), int(count), float(share))
     if not any(n > 0 for _, n, _ in out.values()):
         raise ModelError(f"adaptive_weights: no node trained on any sample (counts {[n for _, n, _ in out.values()]})")
@@ -512,21 +512,23 @@ def _check_stats(stats: Mapping[str, tuple[Any, ...]]) -> dict[str, tuple[float,
 
 
 def adaptive_weights(stats: Mapping[str, tuple[Any, ...]], config: FedMixConfig) -> dict[str, float]:
-    """FedMix aggregation weights from each node's round loss, sample count and accepted share.
+    """FedMix aggregation weights from each node's round loss, sample count and share of images that taught it.
 
     With ``d_k = n_k / sum_j n_j`` and ``s_k = a_k l_k^β / sum_j a_j l_j^β``:
     ``w_k = (d_k + λ s_k) / sum_j (d_j + λ s_j)``, so a higher loss gives a higher
-    weight. ``a_k`` is the share of its images a weak node accepted (1 on pixel
-    nodes): the paper's formula when every image is accepted, while a weak node that
-    accepted 2 of 300 images no longer takes a loss share like one that accepted all,
-    whatever its loss on those 2. Nodes with ``n_k == 0`` trained nothing: they get 0
+    weight. ``a_k`` is the share of its images that taught a weak node's update (1 on
+    pixel nodes): its accepted pseudo-labels, or every image on a box node under
+    ``box_projection``, which teaches each of them its box. It is the paper's formula
+    when every image teaches, while a weak node whose update came from 2 of 300 images
+    no longer takes a loss share like one whose update came from all, whatever its loss
+    on those 2. Nodes with ``n_k == 0`` trained nothing: they get 0
     and are left out of every sum. If every participating loss is 0, the loss shares
     follow ``a_k`` alone. With ``config.adaptive`` False, ``w_k = d_k``.
 
     Args:
         stats: Node name to ``(l_k, n_k)`` or ``(l_k, n_k, a_k)``: network 1's mean
             :func:`aggregation_loss`, the number of samples it trained on (accepted
-            pseudo-labels on weak nodes) and the accepted share (default 1).
+            pseudo-labels on weak nodes) and the share that taught it (default 1).
         config: ``lam``, ``beta`` and ``adaptive``.
 
     Returns:

@@ -86,16 +86,26 @@ class FedAvg(Strategy):
 
 
 class FedMix(Strategy):
-    """FedMix (TMI 2023): every label kind trains; adaptive weights from (loss, count, accepted share).
+    """FedMix (TMI 2023): every label kind trains; adaptive weights from (loss, count, share of images that taught the update).
 
     With ``plan.fedmix.warmup_rounds`` only pixel nodes train in the first rounds, and
     with ``plan.fedmix.weak_weight`` the weights are fixed instead (FedST, the paper's
     comparator). A weak node is one that reports candidates (its weak images).
+
+    A weak node's loss share counts as much as the share of its images that taught its
+    update: the accepted pseudo-labels, except on a box node under the box projection,
+    where every image teaches (see :func:`adaptive_weights`). The engine asks for the
+    participants before any round, which is when the box nodes become known.
     """
 
     linear = True
 
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(plan)
+        self._box_nodes: frozenset[str] = frozenset()
+
     def participants(self, nodes: Mapping[str, DescribeReply]) -> list[str]:
+        self._box_nodes = frozenset(n for n, d in nodes.items() if d.label_kind == "box")
         if not any(d.label_kind == "pixel" for d in nodes.values()):
             kinds = {n: d.label_kind for n, d in nodes.items()}
             raise PlanError(f"fedmix needs at least one node with pixel labels to bootstrap pseudo-labels; nodes have {kinds}")
@@ -115,7 +125,9 @@ class FedMix(Strategy):
         try:
             if config.weak_weight > 0:
                 return fixed_weights({n: (r.n_samples, r.candidates > 0) for n, r in replies.items()}, config.weak_weight)
-            stats = {n: (r.mean_loss, r.n_samples, r.accepted / r.candidates if r.candidates else 1.0) for n, r in replies.items()}
+            every_image = config.box_projection > 0
+            stats = {n: (r.mean_loss, r.n_samples, r.accepted / r.candidates if r.candidates and not (every_image and n in self._box_nodes) else 1.0)
+                     for n, r in replies.items()}
             return adaptive_weights(stats, config)
         except ModelError as exc:
             raise RoundError(f"fedmix aggregation: {exc}") from None

@@ -155,6 +155,22 @@ def test_fedmix_weighs_a_weak_node_by_the_share_it_accepted() -> None:
     assert metrics["weights"]["weak"] > 0.7
 
 
+def test_fedmix_counts_every_image_of_a_box_node_under_the_box_projection() -> None:
+    # Under the projection every image of a box node teaches its update, accepted or not,
+    # so a low acceptance no longer discounts its loss share; an image-level node's still does.
+    nodes = {"pixel": _node("pixel"), "box": _node("box"), "image": _node("image")}
+    replies = {"pixel": _reply(1.0, 40, 0.3), "box": replace(_reply(4.0, 30, 0.9), accepted=30, candidates=300),
+               "image": replace(_reply(2.0, 30, 0.9), accepted=30, candidates=300)}
+    weights = {}
+    for projection in (1.0, 0.0):
+        fedmix = FedMix(Plan.from_dict({"algorithm": "fedmix", "fedmix": {"box_projection": projection}}))
+        fedmix.participants(nodes)
+        weights[projection] = fedmix.aggregate(1, replies)[1]["weights"]
+    assert weights[1.0]["box"] > 0.6 and weights[0.0]["box"] < 0.3
+    # Same loss and count as the box node, but its share still discounts it.
+    assert weights[1.0]["image"] < weights[1.0]["box"] / 5
+
+
 def test_fedst_warms_up_on_pixel_nodes_then_fixes_the_weights() -> None:
     plan = Plan.from_dict({"algorithm": "fedmix", "fedmix": {"weak_training": "self_training", "warmup_rounds": 2, "weak_weight": 0.05}})
     mixed = {"a": _node("pixel"), "b": _node("box"), "c": _node("image")}
