@@ -125,12 +125,15 @@ class FedMix(Strategy):
         try:
             if config.weak_weight > 0:
                 return fixed_weights({n: (r.n_samples, r.candidates > 0) for n, r in replies.items()}, config.weak_weight)
-            every_image = config.box_projection > 0
-            stats = {n: (r.mean_loss, r.n_samples, r.accepted / r.candidates if r.candidates and not (every_image and n in self._box_nodes) else 1.0)
-                     for n, r in replies.items()}
+            stats = {n: (r.mean_loss, r.n_samples, self._taught_share(n, r)) for n, r in replies.items()}
             return adaptive_weights(stats, config)
         except ModelError as exc:
             raise RoundError(f"fedmix aggregation: {exc}") from None
+
+    def _taught_share(self, name: str, reply: TrainReply | SecAggTrainReply) -> float:
+        if not reply.candidates or (self.plan.fedmix.box_projection > 0 and name in self._box_nodes):
+            return 1.0
+        return reply.accepted / reply.candidates
 
 
 def make_strategy(plan: Plan) -> Strategy:
