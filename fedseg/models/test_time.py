@@ -13,8 +13,8 @@ routing set, on the same images:
 It also holds the label-free rule by which ``fedseg adapt`` keeps the adapted routing or
 falls back to routing before adaptation (:func:`keeps_adaptation`): the adaptation
 objective itself (entropy) cannot judge the adaptation, since adapting always lowers it,
-so the rule asks instead whether adaptation brought the routed model's predictions
-closer to the experts' majority vote, a reference it never trained on.
+so the rule asks instead whether adaptation carried the routed model's predictions far
+from the experts' majority vote, a reference it never trained on.
 """
 from __future__ import annotations
 
@@ -99,17 +99,20 @@ def mask_agreement(prediction: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def keeps_adaptation(
-    adapted: nn.Module, before: nn.Module, vote: torch.Tensor, images: torch.Tensor, margin: float, batch_size: int = 16
+    adapted: nn.Module, before: nn.Module, vote: torch.Tensor, images: torch.Tensor, tolerance: float, batch_size: int = 16
 ) -> tuple[bool, dict[str, float]]:
-    """The label-free rule: keep the adapted routing only if adapting moved its predictions
-    towards the experts' majority vote by at least ``margin`` (mean per-image Dice).
+    """The label-free rule: keep the adapted routing unless adapting moved its predictions
+    more than ``tolerance`` (mean per-image Dice) away from the experts' majority vote.
+
+    Routing before adaptation mixes the experts and so sits close to their vote; adapting
+    always moves it some way off. Collapse (lesions erased or flooded) moves it far.
 
     Args:
         adapted: The routed model after adaptation.
         before: The routed model before adaptation, with the site's statistics.
         vote: :func:`majority_vote` of the experts' predictions, each with the site's statistics.
         images: The site's images.
-        margin: :attr:`AdaptConfig.keep_margin`, fixed in advance.
+        tolerance: :attr:`AdaptConfig.keep_tolerance`, fixed in advance.
         batch_size: Images per forward pass.
 
     Returns:
@@ -117,4 +120,4 @@ def keeps_adaptation(
     """
     scores = {"adapted": mask_agreement(predict(adapted, images, batch_size), vote),
               "before": mask_agreement(predict(before, images, batch_size), vote)}
-    return scores["adapted"] >= scores["before"] + margin, scores
+    return scores["adapted"] >= scores["before"] - tolerance, scores

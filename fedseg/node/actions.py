@@ -569,13 +569,13 @@ def _adapt(rt: NodeRuntime, msg: AdaptRequest) -> AdaptReply:
         # Every expert with the site's statistics: their majority vote is the rule's reference.
         site_experts = {name: on_site(plan.model, arrays, images, bs, rt.device) for name, arrays in experts}
         predicted = {name: predict(model, images, bs) for name, model in site_experts.items()}
-        keep, agreement = keeps_adaptation(routed, before, majority_vote(list(predicted.values())), images, config.keep_margin, bs)
+        keep, agreement = keeps_adaptation(routed, before, majority_vote(list(predicted.values())), images, config.keep_tolerance, bs)
     global_name = experts[-1][0]
     agreement.update({EXPERT_PREFIX + name: mask_agreement(p, predicted[global_name]) for name, p in predicted.items() if name != global_name})
     kept = routed if keep else before
-    log.info("run %s node %s: %s (agreement with the experts' majority vote %.4f adapted, %.4f before, margin %.4f)",
+    log.info("run %s node %s: %s (agreement with the experts' majority vote %.4f adapted, %.4f before, tolerance %.4f)",
              msg.run_id, rt.name, "keeps the adapted routing" if keep else "keeps routing before adaptation",
-             agreement["adapted"], agreement["before"], config.keep_margin)
+             agreement["adapted"], agreement["before"], config.keep_tolerance)
     global_model = rt.place(plan.build_model())
     arrays_to_state(global_model, dict(experts[-1][1]))
     rt.keep_models(plan, msg.run_id, {"global": global_model, "routed": kept},

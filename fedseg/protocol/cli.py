@@ -161,8 +161,8 @@ def _run(invites, out, resume, plan_file, options):  # noqa: ANN001, ANN202 - th
 @option("--threads", type=int, default=None, show_default="1", help="torch threads on the new node.")
 @option("--lambda-prior", type=float, default=None, show_default="10.0", help="Weight of the term that keeps the predicted lesion mass where "
         "it was before adapting; 0 is the paper's objective, whose entropy term can erase every lesion.")
-@option("--keep-margin", type=float, default=None, show_default="0.01", help="Keep the adapted routing only if it agrees with the experts' "
-        "majority vote this much more (mean Dice) than routing before adaptation.")
+@option("--keep-tolerance", type=float, default=None, show_default="0.05", help="Keep the adapted routing unless it agrees with the "
+        "experts' majority vote more than this much less (mean Dice) than routing before adaptation.")
 def adapt(invite: Path, run_dir: Path, **options: Any) -> None:
     """Adapt a run's models to a new hospital's unlabelled images (IOP-FL test-time routing).
 

@@ -84,12 +84,12 @@ def test_baselines_are_scored_beside_routing_and_the_kept_model_is_one_of_the_tw
     assert metrics["routed"] == metrics["routed_adapted" if reply.adapted else "routed_before"]
     # The rule's label-free figures and the expert's agreement with the global model come back too.
     assert set(reply.agreement) == {"adapted", "before", "expert:site-a"} and all(0 <= v <= 1 for v in reply.agreement.values())
-    assert reply.adapted == (reply.agreement["adapted"] >= reply.agreement["before"] + 0.01)
-    # A margin no adaptation can meet keeps routing before adaptation.
-    strict = adapt_new_site(run, InMemoryTransport(new), _originals(nodes), {**ADAPT, "keep_margin": 1.0}, Reporter())
-    assert not strict.reply.adapted
+    assert reply.adapted == (reply.agreement["adapted"] >= reply.agreement["before"] - 0.05)
+    # The settings' tolerance decides, and the node keeps the model the reply names.
+    strict = adapt_new_site(run, InMemoryTransport(new), _originals(nodes), {**ADAPT, "keep_tolerance": 0.0}, Reporter()).reply
+    assert strict.adapted == (strict.agreement["adapted"] >= strict.agreement["before"])
     state = RunStore(run).load()[0]
-    assert json.loads((new.workdir / "models" / state.run_id / "routed.json").read_text())["adapted"] is False
+    assert json.loads((new.workdir / "models" / state.run_id / "routed.json").read_text())["adapted"] is strict.adapted
 
 
 def test_a_node_without_masks_adapts_and_reports_no_scores(federation) -> None:
